@@ -1,0 +1,18 @@
+"""clipvip: CLIP-ViP (ICLR 2023) — video proxy tokens on image CLIP, for video-text retrieval.
+
+    import clipvip
+    cfg = clipvip.load_config("configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json",
+                              ["--e2e_weights_path", "pretrain_clipvip_base_32.pt"])
+    model = clipvip.build_model(cfg).eval()
+    tokenizer = clipvip.build_tokenizer(cfg)
+"""
+from .config import Config, load_config, save_config
+from .errors import CheckpointError, ClipvipError, ConfigError, DataError
+from .model import build_model
+from .tokenizer import build_tokenizer
+
+__version__ = "0.1.0"
+__all__ = [
+    "Config", "load_config", "save_config", "build_model", "build_tokenizer",
+    "ClipvipError", "ConfigError", "CheckpointError", "DataError", "__version__",
+]

@@ -1,0 +1,404 @@
+"""One config path: defaults <- JSON file <- command-line overrides, validated at load time.
+
+The official configs (``configs/``) are JSON files with the keys of the original CLIP-ViP code.
+``load_config(path, overrides)`` returns a :class:`Config` (a dict with attribute access, like the
+original's EasyDict) in which every known key has a value: keys a file leaves out take the
+defaults in :data:`DEFAULTS`. Unknown keys are errors that name the nearest known key.
+
+Overrides are command-line words: ``["--learning_rate", "1e-5", "--is_train"]``. A value is typed
+from the key's current value (bool, int, float, str, list, dict); a list takes several words or
+one JSON list; a dict takes a JSON object; nested keys use dots
+(``--clip_vision_additional_config.add_cls_num 0``). A bare flag (``--is_train``) means true.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+from .errors import ConfigError
+
+
+class Config(dict):
+    """A dict whose keys are also attributes, recursively (``cfg.train_datasets[0].vis``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, _wrap(value))
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+    def __delattr__(self, key):
+        del self[key]
+
+    def __deepcopy__(self, memo):
+        return Config(copy.deepcopy(dict(self), memo))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(self))
+
+
+def _wrap(value):
+    if isinstance(value, Config):
+        return value
+    if isinstance(value, dict):
+        return Config(value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Known keys and their defaults. Every key a config file may hold is listed here; a value of
+# None means "not set". The comment after each key is its documentation (docs/config.md).
+# ----------------------------------------------------------------------------------------------
+VISION_ADDITIONAL_DEFAULTS = {
+    "type": "ViP",  # "ViP": video proxy tokens; anything else: frame-wise CLIP, mean-pooled
+    "temporal_size": 12,  # length of the learned temporal embedding (interpolated to T frames)
+    "if_use_temporal_embed": 1,  # add the temporal embedding to every patch of frame t
+    "logit_scale_init_value": 4.60,  # log of the initial contrastive temperature scale
+    "add_cls_num": 3,  # number of video proxy tokens besides CLS (M = 1 + add_cls_num)
+}
+
+LOSS_DEFAULTS = {
+    "loss_name": "NCELearnableTempLoss",  # a name from clipvip.loss.LOSSES
+    "if_gather": 1,  # all-gather features (with gradient) across processes before the loss
+}
+
+DATASET_DEFAULTS = {
+    "name": "",  # shown in logs and used as the key of eval_results.json
+    "vis_format": "video",  # video | frame | videoframe (video + middle frame, pretraining)
+    "txt": "",  # annotation file (.jsonl/.json) or, for pretraining, the subtitles LMDB
+    "vis": "",  # video folder (or frame-folder root)
+    "vid_cap_path": "",  # auxiliary captions: LMDB or json list (pretraining)
+    "vid_txt": "subtitle",  # subtitle | caption | caption_subtitle_concat | caption_subtitle_random
+    "img_dir": "",  # kept from the original configs; image sources are not used
+    "cap_path": "",
+    "img_source": "",
+    "img_ratio": 0,
+    "ratio": 1,  # sampling weight of this training set when several are mixed
+}
+
+DEFAULTS: dict[str, Any] = {
+    # --- run ---
+    "config": None,  # path of the JSON file this config was read from
+    "blob_mount_dir": "",  # joined in front of data, weight and output paths (as the original)
+    "output_dir": "output",  # run folder: ckpt/, log/, config.json, eval_results.json
+    "is_train": False,  # train (fine-tune / pretrain) rather than only evaluate
+    "seed": 42,
+    "debug": 0,
+    # --- data ---
+    "train_datasets": [],  # a dataset dict, or a list of them
+    "val_datasets": [],
+    "inference_datasets": [],
+    "train_n_clips": 1,
+    "train_num_frms": 12,
+    "test_n_clips": 1,
+    "test_num_frms": 12,
+    "sample_rate": 0,  # 0: uniform sampling; >0: frame interval of MMAction-style SampleFrames
+    "sample_jitter": 1,  # random start/end jitter of uniform sampling at train time
+    "video_res": [240, 320],  # (H, W) the videos were preprocessed to
+    "input_res": [224, 224],  # (H, W) fed to the model (bicubic resize, aspect not kept)
+    "max_txt_len": 50,
+    "video_backend": "decord",  # decord | pyav (pyav is used where decord is not installed)
+    "max_n_example_per_group": 1,
+    "n_workers": 4,
+    "pin_mem": 1,
+    "dummy_data": 0,
+    # --- model ---
+    "e2e_weights_path": None,  # a released / fine-tuned .pt in the clipmodel.* layout
+    "clip_weights": None,  # a HF CLIP folder (config.json + weights) used as initialisation
+    "clip_config": "openai/clip-vit-base-patch32",  # HF CLIP folder or known name (architecture)
+    "clip_vision_additional_config": VISION_ADDITIONAL_DEFAULTS,
+    "gradient_checkpointing": 0,  # recompute activations in backward to save memory
+    "freeze_text_encoder": 0,  # keep the text tower fixed during training
+    "freeze_text_proj": 0,  # with freeze_text_encoder: also keep text_projection fixed
+    # --- optimisation ---
+    "train_batch_size": 16,  # per process
+    "test_batch_size": 16,  # per process
+    "gradient_accumulation_steps": 1,
+    "fp16": 0,  # fp16 autocast + GradScaler (replaces apex O2)
+    "bf16": 0,  # bf16 autocast
+    "amp_level": "O2",  # kept for compatibility with the official configs; unused
+    "optim": "adamw",
+    "betas": [0.9, 0.98],
+    "learning_rate": 1e-6,
+    "weight_decay": 0.2,
+    "lr_mul": 1,  # parameters whose name contains lr_mul_prefix get lr_mul x learning_rate
+    "lr_mul_prefix": "",
+    "loss_config": LOSS_DEFAULTS,
+    "warmup_ratio": 0.01,
+    "decay": "cosine",  # cosine | linear
+    "grad_norm": 1.0,  # gradient clipping norm (<= 0: off)
+    "num_train_epochs": 10,
+    "min_valid_steps": 1,
+    "num_valid": 1,
+    "only_valid_steps": 100,
+    "save_steps_ratio": 0.9,
+    # --- logging ---
+    "if_tb_log": 0,
+    "if_model_saver": 1,
+    "if_log2file": 1,
+    "wandb_project": "",  # log to Weights & Biases when set (works offline)
+}
+
+# Keys that are None by default but have a definite type when overridden from the command line.
+NONE_DEFAULT_TYPES = {"config": str, "e2e_weights_path": str, "clip_weights": str}
+
+NESTED_DEFAULTS = {
+    "clip_vision_additional_config": VISION_ADDITIONAL_DEFAULTS,
+    "loss_config": LOSS_DEFAULTS,
+}
+DATASET_KEYS = ("train_datasets", "val_datasets", "inference_datasets")
+# Keys whose values are paths under blob_mount_dir (the original's blob_mount()).
+BLOB_PATH_KEYS = ("e2e_weights_path", "output_dir")
+BLOB_DATASET_PATH_KEYS = ("txt", "vis", "vid_cap_path")
+
+
+def _nearest(key: str, known: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.0)
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+def _check_keys(values: dict, known: dict, where: str) -> None:
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}'{_nearest(key, known)}")
+
+
+def _merge_nested(defaults: dict, values: Any, where: str) -> dict:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(values).__name__}")
+    _check_keys(values, defaults, where)
+    merged = copy.deepcopy(defaults)
+    merged.update(values)
+    return merged
+
+
+def _normalise_datasets(value: Any, where: str) -> list:
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a dataset object or a list of them")
+    return [_merge_nested(DATASET_DEFAULTS, d, f"{where}[{i}]") for i, d in enumerate(value)]
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return values
+
+
+def _parse_bool(text: str, key: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"--{key}: expected a boolean (1/0/true/false), got '{text}'")
+
+
+def _parse_scalar(text: str, like: Any, key: str) -> Any:
+    """Parse one command-line word into the type of ``like``."""
+    kind = type(like) if like is not None else NONE_DEFAULT_TYPES.get(key.split(".")[0], str)
+    try:
+        if kind is bool:
+            return _parse_bool(text, key)
+        if kind is int:
+            value = float(text)
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--{key}: expected {kind.__name__}, got '{text}'") from None
+    if kind in (list, dict):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--{key}: expected a JSON {kind.__name__}, got '{text}'") from None
+        if not isinstance(value, kind):
+            raise ConfigError(f"--{key}: expected a JSON {kind.__name__}, got '{text}'")
+        return value
+    if text.lower() in ("none", "null") and key.split(".")[0] in NONE_DEFAULT_TYPES:
+        return None
+    return text
+
+
+def _parse_list(words: Sequence[str], like: list, key: str) -> list:
+    if len(words) == 1 and words[0].lstrip().startswith("["):
+        return _parse_scalar(words[0], [], key)
+    element = like[0] if like else None
+    if element is None or isinstance(element, (dict, list)):
+        element = ""
+    return [_parse_scalar(w, element, key) for w in words]
+
+
+def _split_overrides(overrides: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """["--a", "1", "--b=2", "--flag", "--l", "1", "2"] -> [(a,[1]), (b,[2]), (flag,[]), (l,[1,2])]."""
+    pairs: list[tuple[str, list[str]]] = []
+    for word in overrides:
+        if word.startswith("--") and len(word) > 2 and not _is_number(word):
+            name, eq, value = word[2:].partition("=")
+            pairs.append((name.replace("-", "_") if name not in DEFAULTS else name, [value] if eq else []))
+        elif pairs:
+            pairs[-1][1].append(word)
+        else:
+            raise ConfigError(f"unexpected command-line word '{word}' (options look like --key value)")
+    return pairs
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return False
+
+
+def _apply_override(cfg: dict, key: str, words: list[str]) -> None:
+    top, _, sub = key.partition(".")
+    if top not in DEFAULTS:
+        raise ConfigError(f"unknown option --{key}{_nearest(top, DEFAULTS)}")
+    if sub:
+        nested = NESTED_DEFAULTS.get(top)
+        if nested is None:
+            raise ConfigError(f"--{key}: '{top}' has no sub-keys that can be set from the command line")
+        if sub not in nested:
+            raise ConfigError(f"--{key}: unknown key '{sub}'{_nearest(sub, nested)}")
+        target, name, like = cfg[top], sub, cfg[top].get(sub, nested[sub])
+    else:
+        target, name, like = cfg, top, cfg.get(top)
+    if not words:
+        if isinstance(like, bool) or (isinstance(like, int) and like in (0, 1)):
+            target[name] = True if isinstance(like, bool) else 1
+            return
+        raise ConfigError(f"--{key} needs a value")
+    if isinstance(like, list):
+        value = _parse_list(words, like, key)
+    elif len(words) == 1:
+        value = _parse_scalar(words[0], like, key)
+    else:
+        raise ConfigError(f"--{key} takes one value, got {len(words)}: {' '.join(words)}")
+    if top in DATASET_KEYS and not sub:
+        value = _normalise_datasets(value, f"--{key}")
+    elif top in NESTED_DEFAULTS and not sub:
+        value = _merge_nested(NESTED_DEFAULTS[top], value, f"--{key}")
+    target[name] = value
+
+
+def _join_blob(cfg: dict) -> None:
+    """Join data, weight and output paths to blob_mount_dir as the original's blob_mount() does.
+
+    os.path.join leaves absolute paths unchanged, so a config with absolute paths is unaffected.
+    """
+    root = cfg.get("blob_mount_dir") or ""
+    if not root:
+        return
+    for key in BLOB_PATH_KEYS:
+        if cfg.get(key):
+            cfg[key] = os.path.join(root, cfg[key])
+    for key in DATASET_KEYS:
+        for dataset in cfg.get(key) or []:
+            for path_key in BLOB_DATASET_PATH_KEYS:
+                if dataset.get(path_key):
+                    dataset[path_key] = os.path.join(root, dataset[path_key])
+
+
+def _check_types(cfg: dict, where: str) -> None:
+    for key, default in DEFAULTS.items():
+        value = cfg[key]
+        if default is None or value is None or key in DATASET_KEYS or key in NESTED_DEFAULTS:
+            continue
+        ok = isinstance(value, type(default))
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if isinstance(default, bool) and isinstance(value, int):
+            ok = True
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(
+                f"{where}: key '{key}' should be {type(default).__name__}, got {type(value).__name__} ({value!r})"
+            )
+    if cfg["loss_config"] and not isinstance(cfg["loss_config"].get("loss_name"), str):
+        raise ConfigError(f"{where}: loss_config.loss_name should be a string")
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] | None = None) -> Config:
+    """Read a config file, apply command-line overrides and fill in defaults.
+
+    ``path`` may be None when ``overrides`` holds ``--config FILE`` (the seed's flag), or for
+    a config made of defaults and overrides alone.
+    """
+    pairs = _split_overrides(list(overrides or []))
+    for key, words in pairs:
+        if key == "config":
+            if len(words) != 1:
+                raise ConfigError("--config takes one file path")
+            path = words[0]
+
+    cfg: dict[str, Any] = copy.deepcopy(DEFAULTS)
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        values = _read_json(where)
+        _check_keys(values, DEFAULTS, where)
+        for key, value in values.items():
+            if key in DATASET_KEYS:
+                value = _normalise_datasets(value, f"{where}: {key}")
+            elif key in NESTED_DEFAULTS:
+                value = _merge_nested(NESTED_DEFAULTS[key], value, f"{where}: {key}")
+            cfg[key] = value
+        cfg["config"] = str(path)
+
+    for key, words in pairs:
+        if key != "config":
+            _apply_override(cfg, key, words)
+
+    _check_types(cfg, where)
+    cfg["is_train"] = bool(cfg["is_train"])
+    _join_blob(cfg)
+    return Config(cfg)
+
+
+def save_config(cfg: Config, output_dir: str | None = None, name: str = "config.json") -> str:
+    """Write the resolved config into the run folder (atomically) and return its path.
+
+    Paths in the file are already joined to blob_mount_dir, so blob_mount_dir is written empty:
+    ``--config <output_dir>/config.json`` then reproduces the run.
+    """
+    output_dir = output_dir or cfg.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    resolved = cfg.to_dict()
+    resolved["blob_mount_dir"] = ""
+    target = os.path.join(output_dir, name)
+    tmp = f"{target}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,111 @@
+"""Build the retrieval model from a config: architecture, initialisation, checkpoint."""
+from __future__ import annotations
+
+import os
+
+from transformers import CLIPConfig
+
+from ..errors import CheckpointError, ConfigError
+from ..logging_utils import get_logger
+from .clip_vip import VideoSettings
+from .retrieval import CLIPViPRetrieval
+from .weights import HF_WEIGHT_FILES, load_checkpoint, load_clip_weights
+
+LOGGER = get_logger("model")
+
+
+def _openai_base(patch_size: int) -> dict:
+    """The published architecture of OpenAI's CLIP ViT-B/32 and ViT-B/16 (HF layout)."""
+    return {
+        "projection_dim": 512,
+        "text_config": {
+            "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+            "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+        },
+        "vision_config": {
+            "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "image_size": 224, "patch_size": patch_size, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+        },
+    }
+
+
+# Architectures known by name, so that the official configs build offline without the hub.
+KNOWN_ARCHITECTURES = {
+    "openai/clip-vit-base-patch32": _openai_base(32),
+    "openai/clip-vit-base-patch16": _openai_base(16),
+}
+
+
+def _hub_cached_folder(name: str, filename: str) -> str | None:
+    """The local HF cache folder holding ``filename`` of repo ``name``, if it was downloaded before."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    try:
+        found = try_to_load_from_cache(name, filename)
+    except Exception:  # not a valid repo id
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def resolve_pretrained_path(name_or_path: str, kind: str) -> str:
+    """A local folder or file with weights for ``name_or_path``: as given, or from the HF cache."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    for filename in HF_WEIGHT_FILES:
+        folder = _hub_cached_folder(name_or_path, filename)
+        if folder:
+            return folder
+    raise CheckpointError(
+        f"{kind} '{name_or_path}' is not a local folder or file and is not in the Hugging Face cache; "
+        f"download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "
+        f"and pass --{kind} DIR"
+    )
+
+
+def resolve_clip_config(name_or_path: str) -> CLIPConfig:
+    """The CLIP architecture: a HF folder (or its config.json), or a known model name."""
+    if not name_or_path:
+        raise ConfigError("clip_config is empty: give a HF CLIP folder or a known name "
+                          f"({', '.join(KNOWN_ARCHITECTURES)})")
+    path = name_or_path
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if os.path.isfile(path):
+        try:
+            return CLIPConfig.from_json_file(path)
+        except Exception as e:
+            raise ConfigError(f"{path}: not a CLIP config.json: {e}") from None
+    if name_or_path in KNOWN_ARCHITECTURES:
+        return CLIPConfig(**KNOWN_ARCHITECTURES[name_or_path])
+    cached = _hub_cached_folder(name_or_path, "config.json")
+    if cached:
+        return CLIPConfig.from_json_file(os.path.join(cached, "config.json"))
+    raise ConfigError(
+        f"clip_config '{name_or_path}' is neither a folder with config.json nor a known name "
+        f"({', '.join(KNOWN_ARCHITECTURES)})"
+    )
+
+
+def build_model(cfg, load_weights: bool = True) -> CLIPViPRetrieval:
+    """The retrieval model of ``cfg``: CLIP-ViP (``type: ViP``) or the mean-pool CLIP baseline.
+
+    Weights: ``e2e_weights_path`` (a released or fine-tuned checkpoint) loads exactly and makes
+    ``clip_weights`` unnecessary; otherwise ``clip_weights`` initialises from image CLIP;
+    with neither the model is randomly initialised.
+    """
+    clip_config = resolve_clip_config(cfg.clip_config)
+    video = VideoSettings.from_config(cfg.clip_vision_additional_config)
+    model = CLIPViPRetrieval(clip_config, video)
+    if load_weights:
+        if cfg.get("e2e_weights_path"):
+            load_checkpoint(model, cfg.e2e_weights_path)
+        elif cfg.get("clip_weights"):
+            load_clip_weights(model, cfg.clip_weights)
+        else:
+            LOGGER.info("no clip_weights or e2e_weights_path: the model is randomly initialised")
+    if cfg.get("gradient_checkpointing"):
+        model.set_grad_checkpointing(True)
+    return model

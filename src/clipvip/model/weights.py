@@ -1,0 +1,200 @@
+"""Reading and writing weights: HF CLIP folders, released CLIP-ViP ``.pt`` files, our checkpoints.
+
+Every ``torch.load`` here passes ``weights_only=True``: a checkpoint is data and must never run code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..logging_utils import get_logger
+
+LOGGER = get_logger("weights")
+
+# Prefixes that wrappers add to parameter names and that a checkpoint must not depend on.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Buffers that are always arange() and that checkpoints may or may not carry.
+OPTIONAL_KEY_SUFFIXES = ("position_ids",)
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SUMMARY_KEYS_SHOWN = 8
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or ``torch.save`` file, on the CPU."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with code, truncated download ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    # Some tools wrap the weights: {"model": {...}} / {"state_dict": {...}}.
+    for wrapper_key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict) and len(state) <= 4:
+            state = state[wrapper_key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a dict of tensors (a state dict)")
+    return {strip_wrapper_prefixes(k): v for k, v in state.items()}
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key.replace("._orig_mod.", ".")
+
+
+def is_optional_key(key: str) -> bool:
+    return key.endswith(OPTIONAL_KEY_SUFFIXES)
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, checkpoint, model
+    initialised: list[str] = field(default_factory=list)  # missing on purpose (new CLIP-ViP tensors)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        lines = [f"loaded {self.loaded} tensors from {self.source}"]
+
+        def block(title: str, items: list[str]) -> None:
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in items[:SUMMARY_KEYS_SHOWN])
+                if len(items) > SUMMARY_KEYS_SHOWN:
+                    lines.append(f"    ... and {len(items) - SUMMARY_KEYS_SHOWN} more")
+
+        block("initialised fresh", self.initialised)
+        block("missing from the checkpoint", self.missing)
+        block("unexpected in the checkpoint", self.unexpected)
+        block("shape mismatch (checkpoint vs model), not loaded",
+              [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched])
+        return "\n".join(lines)
+
+
+def load_matching(
+    module: nn.Module, state: dict[str, torch.Tensor], source: str, expected_missing: Iterable[str] = ()
+) -> LoadReport:
+    """Copy every tensor whose name and shape match; report the rest (never silently)."""
+    own = module.state_dict()
+    report = LoadReport(source)
+    expected_missing = set(expected_missing)
+    usable = {}
+    for key, tensor in state.items():
+        if key not in own:
+            if not is_optional_key(key):
+                report.unexpected.append(key)
+        elif tuple(tensor.shape) != tuple(own[key].shape):
+            report.mismatched.append((key, tuple(tensor.shape), tuple(own[key].shape)))
+        else:
+            usable[key] = tensor
+    for key in own:
+        if key not in state and not is_optional_key(key):
+            (report.initialised if key in expected_missing else report.missing).append(key)
+    module.load_state_dict(usable, strict=False)
+    report.loaded = len(usable)
+    return report
+
+
+def hf_weights_file(folder: str) -> str:
+    for name in HF_WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"no {' or '.join(HF_WEIGHT_FILES)} in {folder}")
+
+
+def load_clip_weights(model, path: str) -> LoadReport:
+    """Initialise ``model.clipmodel`` from image CLIP (a HF folder, or a weights file).
+
+    The proxies keep their standard-normal init and the temporal embedding its zeros; the
+    logit scale is reset to ``logit_scale_init_value`` afterwards, as the original does.
+    """
+    from .factory import resolve_pretrained_path
+
+    folder_or_file = resolve_pretrained_path(path, kind="clip_weights")
+    weights_file = hf_weights_file(folder_or_file) if os.path.isdir(folder_or_file) else folder_or_file
+    state = read_state_dict(weights_file)
+    # A whole-retrieval-model checkpoint passed as clip_weights: take its clipmodel part.
+    if any(k.startswith("clipmodel.") for k in state):
+        state = {k[len("clipmodel."):]: v for k, v in state.items() if k.startswith("clipmodel.")}
+    clip = model.clipmodel
+    new_tensors = [f"vision_model.embeddings.{name}" for name in ("added_cls", "temporal_embedding")]
+    report = load_matching(clip, state, weights_file, expected_missing=new_tensors)
+    with torch.no_grad():
+        clip.logit_scale.fill_(clip.video.logit_scale_init_value)
+    LOGGER.info("CLIP initialisation: %s", report.summary())
+    if report.loaded == 0:
+        raise CheckpointError(f"{weights_file}: no tensor matches the model; is it a CLIP checkpoint?")
+    return report
+
+
+def load_checkpoint(model: nn.Module, path: str) -> LoadReport:
+    """Load a released or fine-tuned CLIP-ViP ``.pt`` (``clipmodel.*`` keys) exactly.
+
+    Anything missing, unexpected or of another shape, beyond the optional ``position_ids``
+    buffers, is a :class:`CheckpointError` listing the keys: a checkpoint that does not match
+    the config would otherwise evaluate a half-random model.
+    """
+    state = read_state_dict(path)
+    if state and not any(k.startswith("clipmodel.") for k in state):
+        state = {f"clipmodel.{k}": v for k, v in state.items()}  # a bare CLIPViPModel state dict
+    report = load_matching(model, state, path)
+    if not report.clean:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model built from the config "
+            f"(check clip_config and clip_vision_additional_config):\n{report.summary()}"
+        )
+    LOGGER.info("%s", report.summary())
+    return report
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP / torch.compile / accelerate wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(model: nn.Module, path: str) -> None:
+    """Write the model's weights in the released layout (``clipmodel.*``, plain tensors, CPU)."""
+    state = {strip_wrapper_prefixes(k): v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
+    atomic_torch_save(state, path)
