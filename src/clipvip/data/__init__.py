@@ -1,0 +1,13 @@
+"""Data: video decoding, frame sampling, transforms, synthetic benchmark (and datasets)."""
+from .sampling import middle_frame_index, sample_frame_indices
+from .transforms import CLIP_MEAN, CLIP_STD, center_crop, frames_to_model_input, normalize, resize
+from .video import (
+    VideoDecodeError,
+    available_backends,
+    count_folder_frames,
+    count_frames,
+    load_frame_folder,
+    load_frames,
+    load_sampled_frames,
+    resolve_backend,
+)

@@ -1,0 +1,69 @@
+"""Frames to model input, without torchvision (DESIGN §2, §6).
+
+The official configs use the same transform for training and evaluation (the original's
+``init_transform_dict_simple``): scale to [0, 1], bicubic resize of every frame to exactly
+``input_res`` (the aspect ratio is not kept), a center crop of that same size (a no-op, kept so
+the pipeline reads like the original), and CLIP's normalisation.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Size = Union[int, Sequence[int]]
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = (int(s) for s in size)
+    return h, w
+
+
+def resize(x: torch.Tensor, size: Size) -> torch.Tensor:
+    """Bicubic resize of float images ``[N, C, H, W]`` to exactly ``size`` (h, w).
+
+    ``antialias=True`` as torchvision's tensor Resize does by default, so downscaling filters
+    out detail instead of aliasing it. Values are not clamped (bicubic overshoots slightly
+    at edges), as in torchvision for float input.
+    """
+    h, w = _hw(size)
+    if tuple(x.shape[-2:]) == (h, w):
+        return x  # torchvision returns the input unchanged too
+    return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+
+
+def center_crop(x: torch.Tensor, size: Size) -> torch.Tensor:
+    """The central ``size`` (h, w) window of ``[..., H, W]``, placed as torchvision rounds it."""
+    h, w = _hw(size)
+    H, W = x.shape[-2:]
+    if h > H or w > W:
+        raise ValueError(f"crop {h}x{w} is larger than the image {H}x{W}")
+    top = int(round((H - h) / 2.0))
+    left = int(round((W - w) / 2.0))
+    return x[..., top:top + h, left:left + w]
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
+              std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of ``[N, C, H, W]``."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def frames_to_model_input(frames: torch.Tensor, input_res: Size = (224, 224)) -> torch.Tensor:
+    """uint8 RGB frames ``[N, H, W, 3]`` to normalised float32 ``[N, 3, h, w]``."""
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [N, H, W, 3], got {tuple(frames.shape)}")
+    x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W) in [0, 1]
+    x = resize(x, input_res)                             # (N, 3, h, w)
+    x = center_crop(x, input_res)                        # (N, 3, h, w), unchanged
+    return normalize(x).contiguous()

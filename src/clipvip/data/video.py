@@ -1,0 +1,339 @@
+"""Reading frames from video files (decord or PyAV) and from folders of JPEG frames.
+
+Every failure to read a clip is a :class:`VideoDecodeError` naming the file, so a dataset can
+log it and pick another clip instead of dying (DESIGN §2). The decoders themselves are C
+libraries: a file that makes one of them crash the process or hang cannot be caught here, so
+the cheap checks (the file exists, is a file, is not empty) run before any decoder sees it.
+
+Frame indices are 0-based positions in presentation order. Indices past the last frame that
+can really be decoded are clamped to it, because container metadata (and ``num_frame`` in
+annotations) can promise more frames than a file holds.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from clipvip.errors import DataError
+from clipvip.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+DEFAULT_BACKEND = "decord"
+# Preference order: decord is what the original code used and seeks well in long videos;
+# PyAV has wheels everywhere (decord has x86_64 Linux/Windows wheels only).
+_BACKEND_ORDER = ("decord", "pyav")
+_BACKEND_ENV = "CLIPVIP_VIDEO_BACKEND"
+
+
+class VideoDecodeError(DataError):
+    """A video file or frame folder is missing, empty, truncated or cannot be decoded."""
+
+    def __init__(self, path, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot read video {self.path}: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------------------------
+_importable: dict[str, bool] = {}
+_warned_fallback = False
+
+
+def _is_importable(name: str) -> bool:
+    if name not in _importable:
+        module = {"decord": "decord", "pyav": "av"}[name]
+        try:
+            __import__(module)
+            _importable[name] = True
+        except Exception:  # an ImportError, or a broken native library raising anything else
+            _importable[name] = False
+    return _importable[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the video backends that can be imported here, most preferred first."""
+    return [name for name in _BACKEND_ORDER if _is_importable(name)]
+
+
+def resolve_backend(backend: str | None) -> str:
+    """The backend to use for ``backend`` (None: ``$CLIPVIP_VIDEO_BACKEND`` or "decord").
+
+    "decord" falls back to "pyav" (with one warning per process) where decord cannot be
+    imported, so configs written for the original code run on machines without decord wheels.
+    """
+    global _warned_fallback
+    name = backend if backend is not None else os.environ.get(_BACKEND_ENV, DEFAULT_BACKEND)
+    name = name.lower()
+    if name not in _BACKEND_ORDER:
+        raise ValueError(f"unknown video backend {name!r}; valid names: {', '.join(_BACKEND_ORDER)}")
+    if _is_importable(name):
+        return name
+    if name == "decord" and _is_importable("pyav"):
+        if not _warned_fallback:
+            logger.warning("decord cannot be imported; decoding videos with PyAV instead")
+            _warned_fallback = True
+        return "pyav"
+    raise ImportError(f"video backend {name!r} is not installed (available: {available_backends()})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: one open file, its frame count, and a batch read of sorted unique indices
+# ---------------------------------------------------------------------------------------------
+class _DecordReader:
+    def __init__(self, path: str):
+        import decord
+
+        # One decoding thread: parallelism comes from DataLoader workers, and decord's default
+        # (all cores per reader) oversubscribes the CPU as soon as there are several workers.
+        self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+
+    def __len__(self) -> int:
+        return len(self._vr)
+
+    def read(self, unique_sorted: list[int]) -> list[np.ndarray]:
+        last = len(self._vr) - 1
+        if last < 0:
+            raise RuntimeError("no frames")
+        clamped = [min(i, last) for i in unique_sorted]
+        # asnumpy() instead of decord's torch bridge: the bridge is a global switch that would
+        # change what decord returns for every other user in the process.
+        batch = self._vr.get_batch(clamped).asnumpy()  # (K, H, W, 3) uint8 RGB
+        return list(batch)
+
+    def close(self) -> None:
+        del self._vr
+
+
+class _PyAVReader:
+    def __init__(self, path: str):
+        import av
+
+        self._path = path
+        self._container = av.open(path)
+        if not self._container.streams.video:
+            self._container.close()
+            raise RuntimeError("no video stream")
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_count = 1  # see _DecordReader: workers give the parallelism
+        self._len: int | None = None
+
+    def __len__(self) -> int:
+        if self._len is None:
+            n = int(self._stream.frames or 0)
+            if n <= 0:
+                # Some containers (webm, raw streams) carry no frame count: count the packets
+                # instead, which needs no decoding, in a second handle so read() starts afresh.
+                import av
+
+                with av.open(self._path) as counting:
+                    stream = counting.streams.video[0]
+                    n = sum(1 for p in counting.demux(stream) if p.size > 0)
+            self._len = n
+        return self._len
+
+    def read(self, unique_sorted: list[int]) -> list[np.ndarray]:
+        wanted = set(unique_sorted)
+        stop = unique_sorted[-1]
+        got: dict[int, np.ndarray] = {}
+        last_frame = None
+        n_decoded = 0
+        # Sequential decoding from the start: for the short clips of retrieval datasets this is
+        # as fast as seeking and, unlike seeking, exact in every container.
+        for frame in self._container.decode(self._stream):
+            if n_decoded in wanted:
+                got[n_decoded] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+            last_frame = frame
+            n_decoded += 1
+            if n_decoded > stop:
+                break
+        if n_decoded == 0:
+            raise RuntimeError("no frame could be decoded")
+        out = []
+        tail = None
+        for i in unique_sorted:
+            if i in got:
+                out.append(got[i])
+            else:  # past the real end of the stream: repeat the last decoded frame
+                if tail is None:
+                    tail = last_frame.to_ndarray(format="rgb24")
+                out.append(tail)
+        return out
+
+    def close(self) -> None:
+        self._container.close()
+
+
+_READERS = {"decord": _DecordReader, "pyav": _PyAVReader}
+
+
+def _check_file(path: str) -> None:
+    # Decoders get only files that exist and hold bytes: some decord builds crash on
+    # paths they cannot open instead of raising.
+    if not os.path.exists(path):
+        raise VideoDecodeError(path, "no such file")
+    if not os.path.isfile(path):
+        raise VideoDecodeError(path, "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "empty file")
+
+
+def _check_indices(frame_indices: Sequence[int]) -> list[int]:
+    indices = [int(i) for i in frame_indices]
+    if not indices:
+        raise ValueError("frame_indices is empty")
+    if min(indices) < 0:
+        raise ValueError(f"negative frame index in {indices}")
+    return indices
+
+
+def _with_reader(path, backend: str | None, fn: Callable):
+    """Run ``fn(reader)`` on an open reader; any decoder failure becomes VideoDecodeError.
+
+    When decord fails on a file that exists, PyAV gets one try before giving up: the two
+    demuxers disagree on a few damaged or unusual files (decord indexes every packet when it
+    opens a file and rejects the file if any read fails), and a clip PyAV can read is worth
+    keeping.
+    """
+    path = os.fspath(path)
+    _check_file(path)
+    name = resolve_backend(backend)
+    try:
+        return _run_reader(name, path, fn)
+    except VideoDecodeError:
+        raise
+    except Exception as first:  # noqa: BLE001 - decoders raise anything (RuntimeError, av.error.*)
+        reason = f"{name}: {type(first).__name__}: {first}".strip()
+        if name == "decord" and _is_importable("pyav"):
+            try:
+                result = _run_reader("pyav", path, fn)
+            except Exception as second:  # noqa: BLE001
+                reason += f"; pyav: {type(second).__name__}: {second}"
+            else:
+                logger.warning("decord could not read %s (%s); read it with PyAV", path, first)
+                return result
+        raise VideoDecodeError(path, reason) from first
+
+
+def _run_reader(name: str, path: str, fn: Callable):
+    reader = _READERS[name](path)
+    try:
+        return fn(reader)
+    finally:
+        reader.close()
+
+
+def _gather(reader, indices: list[int]) -> torch.Tensor:
+    unique_sorted = sorted(set(indices))
+    arrays = reader.read(unique_sorted)
+    position = {i: k for k, i in enumerate(unique_sorted)}
+    # Repeats and the caller's order are restored here, so each frame is decoded once.
+    stacked = np.stack([arrays[position[i]] for i in indices])  # (N, H, W, 3) uint8
+    return torch.from_numpy(stacked)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API: video files
+# ---------------------------------------------------------------------------------------------
+def count_frames(path, backend: str | None = None) -> int:
+    """Number of frames of the video at ``path`` as the backend reports it (> 0)."""
+    def _count(reader) -> int:
+        n = len(reader)
+        if n <= 0:
+            raise RuntimeError("the video holds no frames")
+        return n
+
+    return _with_reader(path, backend, _count)
+
+
+def load_frames(path, frame_indices: Sequence[int], backend: str | None = None) -> torch.Tensor:
+    """Frames ``frame_indices`` (0-based, any order, repeats allowed) as uint8 RGB ``[N, H, W, 3]``."""
+    indices = _check_indices(frame_indices)
+    return _with_reader(path, backend, lambda reader: _gather(reader, indices))
+
+
+def load_sampled_frames(path, index_fn: Callable[[int], Sequence[int]],
+                        backend: str | None = None) -> tuple[torch.Tensor, int]:
+    """Open ``path`` once, ask ``index_fn(num_frames)`` which frames to read, read them.
+
+    Returns ``(frames uint8 [N, H, W, 3], num_frames)``. Datasets use this instead of
+    :func:`count_frames` then :func:`load_frames`, which would open (and, for decord, index)
+    the file twice.
+    """
+    def _read(reader):
+        n = len(reader)
+        if n <= 0:
+            raise RuntimeError("the video holds no frames")
+        indices = _check_indices(index_fn(n))
+        return _gather(reader, indices), n
+
+    return _with_reader(path, backend, _read)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API: frame folders (ActivityNet, vis_format "frame")
+# ---------------------------------------------------------------------------------------------
+# Layout read by the original code: {folder}/{clip}/{clip}_{i:03d}.jpg where the sampled index i
+# itself is the number in the file name, from 0 to num_frame - 1 (not 1-based, not a position in
+# a sorted listing). {clip} is the last path component of the clip id.
+def _frame_prefix(folder, clip_id: str) -> tuple[str, str]:
+    base = os.path.basename(os.path.normpath(clip_id))
+    return os.path.join(os.fspath(folder), clip_id), base
+
+
+def frame_path(folder, clip_id: str, index: int) -> str:
+    """Path of frame ``index`` (0-based) of ``clip_id`` in a frame folder."""
+    clip_dir, base = _frame_prefix(folder, clip_id)
+    return os.path.join(clip_dir, f"{base}_{index:03d}.jpg")
+
+
+def count_folder_frames(folder, clip_id: str) -> int:
+    """Number of ``{clip}_NNN.jpg`` files in ``{folder}/{clip_id}`` (> 0)."""
+    clip_dir, base = _frame_prefix(folder, clip_id)
+    pattern = re.compile(re.escape(base) + r"_\d+\.jpg$")
+    try:
+        names = os.listdir(clip_dir)
+    except OSError as e:
+        raise VideoDecodeError(clip_dir, f"frame folder unreadable: {e.strerror or e}") from e
+    n = sum(1 for name in names if pattern.match(name))
+    if n == 0:
+        raise VideoDecodeError(clip_dir, f"no {base}_NNN.jpg frames in the folder")
+    return n
+
+
+def load_frame_folder(folder, clip_id: str, frame_indices: Sequence[int]) -> torch.Tensor:
+    """Frames ``frame_indices`` of a frame folder as uint8 RGB ``[N, H, W, 3]``.
+
+    An index whose file is missing but lies past the last frame present is clamped to that
+    frame (the annotation's ``num_frame`` was too large); a missing file inside the range, an
+    unreadable JPEG, or frames of different sizes raise :class:`VideoDecodeError`.
+    """
+    from PIL import Image
+
+    indices = _check_indices(frame_indices)
+    cache: dict[int, np.ndarray] = {}
+    n_present: int | None = None
+    for i in sorted(set(indices)):
+        path = frame_path(folder, clip_id, i)
+        if not os.path.isfile(path):
+            if n_present is None:
+                n_present = count_folder_frames(folder, clip_id)
+            if i < n_present:
+                raise VideoDecodeError(path, "frame file missing")
+            path = frame_path(folder, clip_id, n_present - 1)
+        try:
+            with Image.open(path) as img:
+                cache[i] = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+            raise VideoDecodeError(path, f"{type(e).__name__}: {e}") from e
+    shapes = {a.shape for a in cache.values()}
+    if len(shapes) > 1:
+        raise VideoDecodeError(os.path.join(os.fspath(folder), clip_id),
+                               f"frames differ in size: {sorted(shapes)}")
+    return torch.from_numpy(np.stack([cache[i] for i in indices]))  # (N, H, W, 3)
