@@ -1,0 +1,322 @@
+"""The one distributed module: who am I, how many are we, and the few collectives we need.
+
+Launchers are recognised from the environment, in this order:
+
+- ``backend="horovod"`` passed explicitly: horovod (``horovodrun``), through
+  :mod:`clipvip.horovod_adapter`, the only place that imports horovod;
+- ``RANK`` + ``WORLD_SIZE`` (``torchrun``, ``accelerate launch``; ``LOCAL_RANK`` if set);
+- ``HOROVOD_RANK`` / ``OMPI_COMM_WORLD_RANK`` (``horovodrun``, ``mpirun``): horovod, unless a
+  torch backend (``"nccl"``/``"gloo"``) is named, then torch.distributed with those ranks;
+- ``SLURM_PROCID`` + ``SLURM_NTASKS`` (``srun``; ``SLURM_LOCALID`` for the local rank);
+- nothing: one process. No env var and no ``init_process_group`` is needed for that.
+
+Launchers other than torchrun/accelerate need ``MASTER_ADDR`` and ``MASTER_PORT`` for torch's
+``env://`` rendezvous.
+
+Gradient convention of :func:`all_gather_with_grad` (the one the losses rely on): the backward
+pass **sums** the gradients of the gathered tensor over all ranks, then hands each rank its own
+rows. Every rank computes the same loss on the global batch, so a rank's local features get
+``world_size x`` the single-process gradient; DDP then *averages* the parameter gradients over
+ranks, and the model's gradient equals the single-process gradient on the global batch. A
+parameter used directly by the loss (``logit_scale``) gets the full gradient on every rank and its
+average is that full gradient too. (open_clip uses the same convention. The original CLIP-ViP
+used ``hvd.allgather``, whose backward averages in horovod >= 0.20: with horovod's averaging
+optimizer its encoders got ``1/world_size`` of the global-batch gradient while ``logit_scale`` got
+all of it. Here the horovod backend follows the convention above as well.)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+from .logging_utils import get_logger
+
+LOGGER = get_logger("distributed")
+
+TORCH_BACKENDS = ("nccl", "gloo")
+BACKENDS = TORCH_BACKENDS + ("horovod",)
+
+
+@dataclass
+class DistEnv:
+    """Where this process stands. ``backend`` is None for a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: str = "cpu"
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ENV: DistEnv | None = None  # set by init_distributed(), cleared by cleanup()
+_OWNS_GROUP = False  # True when init_distributed() created the torch process group
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------
+def _int(environ: Mapping[str, str], key: str, default: int = 0) -> int:
+    try:
+        return int(environ.get(key, default))
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+
+
+def detect_launcher(environ: Mapping[str, str] | None = None) -> tuple[str, int, int, int]:
+    """``(launcher, rank, world_size, local_rank)`` read from ``environ`` (default ``os.environ``).
+
+    ``launcher`` is ``"torchrun"``, ``"horovod"``, ``"slurm"`` or ``"single"``. Pure: starts nothing.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK")
+    if "HOROVOD_RANK" in env:
+        return ("horovod", _int(env, "HOROVOD_RANK"), _int(env, "HOROVOD_SIZE", 1),
+                _int(env, "HOROVOD_LOCAL_RANK"))
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return ("horovod", _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE", 1),
+                _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return "slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID")
+    return "single", 0, 1, 0
+
+
+def _default_device(local_rank: int) -> str:
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(backend: str | None = None, device: str | None = None) -> DistEnv:
+    """Join the job this process was launched in and return where it stands.
+
+    ``backend``: ``"nccl"``, ``"gloo"``, ``"horovod"`` or None (nccl when CUDA is available,
+    gloo otherwise; horovod when launched by horovodrun/mpirun). ``device``: None picks
+    ``cuda:<local_rank>`` when CUDA is available, else ``"cpu"``. Idempotent: a second call returns
+    the first result. A process group created by someone else (accelerate) is adopted as is.
+    A single process (world size 1) creates no process group.
+    """
+    global _ENV, _OWNS_GROUP
+    if _ENV is not None:
+        if backend is not None and _ENV.backend is not None and backend != _ENV.backend:
+            LOGGER.warning("init_distributed(%r) ignored: already initialised with %r", backend, _ENV.backend)
+        return _ENV
+    if backend is not None and backend not in BACKENDS:
+        raise ConfigError(f"unknown distributed backend {backend!r}; valid: {', '.join(BACKENDS)}")
+
+    if dist.is_available() and dist.is_initialized():
+        # Someone (accelerate, a test harness) already made the group: adopt it, never destroy it.
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = detect_launcher()[3]
+        _ENV = DistEnv(rank, world, local_rank, str(dist.get_backend()), device or _default_device(local_rank))
+        _set_cuda_device(_ENV.device)
+        return _ENV
+
+    launcher, rank, world, local_rank = detect_launcher()
+    if backend == "horovod" or (backend is None and launcher == "horovod"):
+        from . import horovod_adapter  # lazily: horovod is optional
+
+        rank, world, local_rank = horovod_adapter.init()
+        _ENV = DistEnv(rank, world, local_rank, "horovod", device or _default_device(local_rank))
+        _set_cuda_device(_ENV.device)
+        LOGGER.info("horovod: rank %d of %d (local %d) on %s", rank, world, local_rank, _ENV.device)
+        return _ENV
+
+    device = device or _default_device(local_rank)
+    if world <= 1:
+        _ENV = DistEnv(0, 1, 0, None, device)
+        return _ENV
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise ConfigError(f"{launcher} launch with {world} processes: set {key} (torch env:// rendezvous)")
+    _set_cuda_device(device)  # nccl needs the device chosen before the group is made
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    _OWNS_GROUP = True
+    _ENV = DistEnv(rank, world, local_rank, backend, device)
+    LOGGER.info("%s/%s: rank %d of %d (local %d) on %s", launcher, backend, rank, world, local_rank, device)
+    return _ENV
+
+
+def _set_cuda_device(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(device))
+
+
+def get_env() -> DistEnv:
+    """The result of :func:`init_distributed`; before it, what the environment says (no group).
+
+    Collectives refuse to run before :func:`init_distributed` when the world is larger than one.
+    """
+    if _ENV is not None:
+        return _ENV
+    _, rank, world, local_rank = detect_launcher()
+    return DistEnv(rank, world, local_rank, None, _default_device(local_rank))
+
+
+def is_main_process() -> bool:
+    return get_env().rank == 0
+
+
+def _active_backend() -> str | None:
+    """The backend to talk through, or None when there is nobody else to talk to."""
+    env = get_env()
+    if env.world_size <= 1:
+        return None
+    if _ENV is None:
+        raise RuntimeError("clipvip.distributed: call init_distributed() before using collectives")
+    return env.backend
+
+
+def _hvd():
+    from . import horovod_adapter  # lazily: horovod is optional
+
+    return horovod_adapter
+
+
+def barrier() -> None:
+    backend = _active_backend()
+    if backend == "horovod":
+        _hvd().barrier()
+    elif backend is not None:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the job: destroy the process group this module created (or shut horovod down)."""
+    global _ENV, _OWNS_GROUP
+    if _ENV is not None and _ENV.backend == "horovod":
+        _hvd().shutdown()
+    elif _OWNS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _ENV, _OWNS_GROUP = None, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw collectives (no autograd), dispatched on the backend
+# ----------------------------------------------------------------------------------------------
+def _all_reduce_sum(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """A new tensor: the sum of ``x`` over ranks."""
+    if backend == "horovod":
+        return _hvd().allreduce_sum(x)
+    out = x.detach().contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def _gather_sizes(n: int, device: torch.device, backend: str) -> list[int]:
+    """First-dim size of every rank, in rank order."""
+    size = torch.tensor([n], dtype=torch.long, device=device)
+    if backend == "horovod":
+        return [int(s) for s in _hvd().allgather(size)]
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s.item()) for s in sizes]
+
+
+def _all_gather_cat(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate ``x`` [n_r, ...] of every rank along dim 0 in rank order; n_r may differ."""
+    sizes = _gather_sizes(x.shape[0], x.device, backend)
+    if backend == "horovod":
+        return _hvd().allgather(x.detach()), sizes  # horovod takes uneven first dims itself
+    # torch's all_gather wants equal shapes: pad every rank to the largest, gather, trim.
+    longest = max(max(sizes), 1)  # an empty collective is a corner some backends trip on
+    padded = x.detach().new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0), sizes
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gathered gradient over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, backend: str) -> torch.Tensor:
+        gathered, sizes = _all_gather_cat(x, backend)  # [sum(n_r), ...]
+        rank = get_env().rank
+        ctx.start, ctx.stop, ctx.backend = sum(sizes[:rank]), sum(sizes[: rank + 1]), backend
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every rank's loss depends on every rank's rows: the gradient of our rows is the sum of
+        # what all ranks computed for them (see the module docstring for the scaling this implies).
+        grad = _all_reduce_sum(grad, ctx.backend)
+        return grad[ctx.start: ctx.stop], None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public collectives
+# ----------------------------------------------------------------------------------------------
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[B_r, ...] on each rank -> [sum_r B_r, ...] on every rank, in rank order, with gradient.
+
+    Uneven batch sizes are fine. Every rank must backpropagate through the result (the backward
+    is a collective). Gradient convention: module docstring. Identity in a single process.
+    """
+    backend = _active_backend()
+    if backend is None:
+        return x
+    return _AllGatherWithGrad.apply(x, backend)
+
+
+@torch.no_grad()
+def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """[B_r, ...] on each rank -> [sum_r B_r, ...] in rank order, no gradient (evaluation).
+
+    Ranks may hold different first dims (the last batch; none at all). Identity in one process.
+    """
+    backend = _active_backend()
+    if backend is None:
+        return x.detach()
+    return _all_gather_cat(x, backend)[0]
+
+
+def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor | float:
+    """The mean of ``x`` over ranks, as a new tensor (a float for a float); ``x`` is not modified."""
+    backend = _active_backend()
+    if not isinstance(x, torch.Tensor):
+        if backend is None:
+            return float(x)
+        return float(all_reduce_mean(torch.tensor([float(x)], device=get_env().device)).item())
+    if backend is None:
+        return x.detach().clone()
+    total = _all_reduce_sum(x.detach().to(torch.float64 if not x.is_floating_point() else x.dtype), backend)
+    return total / get_env().world_size
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src``, returned on every rank (picklable objects)."""
+    backend = _active_backend()
+    if backend is None:
+        return obj
+    if backend == "horovod":
+        return _hvd().broadcast_object(obj, src)
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order, returned on every rank (picklable objects)."""
+    backend = _active_backend()
+    if backend is None:
+        return [obj]
+    if backend == "horovod":
+        return list(_hvd().allgather_object(obj))
+    out: list = [None] * get_env().world_size
+    dist.all_gather_object(out, obj)
+    return out
