@@ -31,6 +31,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "clipvip=clipvip.__main__:entry",
             "clipvip-synthetic=clipvip.data.synthetic:main",
         ]
     },

@@ -402,3 +402,4 @@ def save_config(cfg: Config, output_dir: str | None = None, name: str = "config.
         f.write("\n")
     os.replace(tmp, target)
     return target
+

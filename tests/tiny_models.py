@@ -1,0 +1,79 @@
+"""Tiny CLIP / CLIP-ViP models for tests, written in the real on-disk formats (HF folders)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+import clipvip
+
+VOCAB = 99  # tiny vocabulary; as in real CLIP the EOS id is the largest id
+EOS = VOCAB - 1
+BOS = VOCAB - 2
+
+
+def tiny_clip_config(image_size: int = 32, patch_size: int = 8, max_positions: int = 16) -> CLIPConfig:
+    """A 2-layer CLIP (HF's CLIPVisionModelTester style) with CLIP's activation and layout."""
+    return CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=max_positions,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch_size),
+        projection_dim=24,
+    )
+
+
+def write_hf_clip(folder: str, seed: int = 0, safe: bool = True, **config_kwargs) -> CLIPModel:
+    """Save a randomly initialised HF CLIPModel (config.json + weights) and return it (eval mode)."""
+    torch.manual_seed(seed)
+    model = CLIPModel(tiny_clip_config(**config_kwargs)).eval()
+    # HF inits some tensors to constants; perturb everything so a wrong mapping cannot pass.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    if not safe:  # the older HF layout; transformers 5 only writes safetensors itself
+        from safetensors.torch import load_file
+
+        weights = os.path.join(folder, "model.safetensors")
+        torch.save(load_file(weights), os.path.join(folder, "pytorch_model.bin"))
+        os.remove(weights)
+    return model
+
+
+def tiny_cfg(folder: str, *overrides: str, **vision_extra) -> clipvip.Config:
+    """A clipvip config whose model is the tiny HF CLIP in ``folder``."""
+    extra = {"type": "ViP", "temporal_size": 4, "if_use_temporal_embed": 1,
+             "logit_scale_init_value": 4.6, "add_cls_num": 3}
+    extra.update(vision_extra)
+    cfg = clipvip.load_config(None, ["--clip_config", folder, "--clip_weights", folder,
+                                     "--input_res", "32", "32", *overrides])
+    cfg.clip_vision_additional_config.update(extra)
+    return cfg
+
+
+def random_text(batch: int, length: int, lengths=None, seed: int = 0):
+    """Token ids shaped like the CLIP tokenizer's: BOS, words, EOS, then EOS padding; and the mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((batch, length), EOS, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    lengths = lengths or [int(torch.randint(2, length + 1, (1,), generator=g)) for _ in range(batch)]
+    for i, n in enumerate(lengths):
+        ids[i, 0] = BOS
+        ids[i, 1:n - 1] = torch.randint(1, BOS, (n - 2,), generator=g)
+        ids[i, n - 1] = EOS
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def hf_features(output):
+    """transformers 4.x returns a tensor from get_*_features, 5.x a ModelOutput."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def tiny_model_folder(tmp_path, name: str = "clip", **kwargs) -> str:
+    folder = os.path.join(str(tmp_path), name)
+    write_hf_clip(folder, **kwargs)
+    return folder
