@@ -1,0 +1,220 @@
+"""Video and frame-folder reading: decord and PyAV agree, bad inputs raise VideoDecodeError."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from clipvip.data import video as video_mod
+from clipvip.data.synthetic import ClipSpec, render_clip, write_frame_folder, write_video
+from clipvip.data.video import (VideoDecodeError, available_backends, count_folder_frames,
+                                count_frames, load_frame_folder, load_frames, load_sampled_frames,
+                                resolve_backend)
+
+BACKENDS = available_backends()
+T, H, W = 16, 64, 96
+pytestmark = pytest.mark.skipif("pyav" not in BACKENDS, reason="PyAV is required")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A 16-frame H.264 clip (with B-frames: x264 defaults) and the frames it was made from."""
+    spec = ClipSpec("clip", "red", "circle", "right", "large", "quickly", background=30,
+                    across=0.4, along=0.3)
+    frames = render_clip(spec, H, W, T)
+    # Brighten the background per frame so every frame differs from its neighbours.
+    frames = np.clip(frames.astype(int) + np.arange(T)[:, None, None, None] * 6, 0, 255).astype(np.uint8)
+    folder = tmp_path_factory.mktemp("video")
+    path = str(folder / "clip.mp4")
+    write_video(path, frames, fps=6)
+    faststart = str(folder / "faststart.mp4")
+    _write_faststart(faststart, frames)
+    return {"path": path, "frames": frames, "faststart": faststart, "dir": folder}
+
+
+def _write_faststart(path, frames):
+    # moov atom first, so a truncated copy still opens and fails later, inside the frame data.
+    import av
+
+    with av.open(path, "w", options={"movflags": "+faststart"}) as out:
+        s = out.add_stream("libx264", rate=6)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        for a in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+
+
+def _mad(a, b):
+    return (a.to(torch.float32) - torch.as_tensor(b).to(torch.float32)).abs().mean().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_count_and_read_every_frame(clip, backend):
+    assert count_frames(clip["path"], backend) == T
+    frames = load_frames(clip["path"], list(range(T)), backend)
+    assert frames.dtype == torch.uint8 and frames.shape == (T, H, W, 3)
+    assert _mad(frames, clip["frames"]) < 3  # H.264 at crf 17 on flat colours
+    # Frame k is frame k (not k +- 1): each is closest to its own source frame.
+    for k in range(T):
+        errs = [_mad(frames[k], clip["frames"][j]) for j in range(T)]
+        assert int(np.argmin(errs)) == k
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="needs decord and PyAV")
+def test_backends_agree(clip):
+    idx = [0, 5, 9, 15, 3]
+    a = load_frames(clip["path"], idx, "decord")
+    b = load_frames(clip["path"], idx, "pyav")
+    assert a.shape == b.shape
+    assert _mad(a, b) < 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsorted_repeated_and_out_of_range_indices(clip, backend):
+    idx = [7, 2, 7, 15, 0, 2]
+    frames = load_frames(clip["path"], idx, backend)
+    singles = torch.cat([load_frames(clip["path"], [i], backend) for i in idx])
+    assert torch.equal(frames, singles)
+    # Past the end (metadata can lie): the last frame.
+    past = load_frames(clip["path"], [T - 1, T, 1000], backend)
+    assert torch.equal(past[1], past[0]) and torch.equal(past[2], past[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_sampled_frames_opens_once(clip, backend):
+    seen = []
+
+    def index_fn(n):
+        seen.append(n)
+        return [0, n - 1]
+
+    frames, n = load_sampled_frames(clip["path"], index_fn, backend)
+    assert seen == [T] and n == T and frames.shape == (2, H, W, 3)
+
+
+def test_bad_indices(clip):
+    with pytest.raises(ValueError):
+        load_frames(clip["path"], [])
+    with pytest.raises(ValueError):
+        load_frames(clip["path"], [-1])
+
+
+def _bad_files(clip):
+    d = clip["dir"]
+    data = open(clip["path"], "rb").read()
+    fast = open(clip["faststart"], "rb").read()
+    files = {
+        "missing": str(d / "missing.mp4"),
+        "empty": str(d / "empty.mp4"),
+        "truncated": str(d / "truncated.mp4"),            # moov at the end: lost
+        "truncated_faststart": str(d / "truncated_fs.mp4"),  # frame data cut
+        "random": str(d / "random.mp4"),
+        "text": str(d / "text.mp4"),
+        "directory": str(d / "dir.mp4"),
+    }
+    open(files["empty"], "wb").close()
+    open(files["truncated"], "wb").write(data[: len(data) // 2])
+    open(files["truncated_faststart"], "wb").write(fast[: len(fast) // 2])
+    open(files["random"], "wb").write(np.random.default_rng(0).bytes(4096))
+    open(files["text"], "w").write("not a video\n" * 10)
+    os.makedirs(files["directory"], exist_ok=True)
+    return files
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "truncated_faststart", "random",
+                                  "text", "directory"])
+def test_bad_inputs_raise_video_decode_error(clip, backend, kind):
+    path = _bad_files(clip)[kind]
+    with pytest.raises(VideoDecodeError) as info:
+        load_frames(path, list(range(T)), backend)
+    assert path in str(info.value) and info.value.path == path
+    if kind != "truncated_faststart":  # its header is intact: the count is readable
+        with pytest.raises(VideoDecodeError):
+            count_frames(path, backend)
+    assert isinstance(info.value, video_mod.DataError)
+
+
+def test_resolve_backend(monkeypatch):
+    monkeypatch.delenv("CLIPVIP_VIDEO_BACKEND", raising=False)
+    assert resolve_backend("PyAV") == "pyav"
+    with pytest.raises(ValueError, match="decord, pyav"):
+        resolve_backend("opencv")
+    if "decord" in BACKENDS:
+        assert resolve_backend(None) == "decord"
+    monkeypatch.setenv("CLIPVIP_VIDEO_BACKEND", "pyav")
+    assert resolve_backend(None) == "pyav"
+
+
+def test_fallback_to_pyav_warns_once(monkeypatch, clip):
+    monkeypatch.delenv("CLIPVIP_VIDEO_BACKEND", raising=False)
+    monkeypatch.setitem(video_mod._importable, "decord", False)
+    monkeypatch.setattr(video_mod, "_warned_fallback", False)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("clipvip")
+    logger.addHandler(handler)
+    try:
+        assert resolve_backend(None) == "pyav"
+        assert resolve_backend("decord") == "pyav"
+        assert count_frames(clip["path"]) == T
+    finally:
+        logger.removeHandler(handler)
+    assert sum("decord cannot be imported" in r.getMessage() for r in records) == 1
+    assert available_backends() == ["pyav"]
+
+
+# ------------------------------------------------------------------------------ frame folders
+@pytest.fixture(scope="module")
+def frame_folder(clip):
+    folder = str(clip["dir"] / "frames")
+    write_frame_folder(folder, "vid1", clip["frames"])
+    return folder
+
+
+def test_frame_folder_numbering_starts_at_zero(frame_folder, clip):
+    assert os.path.isfile(os.path.join(frame_folder, "vid1", "vid1_000.jpg"))
+    assert os.path.isfile(os.path.join(frame_folder, "vid1", f"vid1_{T - 1:03d}.jpg"))
+    assert count_folder_frames(frame_folder, "vid1") == T
+    frames = load_frame_folder(frame_folder, "vid1", [0, 15, 3, 3])
+    assert frames.dtype == torch.uint8 and frames.shape == (4, H, W, 3)
+    for k, i in enumerate([0, 15, 3, 3]):
+        assert _mad(frames[k], clip["frames"][i]) < 3  # JPEG quality 95
+
+
+def test_frame_folder_matches_video(frame_folder, clip):
+    idx = [0, 4, 8, 12, 15]
+    assert _mad(load_frame_folder(frame_folder, "vid1", idx), load_frames(clip["path"], idx)) < 4
+
+
+def test_frame_folder_clamps_past_the_end(frame_folder):
+    frames = load_frame_folder(frame_folder, "vid1", [T - 1, T + 5])
+    assert torch.equal(frames[0], frames[1])
+
+
+def test_frame_folder_nested_clip_id_uses_basename(tmp_path, clip):
+    write_frame_folder(str(tmp_path / "v_abc"), "clipA", clip["frames"][:3])
+    # clip id "v_abc/clipA": files are v_abc/clipA/clipA_000.jpg
+    assert count_folder_frames(str(tmp_path), "v_abc/clipA") == 3
+    assert load_frame_folder(str(tmp_path), "v_abc/clipA", [2]).shape == (1, H, W, 3)
+
+
+def test_frame_folder_errors(tmp_path, clip):
+    folder = str(tmp_path)
+    with pytest.raises(VideoDecodeError, match="nope"):
+        count_folder_frames(folder, "nope")
+    with pytest.raises(VideoDecodeError, match="nope"):
+        load_frame_folder(folder, "nope", [0])
+    write_frame_folder(folder, "holes", clip["frames"][:4])
+    os.remove(os.path.join(folder, "holes", "holes_001.jpg"))
+    with pytest.raises(VideoDecodeError, match="holes_001.jpg"):
+        load_frame_folder(folder, "holes", [0, 1])
+    write_frame_folder(folder, "broken", clip["frames"][:2])
+    bad = os.path.join(folder, "broken", "broken_001.jpg")
+    open(bad, "wb").write(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(VideoDecodeError, match="broken_001.jpg"):
+        load_frame_folder(folder, "broken", [0, 1])
