@@ -32,6 +32,7 @@ setup(
     entry_points={
         "console_scripts": [
             "clipvip=clipvip.__main__:entry",
+            "clipvip-retrieval=clipvip.retrieval:entry",
             "clipvip-synthetic=clipvip.data.synthetic:main",
         ]
     },

@@ -130,6 +130,7 @@ DEFAULTS: dict[str, Any] = {
     "train_batch_size": 16,  # per process
     "test_batch_size": 16,  # per process
     "gradient_accumulation_steps": 1,
+    "accum_feature_cache": 0,  # accumulate with cached features: every loss sees the whole global batch
     "fp16": 0,  # fp16 autocast + GradScaler (replaces apex O2)
     "bf16": 0,  # bf16 autocast
     "amp_level": "O2",  # kept for compatibility with the official configs; unused
@@ -147,8 +148,10 @@ DEFAULTS: dict[str, Any] = {
     "min_valid_steps": 1,
     "num_valid": 1,
     "only_valid_steps": 100,
-    "save_steps_ratio": 0.9,
+    "save_steps_ratio": 0.9,  # write the training state (for resuming) every this fraction of the run
+    "max_nonfinite_steps": 5,  # stop (with a saved state) after this many non-finite steps in a row
     # --- logging ---
+    "log_interval": 10,  # steps between lines of log/metrics.jsonl
     "if_tb_log": 0,
     "if_model_saver": 1,
     "if_log2file": 1,

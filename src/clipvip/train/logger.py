@@ -1,0 +1,81 @@
+"""Run logging on the main process: log/log.txt, log/metrics.jsonl, TensorBoard, wandb."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from ..logging_utils import LOGGER as ROOT_LOGGER
+from ..logging_utils import add_log_file, get_logger
+
+LOGGER = get_logger("run")
+
+
+def _scalar(value: Any):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep it visible
+    return value
+
+
+class RunLogger:
+    """Writes one JSON object per logged step to ``log/metrics.jsonl`` and mirrors scalars to
+    TensorBoard (``if_tb_log``) and Weights & Biases (``wandb_project``; offline unless
+    ``WANDB_MODE`` says otherwise, so it needs neither network nor account)."""
+
+    def __init__(self, cfg, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.tb = None
+        self.wandb_run = None
+        if not enabled:
+            return
+        log_dir = os.path.join(cfg.output_dir, "log")
+        os.makedirs(log_dir, exist_ok=True)
+        if cfg.get("if_log2file", 1):
+            self._file_handler = add_log_file(os.path.join(log_dir, "log.txt"))
+        self.metrics_path = os.path.join(log_dir, "metrics.jsonl")
+        self._drop_entries_after(resume_step)
+        if cfg.get("if_tb_log"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+        if cfg.get("wandb_project"):
+            import wandb
+
+            self.wandb_run = wandb.init(project=cfg.wandb_project, dir=log_dir, config=cfg.to_dict(),
+                                        mode=os.environ.get("WANDB_MODE", "offline"), resume="allow")
+
+    def _drop_entries_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its last saved state: forget their old lines."""
+        if not os.path.isfile(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in numeric.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(numeric, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.enabled and getattr(self, "_file_handler", None) is not None:
+            ROOT_LOGGER.removeHandler(self._file_handler)
+            self._file_handler.close()

@@ -1,0 +1,334 @@
+"""The one training loop, shared by retrieval fine-tuning and pretraining.
+
+What it does per optimizer step (DESIGN §4):
+
+1. set the learning rate of step ``step + 1`` (warmup + cosine/linear; ``lr_mul`` groups);
+2. run ``gradient_accumulation_steps`` micro-batches: forward under autocast, the registry loss on
+   features gathered from every process, backward (DDP synchronises on the last micro-batch
+   only). With ``accum_feature_cache`` the micro-batches are first encoded without gradient and
+   each is then recomputed with gradient against the cached features of the others, so every
+   loss sees the whole accumulated batch of negatives (open_clip's scheme);
+3. unscale (fp16), clip at ``grad_norm``, and check that loss and gradient are finite: a
+   non-finite step is skipped and counted; ``max_nonfinite_steps`` in a row stop the run with a
+   checkpoint. This is the one host-device synchronisation of a step;
+4. optimizer step, then clamp ``logit_scale`` to ``[0, ln 200]``.
+
+Validation runs at step 0 (zero-shot), every ``valid_steps`` (with ``ckpt/model_step_N.pt``),
+every ``only_valid_steps`` and at the end (with the last ``model_step``), keeping
+``ckpt/model_best.pt`` for the best text-to-video R@1 — the original's cadence. The training state
+(``ckpt/train_state.pt``) is written every ``save_steps_ratio`` of the run, at each validation, at the
+end and on Ctrl-C; rerunning the same command resumes from it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..errors import CheckpointError, ClipvipError
+from ..logging_utils import get_logger
+from ..model.weights import save_checkpoint
+from .logger import RunLogger
+from .optim import build_optimizer, learning_rate_at, set_learning_rate
+from .precision import autocast, grad_scaler
+from .state import Progress, load_training_state, restore_rng, save_training_state
+
+LOGGER = get_logger("train")
+
+MODEL_INPUTS = ("video", "text_input_ids", "text_input_mask", "image", "caption_ids", "caption_masks")
+
+
+class TrainingStopped(ClipvipError):
+    """Training cannot go on (repeated non-finite losses); the state was saved first."""
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The numbers of a run, derived from the config as the original derives them."""
+
+    world_size: int
+    per_device_batch: int
+    accumulation: int
+    global_batch: int
+    num_examples: int
+    steps_per_epoch: int
+    total_steps: int
+    valid_steps: int
+    only_valid_steps: int
+    state_steps: int
+
+    @classmethod
+    def from_config(cls, cfg, num_examples: int, world_size: int) -> "TrainPlan":
+        accumulation = int(cfg.gradient_accumulation_steps)
+        global_batch = world_size * cfg.train_batch_size * accumulation * cfg.max_n_example_per_group
+        examples = num_examples * cfg.max_n_example_per_group
+        total = int(math.ceil(cfg.num_train_epochs * examples / global_batch))
+        valid = int(math.ceil(total / cfg.num_valid / cfg.min_valid_steps)) * cfg.min_valid_steps
+        return cls(
+            world_size=world_size, per_device_batch=cfg.train_batch_size, accumulation=accumulation,
+            global_batch=global_batch, num_examples=num_examples,
+            steps_per_epoch=int(math.ceil(examples / global_batch)), total_steps=total,
+            valid_steps=max(valid, 1), only_valid_steps=max(int(cfg.only_valid_steps), 1),
+            state_steps=max(int(cfg.save_steps_ratio * total), 1),
+        )
+
+    def describe(self) -> str:
+        return (f"world size {self.world_size}, per-device batch {self.per_device_batch}, accumulation "
+                f"{self.accumulation}, global batch {self.global_batch}; {self.num_examples} examples, "
+                f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all; validate+save every "
+                f"{self.valid_steps}, validate every {self.only_valid_steps}, training state every "
+                f"{self.state_steps}")
+
+
+def _model_inputs(batch: dict, device: torch.device) -> dict:
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+def _float_features(outputs: dict) -> dict:
+    # The loss runs in fp32 whatever the autocast dtype of the towers.
+    return {k: v.float() for k, v in outputs.items()}
+
+
+class Trainer:
+    """Fits ``model`` on batches from ``stream`` and validates with ``evaluate``.
+
+    ``stream``: an iterator of batch dicts with ``state_dict()``/``load_state_dict()`` for its
+    position (see :mod:`clipvip.train.stream`). ``evaluate(model) -> {name: eval block}`` runs on
+    every process. ``loss_fn(outputs, logit_scale)`` is a :mod:`clipvip.loss` loss.
+    """
+
+    def __init__(self, cfg, model: nn.Module, loss_fn: nn.Module, stream, plan: TrainPlan, evaluate,
+                 env: distributed.DistEnv, precision: str):
+        self.cfg, self.plan, self.env, self.precision = cfg, plan, env, precision
+        self.stream, self.evaluate, self.loss_fn = stream, evaluate, loss_fn
+        self.device = torch.device(env.device)
+        self.device_type = self.device.type
+        self.raw_model = model.to(self.device)
+        if cfg.get("freeze_text_encoder"):
+            model.freeze_text_encoder(bool(cfg.get("freeze_text_proj")))
+        self.model = self.raw_model
+        if env.world_size > 1 and env.backend in distributed.TORCH_BACKENDS:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.raw_model, device_ids=[self.device] if self.device_type == "cuda" else None,
+                broadcast_buffers=False)
+        self.optimizer = build_optimizer(self.raw_model, cfg)
+        self.scaler = grad_scaler(precision, self.device_type)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.progress = Progress()
+        self.nonfinite_in_a_row = 0
+        self.last_results: dict = {}
+        self.ckpt_dir = os.path.join(cfg.output_dir, "ckpt")
+        self.fingerprint = {"world_size": plan.world_size, "train_batch_size": plan.per_device_batch,
+                            "gradient_accumulation_steps": plan.accumulation, "total_steps": plan.total_steps,
+                            "seed": int(cfg.seed)}
+        self.resumed = self._resume()
+        self.run_log = RunLogger(cfg, env.is_main, resume_step=self.progress.step)
+        self.accum_feature_cache = bool(cfg.get("accum_feature_cache")) and plan.accumulation > 1
+
+    # ------------------------------------------------------------------------------------------
+    # Resume and save
+    # ------------------------------------------------------------------------------------------
+    def _resume(self) -> bool:
+        state = load_training_state(self.ckpt_dir)
+        if state is None:
+            return False
+        saved = state["fingerprint"]
+        differs = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
+        if differs:
+            details = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in differs.items())
+            raise CheckpointError(
+                f"{self.ckpt_dir}/train_state.pt was written by a run with other settings ({details}); "
+                "use another output_dir, or start from its weights with --e2e_weights_path")
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.progress = Progress.from_dict(state["progress"])
+        self.stream.load_state_dict(state["data"])
+        LOGGER.info("resumed from %s/train_state.pt at step %d", self.ckpt_dir, self.progress.step)
+        return True
+
+    def save_state(self) -> None:
+        if self.env.is_main:
+            save_training_state(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, self.progress,
+                                self.fingerprint, data=self.stream.state_dict())
+        distributed.barrier()
+
+    def save_model(self, name: str) -> None:
+        if self.env.is_main and self.cfg.get("if_model_saver", 1):
+            save_checkpoint(self.raw_model, os.path.join(self.ckpt_dir, name))
+
+    # ------------------------------------------------------------------------------------------
+    # One optimizer step
+    # ------------------------------------------------------------------------------------------
+    def _sync_context(self, last: bool):
+        if not last and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _loss(self, batch: dict, logit_scale: torch.Tensor) -> torch.Tensor:
+        with autocast(self.precision, self.device_type):
+            outputs = self.model(**_model_inputs(batch, self.device))
+        return self.loss_fn(_float_features(outputs), logit_scale)
+
+    def _backward_plain(self, batches: list[dict]) -> torch.Tensor:
+        """Each micro-batch its own contrastive batch; gradients averaged over micro-batches."""
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            with self._sync_context(last=i == len(batches) - 1):
+                loss = self._loss(batch, self.raw_model.logit_scale) / len(batches)
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        return total
+
+    def _backward_feature_cache(self, batches: list[dict]) -> torch.Tensor:
+        """The loss of the whole accumulated batch, its gradient computed micro-batch by micro-batch."""
+        with torch.no_grad(), autocast(self.precision, self.device_type):
+            cached = [_float_features(self.model(**_model_inputs(b, self.device))) for b in batches]
+        total = torch.zeros((), device=self.device)
+        for j, batch in enumerate(batches):
+            with self._sync_context(last=j == len(batches) - 1):
+                with autocast(self.precision, self.device_type):
+                    fresh = _float_features(self.model(**_model_inputs(batch, self.device)))
+                merged = {k: torch.cat([fresh[k] if i == j else cached[i][k] for i in range(len(batches))])
+                          for k in fresh}
+                # logit_scale's gradient must be counted once, not once per recomputation.
+                scale = self.raw_model.logit_scale if j == 0 else self.raw_model.logit_scale.detach()
+                loss = self.loss_fn(merged, scale)
+                self.scaler.scale(loss).backward()
+            if j == 0:
+                total += loss.detach()
+        return total
+
+    def train_step(self) -> dict:
+        step = self.progress.step + 1
+        lr = learning_rate_at(step, self.cfg, self.plan.total_steps)
+        set_learning_rate(self.optimizer, lr)
+        batches = [next(self.stream) for _ in range(self.plan.accumulation)]
+        self.progress.skipped_samples += sum(int(b.get("num_skipped", 0)) for b in batches)
+        backward = self._backward_feature_cache if self.accum_feature_cache else self._backward_plain
+        loss = backward(batches)
+        if self.env.backend == "horovod":  # no DDP there: average the gradients ourselves
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.copy_(distributed.all_reduce_mean(p.grad))
+        self.scaler.unscale_(self.optimizer)
+        max_norm = float(self.cfg.grad_norm) if self.cfg.grad_norm and self.cfg.grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        loss_value, norm_value = torch.stack([loss, grad_norm.to(loss.device)]).tolist()  # the step's one sync
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.nonfinite_in_a_row = 0
+        else:
+            self.progress.nonfinite_steps += 1
+            self.nonfinite_in_a_row += 1
+            LOGGER.warning("step %d: non-finite loss %s / gradient norm %s; step skipped (%d in a row)",
+                           step, loss_value, norm_value, self.nonfinite_in_a_row)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.raw_model.clamp_logit_scale()
+        self.progress.step = step
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "finite": finite,
+                "clips": sum(int(b["video"].shape[0]) for b in batches if "video" in b)}
+
+    # ------------------------------------------------------------------------------------------
+    # Validation
+    # ------------------------------------------------------------------------------------------
+    def validate(self, save_step_checkpoint: bool) -> None:
+        step = self.progress.step
+        LOGGER.info("step %d: validation%s", step, " and checkpoint" if save_step_checkpoint else "")
+        was_training = self.raw_model.training
+        self.raw_model.eval()
+        results = self.last_results = self.evaluate(self.raw_model)
+        self.raw_model.train(was_training)
+        metrics = {}
+        for name, block in results.items():
+            for direction in ("t2v", "v2t", "t2v_dsl", "v2t_dsl"):
+                for key, value in block[direction].items():
+                    metrics[f"val/{name}/{direction}_{key}"] = value
+        self.run_log.log(step, metrics)
+        if save_step_checkpoint:
+            self.save_model(f"model_step_{step}.pt")
+        if results:
+            r1 = next(iter(results.values()))["t2v"]["R1"]
+            if r1 > self.progress.best_r1:
+                self.progress.best_r1, self.progress.best_step = r1, step
+                self.save_model("model_best.pt")
+                LOGGER.info("step %d: new best text-to-video R@1 %.2f", step, r1)
+        distributed.barrier()
+
+    # ------------------------------------------------------------------------------------------
+    # The run
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> Progress:
+        plan, cfg = self.plan, self.cfg
+        LOGGER.info("training: %s", plan.describe())
+        self.raw_model.train()
+        if cfg.get("freeze_text_encoder"):
+            self.raw_model.clipmodel.text_model.eval()
+        if not self.resumed:
+            self.validate(save_step_checkpoint=False)  # zero-shot, as the original at step 0
+        log_every = max(int(cfg.get("log_interval", 10)), 1)
+        max_nonfinite = int(cfg.get("max_nonfinite_steps", 5))
+        bar = None
+        if self.env.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=plan.total_steps, initial=self.progress.step, desc="train", dynamic_ncols=True)
+        window_clips, window_start = 0, time.perf_counter()
+        try:
+            while self.progress.step < plan.total_steps:
+                out = self.train_step()
+                step = self.progress.step
+                window_clips += out["clips"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+                if self.nonfinite_in_a_row >= max_nonfinite:
+                    self.save_state()
+                    raise TrainingStopped(
+                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                        f"(last at step {step}); state saved in {self.ckpt_dir}. Lower the learning rate, "
+                        "use --bf16 1 instead of fp16, or check the data")
+                if step % log_every == 0 or step == plan.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    self.run_log.log(step, {
+                        "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                        "logit_scale": self.raw_model.logit_scale.item(), "epoch": self.stream.epoch,
+                        "clips_per_s": window_clips * self.env.world_size / elapsed,
+                        "skipped_samples": self.progress.skipped_samples,
+                        "nonfinite_steps": self.progress.nonfinite_steps,
+                        **{f"loss/{k}": v for k, v in self.loss_fn.last_terms.items()},
+                    })
+                    window_clips, window_start = 0, time.perf_counter()
+                if step % plan.valid_steps == 0:
+                    self.validate(save_step_checkpoint=True)
+                    self.save_state()
+                elif step % plan.only_valid_steps == 0:
+                    self.validate(save_step_checkpoint=False)
+                    self.save_state()
+                elif step % plan.state_steps == 0:
+                    self.save_state()
+        except KeyboardInterrupt:
+            LOGGER.warning("interrupted at step %d: saving the training state", self.progress.step)
+            self.save_state()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.progress.step % plan.valid_steps != 0:
+            self.validate(save_step_checkpoint=True)
+        self.save_state()
+        if self.progress.skipped_samples:
+            LOGGER.warning("%d unreadable training samples were replaced by others", self.progress.skipped_samples)
+        LOGGER.info("done: %d steps; best text-to-video R@1 %.2f at step %d; %s",
+                    self.progress.step, self.progress.best_r1, self.progress.best_step, asdict(self.progress))
+        self.run_log.close()
+        return self.progress

@@ -1,0 +1,79 @@
+"""AdamW with the original's parameter groups, and the learning-rate schedule as a pure function."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+# As the original's e2e optimizer: no weight decay on biases, LayerNorm parameters (a name that
+# matches nothing in HF CLIP, kept for fidelity) and the temperature.
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "logit_scale")
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 lr_mul: float = 1.0, lr_mul_prefix: str = "") -> list[dict]:
+    """Four groups: (lr_mul prefix or not) x (decay or not); empty groups are dropped.
+
+    Each group carries ``lr_scale`` (``lr_mul`` or 1): :func:`set_learning_rate` multiplies the
+    scheduled rate by it, as the original sets ``lr_mul * lr`` on its first two groups.
+    """
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        boosted = bool(lr_mul_prefix) and lr_mul_prefix in name
+        decay = not any(nd in name for nd in NO_DECAY)
+        groups.setdefault((boosted, decay), []).append(param)
+    out = []
+    for (boosted, decay), params in sorted(groups.items(), reverse=True):
+        out.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                    "lr_scale": float(lr_mul) if boosted else 1.0})
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    name = cfg.optim.lower()
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optim '{cfg.optim}'; known: {', '.join(OPTIMIZERS)}")
+    groups = param_groups(model.named_parameters(), cfg.weight_decay, cfg.lr_mul, cfg.lr_mul_prefix)
+    kwargs = {"lr": cfg.learning_rate, "betas": tuple(cfg.betas)}
+    params_on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    if name in ("adamw", "adam") and params_on_cuda:
+        kwargs["fused"] = True  # one kernel for the whole update where the device has it
+    return OPTIMIZERS[name](groups, **kwargs)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
+    """The schedule at optimizer step ``step`` (1-based, as the original computes it).
+
+    Linear warmup over ``int(warmup_ratio * total_steps)`` steps, then ``cosine`` or ``linear``
+    decay to 0 at ``total_steps`` (``constant`` also accepted).
+    """
+    warmup = int(warmup_ratio * total_steps)
+    if step < warmup:
+        return step / warmup
+    if decay == "constant":
+        return 1.0
+    span = max(total_steps - warmup, 1)
+    progress = (step - warmup) / span
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if decay == "linear":
+        return max(0.0, (total_steps - step) / span)
+    raise ConfigError(f"unknown decay '{decay}'; known: cosine, linear, constant")
+
+
+def learning_rate_at(step: int, cfg, total_steps: int) -> float:
+    """``learning_rate x lr_multiplier``, floored at 1e-8 as the original's safeguard."""
+    lr = cfg.learning_rate * lr_multiplier(step, total_steps, cfg.warmup_ratio, cfg.decay)
+    return lr if lr > 0 else 1e-8
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
