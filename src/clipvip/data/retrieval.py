@@ -1,0 +1,406 @@
+"""Text-video retrieval datasets (MSR-VTT, DiDeMo, LSMDC, ActivityNet) and their collator.
+
+Training (``training=True``): one example per clip; each time a clip is drawn, ONE of its
+captions is picked at random (a per-dataset RNG, reseeded per DataLoader worker, so the choice
+changes from epoch to epoch and is reproducible for a given seed and worker count).
+
+Evaluation (``training=False``) follows the multi-caption protocol: every caption is a query
+whose target is its video; each video is encoded once and each caption once. The dataset keeps
+
+* ``dataset.videos``: clip ids, in annotation order (records sharing a clip id are one video);
+* ``dataset.texts``: ``(caption, video_index)`` pairs, in annotation order;
+
+and serves them through two views, :class:`VideoOnlyView` (``dataset.video_view()``) and
+:class:`TextOnlyView` (``dataset.text_view()``), so an evaluator can iterate videos and texts
+independently. In evaluation mode the dataset itself indexes videos, like its video view.
+
+Bad input (DESIGN §2): at training time a clip that cannot be read (missing, empty, truncated or
+undecodable video, no usable caption) is logged once with its path and replaced by a random
+other clip, at most ``MAX_TRIES`` times in a row before a :class:`DataError`; every item says how
+many clips were skipped to produce it (``num_skipped``; the collator sums it per batch). At
+evaluation time nothing is replaced: :meth:`VideoRetrievalDataset.scan_readable` drops
+unreadable videos, with their captions, before the run, and a failure later is an error.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..logging_utils import get_logger
+from .annotations import AnnotationRule, ClipRecord, load_annotations, select_rule
+from .sampling import middle_frame_index, sample_frame_indices
+from .transforms import frames_to_model_input
+from .video import count_folder_frames, count_frames, load_frame_folder, load_sampled_frames, resolve_backend
+
+LOGGER = get_logger(__name__)
+
+MAX_TRIES = 10  # clips tried per training example before giving up (the original's num_retries)
+
+# What a clip that cannot be read raises: our own DataError (VideoDecodeError, a missing LMDB key,
+# an empty caption), and the OS/decoder errors that escape the readers. Programming errors
+# (TypeError, AttributeError, ...) are not caught, so bugs are not silently "substituted" away.
+BAD_SAMPLE_ERRORS = (DataError, OSError, RuntimeError, ValueError, EOFError, KeyError)
+
+
+def _resolution(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    h, w = (int(v) for v in value)
+    return h, w
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames of one clip
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ClipReader:
+    """Samples, decodes and transforms the frames of one clip (shared by every dataset here)."""
+
+    n_clips: int
+    num_frms: int
+    sample_rate: int
+    input_res: tuple[int, int]
+    training: bool
+    jitter: bool
+    backend: str
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, training: bool) -> "ClipReader":
+        prefix = "train" if training else "test"
+        return cls(
+            n_clips=int(cfg[f"{prefix}_n_clips"]),
+            num_frms=int(cfg[f"{prefix}_num_frms"]),
+            sample_rate=int(cfg.get("sample_rate", 0)),
+            input_res=_resolution(cfg.get("input_res", (224, 224))),
+            training=training,
+            # Jitter is a training-time augmentation only.
+            jitter=training and bool(cfg.get("sample_jitter", 1)),
+            backend=resolve_backend(cfg.get("video_backend")),
+        )
+
+    @property
+    def num_frames(self) -> int:
+        return self.n_clips * self.num_frms
+
+    def indices(self, num_total: int, rng: random.Random) -> list[int]:
+        return sample_frame_indices(num_total, self.n_clips, self.num_frms, self.sample_rate,
+                                    training=self.training, jitter=self.jitter, rng=rng)
+
+    def read_video(self, path: str, rng: random.Random, with_middle: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(video [T, 3, H, W], middle frame [3, H, W] or None)`` of a video file.
+
+        The middle frame is decoded in the same pass as the clip (one open of the file).
+        """
+        def index_fn(num_total: int) -> list[int]:
+            picked = self.indices(num_total, rng)
+            return picked + [middle_frame_index(num_total)] if with_middle else picked
+
+        frames, _ = load_sampled_frames(path, index_fn, backend=self.backend)  # (T[+1], h, w, 3) uint8
+        x = frames_to_model_input(frames, self.input_res)  # (T[+1], 3, H, W)
+        if with_middle:
+            return x[:-1], x[-1]
+        return x, None
+
+    def read_folder(self, root: str, clip_id: str, num_frame: int, rng: random.Random) -> torch.Tensor:
+        """``video [T, 3, H, W]`` of a frame folder ``{root}/{clip_id}`` with ``num_frame`` frames."""
+        frames = load_frame_folder(root, clip_id, self.indices(num_frame, rng))  # (T, h, w, 3) uint8
+        return frames_to_model_input(frames, self.input_res)
+
+
+# ----------------------------------------------------------------------------------------------
+# Replacement of unreadable training clips
+# ----------------------------------------------------------------------------------------------
+class SubstitutingDataset(Dataset):
+    """Base of the training datasets: per-dataset RNG, per-worker reseeding, substitution.
+
+    Subclasses implement ``_load(index) -> dict`` (raising a ``BAD_SAMPLE_ERRORS`` error for a
+    clip that cannot be used) and ``_describe(index) -> str`` (the path named in warnings).
+    """
+
+    training: bool
+    max_tries: int = MAX_TRIES
+    name: str = ""
+
+    def _init_state(self, seed: int) -> None:
+        self.num_skipped = 0  # substitutions made by THIS copy (a worker's copy counts its own)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the RNG behind caption choice, frame jitter and replacement picks."""
+        self.rng = random.Random(seed)
+
+    def init_worker(self, worker_id: int, seed: int) -> None:
+        """Called in each DataLoader worker (see loader.py): own RNG stream, own handles."""
+        self.reseed(seed)
+
+    def _load(self, index: int) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _describe(self, index: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fetch(self, index: int) -> dict:
+        """The item at ``index``; in training, a random replacement when it cannot be read."""
+        if not self.training:
+            try:
+                item = self._load(index)
+            except DataError:
+                raise
+            except BAD_SAMPLE_ERRORS as e:
+                raise DataError(f"{self._describe(index)}: {type(e).__name__}: {e}") from e
+            item["num_skipped"] = 0
+            return item
+        skipped = 0
+        last_error: BaseException | None = None
+        for _ in range(self.max_tries):
+            try:
+                item = self._load(index)
+            except BAD_SAMPLE_ERRORS as e:
+                last_error = e
+                skipped += 1
+                self.num_skipped += 1
+                LOGGER.warning("%s: skipping unreadable clip %s (%s); using a random other clip",
+                               self.name, self._describe(index), e)
+                index = self.rng.randrange(len(self))
+                continue
+            item["num_skipped"] = skipped
+            return item
+        raise DataError(
+            f"{self.name}: {self.max_tries} clips in a row could not be read (last: {last_error}); "
+            f"check the dataset's 'vis' and 'txt' paths") from last_error
+
+
+# ----------------------------------------------------------------------------------------------
+# The retrieval dataset
+# ----------------------------------------------------------------------------------------------
+class VideoRetrievalDataset(SubstitutingDataset):
+    """One retrieval set (``dataset_cfg`` is one entry of ``train_datasets`` / ``val_datasets``).
+
+    Training item: ``{"video": [T, 3, H, W], "text": str, "clip_id", "index", "num_skipped"}``.
+    Evaluation item (videos): ``{"video", "clip_id", "index": video index, "num_skipped": 0}``.
+    ``rule`` forces an annotation rule by name (see :mod:`clipvip.data.annotations`).
+    """
+
+    def __init__(self, cfg: Mapping, dataset_cfg: Mapping, tokenizer=None, training: bool = False,
+                 rule: AnnotationRule | str | None = None, seed: int | None = None):
+        self.cfg = cfg
+        self.training = bool(training)
+        self.name = str(dataset_cfg.get("name") or dataset_cfg.get("txt"))
+        self.vis = str(dataset_cfg.get("vis") or "")
+        self.rule = rule if isinstance(rule, AnnotationRule) else select_rule(dataset_cfg, rule)
+        self.reader = ClipReader.from_config(cfg, self.training)
+        self.dummy_data = bool(cfg.get("dummy_data", 0))
+        self.collator = RetrievalCollator(tokenizer, int(cfg.get("max_txt_len", 50))) if tokenizer is not None else None
+        self._init_state(int(cfg.get("seed", 42)) if seed is None else seed)
+
+        records = load_annotations(dataset_cfg["txt"], dataset_cfg, self.rule)
+        if not records:
+            raise DataError(f"{dataset_cfg['txt']}: the annotation file lists no clips")
+        self.skipped_clip_ids: list[str] = []
+        if self.training:
+            self.records: list[ClipRecord] = records
+            self.videos = [r.clip_id for r in records]
+            self.texts = [(t, i) for i, r in enumerate(records) for t in r.texts]
+        else:
+            self._build_eval_index(records)
+        LOGGER.info("[%s] %s: %d videos, %d captions (rule '%s')", self.name,
+                    "train" if self.training else "eval", len(self.videos), len(self.texts), self.rule.name)
+
+    # -- evaluation index ------------------------------------------------------------------
+    def _build_eval_index(self, records: Sequence[ClipRecord]) -> None:
+        """Merge records per clip id; drop clips without a usable caption (they cannot be scored)."""
+        by_id: dict[str, ClipRecord] = {}
+        order: list[str] = []
+        captions: dict[str, list[str]] = {}
+        for r in records:
+            if r.clip_id not in by_id:
+                by_id[r.clip_id] = r
+                order.append(r.clip_id)
+                captions[r.clip_id] = []
+            captions[r.clip_id].extend(r.texts)
+        empty = [cid for cid in order if not captions[cid]]
+        if empty:
+            LOGGER.warning("[%s] %d clips have no non-empty caption and are left out: %s",
+                           self.name, len(empty), _preview(empty))
+            self.skipped_clip_ids.extend(empty)
+        kept = [cid for cid in order if captions[cid]]
+        self.records = [by_id[cid] for cid in kept]
+        self.videos = kept
+        self.texts = [(t, i) for i, cid in enumerate(kept) for t in captions[cid]]
+
+    def scan_readable(self, decode: bool = False) -> list[str]:
+        """Check every video up front; drop the unreadable ones with their captions.
+
+        Evaluation never substitutes clips, so a test video that cannot be read is removed with
+        all its captions before the run. Returns the skipped clip ids (also logged, and added to
+        ``self.skipped_clip_ids``). By default the check is cheap (the container opens and
+        reports frames; the frame folder holds frames), which misses a file whose header is
+        intact but whose frame data is cut: ``decode=True`` also decodes the frames evaluation
+        will read (about the cost of one evaluation pass over the videos).
+        """
+        bad: list[str] = []
+        keep: list[int] = []
+        for i, record in enumerate(self.records):
+            try:
+                if record.is_frame_folder:
+                    present = count_folder_frames(self.vis, record.clip_id)
+                    if present < record.num_frame:
+                        LOGGER.debug("%s: %d frames, annotation says %d", record.path, present, record.num_frame)
+                else:
+                    count_frames(record.path, backend=self.reader.backend)
+                if decode:
+                    self.load_video(i)
+            except BAD_SAMPLE_ERRORS as e:
+                LOGGER.warning("[%s] unreadable video %s: %s", self.name, record.path, e)
+                bad.append(record.clip_id)
+            else:
+                keep.append(i)
+        if bad:
+            new_index = {old: new for new, old in enumerate(keep)}
+            self.records = [self.records[i] for i in keep]
+            self.videos = [r.clip_id for r in self.records]
+            self.texts = [(t, new_index[v]) for t, v in self.texts if v in new_index]
+            self.skipped_clip_ids.extend(bad)
+            LOGGER.warning("[%s] %d of %d videos cannot be read and are left out of evaluation "
+                           "with their captions: %s", self.name, len(bad), len(bad) + len(keep), _preview(bad))
+        return bad
+
+    # -- items -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _describe(self, index: int) -> str:
+        return self.records[index].path
+
+    def load_video(self, index: int) -> torch.Tensor:
+        """``[T, 3, H, W]`` frames of video ``index`` (raises on a clip that cannot be read)."""
+        record = self.records[index]
+        if self.dummy_data:
+            h, w = self.reader.input_res
+            return torch.randn(self.reader.num_frames, 3, h, w)
+        if record.is_frame_folder:
+            return self.reader.read_folder(self.vis, record.clip_id, record.num_frame, self.rng)
+        return self.reader.read_video(record.path, self.rng)[0]
+
+    def _load(self, index: int) -> dict:
+        record = self.records[index]
+        item = {"clip_id": record.clip_id, "index": index}
+        if self.training:
+            if not record.texts:
+                raise DataError(f"{record.where}: no non-empty caption for {record.clip_id}")
+            # One caption per example, drawn afresh each time the clip is drawn.
+            item["text"] = record.texts[self.rng.randrange(len(record.texts))]
+        item["video"] = self.load_video(index)
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        return self._fetch(index)
+
+    # -- views for the evaluator -------------------------------------------------------------
+    def video_view(self) -> "VideoOnlyView":
+        return VideoOnlyView(self)
+
+    def text_view(self) -> "TextOnlyView":
+        return TextOnlyView(self)
+
+    def text_to_video(self) -> list[int]:
+        """The target video index of every text query, in text order."""
+        return [v for _, v in self.texts]
+
+
+class VideoOnlyView(Dataset):
+    """Every video of a retrieval set once, in ``dataset.videos`` order (no text, no substitution)."""
+
+    def __init__(self, dataset: VideoRetrievalDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset.records)
+
+    def __getitem__(self, index: int) -> dict:
+        ds = self.dataset
+        try:
+            video = ds.load_video(index)
+        except DataError:
+            raise
+        except BAD_SAMPLE_ERRORS as e:
+            raise DataError(f"{ds.records[index].path}: {type(e).__name__}: {e}") from e
+        return {"video": video, "clip_id": ds.records[index].clip_id, "index": index, "num_skipped": 0}
+
+    def init_worker(self, worker_id: int, seed: int) -> None:
+        self.dataset.init_worker(worker_id, seed)
+
+
+class TextOnlyView(Dataset):
+    """Every caption of a retrieval set once, in ``dataset.texts`` order."""
+
+    def __init__(self, dataset: VideoRetrievalDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset.texts)
+
+    def __getitem__(self, index: int) -> dict:
+        text, video_index = self.dataset.texts[index]
+        return {"text": text, "index": index, "video_index": video_index, "num_skipped": 0}
+
+
+def scan_readable(dataset, decode: bool = False) -> list[str]:
+    """Drop the unreadable videos of an evaluation dataset (see ``VideoRetrievalDataset.scan_readable``)."""
+    if isinstance(dataset, (VideoOnlyView, TextOnlyView)):
+        dataset = dataset.dataset
+    return dataset.scan_readable(decode=decode)
+
+
+def _preview(ids: Sequence[str], n: int = 10) -> str:
+    shown = ", ".join(ids[:n])
+    return shown + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Collation
+# ----------------------------------------------------------------------------------------------
+def tokenize(tokenizer, texts: list[str], max_txt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [B, L], attention_mask [B, L])``, padded to ``L = max_txt_len``, truncated."""
+    enc = tokenizer(list(texts), max_length=max_txt_len, padding="max_length", truncation=True,
+                    return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+class RetrievalCollator:
+    """Items of a retrieval dataset or its views -> one batch dict.
+
+    Keys, each present when the items carry it:
+    ``video`` [B, T, 3, H, W] float; ``text_input_ids``, ``text_input_mask`` [B, L] long;
+    ``clip_ids`` list[str]; ``indices`` [B] long (dataset index of each item: clip, video or text);
+    ``video_indices`` [B] long (text view: the target video); ``num_skipped`` int (clips replaced
+    to build this batch; the training loop sums it over steps, and so over workers).
+    """
+
+    def __init__(self, tokenizer, max_txt_len: int = 50):
+        self.tokenizer = tokenizer
+        self.max_txt_len = int(max_txt_len)
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch: dict[str, Any] = {}
+        first = items[0]
+        if "video" in first:
+            batch["video"] = torch.stack([it["video"] for it in items])  # (B, T, 3, H, W)
+        if "text" in first:
+            if self.tokenizer is None:
+                raise ValueError("RetrievalCollator needs a tokenizer for items with text")
+            batch["text_input_ids"], batch["text_input_mask"] = tokenize(
+                self.tokenizer, [it["text"] for it in items], self.max_txt_len)  # (B, L) each
+        if "clip_id" in first:
+            batch["clip_ids"] = [it["clip_id"] for it in items]
+        batch["indices"] = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (B,)
+        if "video_index" in first:
+            batch["video_indices"] = torch.tensor([it["video_index"] for it in items], dtype=torch.long)
+        batch["num_skipped"] = int(sum(it.get("num_skipped", 0) for it in items))
+        return batch
