@@ -1,0 +1,423 @@
+"""Datasets, collators and loaders on tiny files written in the real formats (clips of 8 frames, 32 px input)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+
+import lmdb
+import pytest
+import torch
+
+from clipvip.data.annotations import ANNOTATION_RULES, load_annotations, read_records, select_rule
+from clipvip.data.loader import (
+    ContiguousShardSampler,
+    MultiSourceLoader,
+    build_eval_loader,
+    build_train_loader,
+    shard_range,
+)
+from clipvip.data.pretrain import LazyLmdb, PretrainCollator, PretrainDataset
+from clipvip.data.retrieval import MAX_TRIES, RetrievalCollator, VideoRetrievalDataset, scan_readable
+from clipvip.errors import ConfigError, DataError
+
+from conftest import write_clip, write_frames
+
+
+def _jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _lmdb(path, items):
+    env = lmdb.open(str(path), map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for k, v in items.items():
+            txn.put(k.encode(), v.encode())
+    env.close()
+    return str(path)
+
+
+def _warnings(log, needle=""):
+    return [r.getMessage() for r in log.records if r.levelno == logging.WARNING and needle in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------ annotation files
+def test_read_jsonl_and_json(tmp_path):
+    recs = [{"clip_id": "a", "text": "x"}, {"clip_id": "b", "text": ["y", "z"]}]
+    p1 = tmp_path / "a.jsonl"
+    p1.write_text(json.dumps(recs[0]) + "\n\n" + json.dumps(recs[1]) + "\n")
+    p2 = tmp_path / "a.json"
+    p2.write_text(json.dumps(recs))
+    assert read_records(str(p1)) == recs == read_records(str(p2))
+
+
+def test_malformed_and_missing_annotations(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"clip_id": "a", "text": "x"}\n{"clip_id": "b", "text": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        read_records(str(bad))
+    with pytest.raises(DataError, match="not found: .*nope.jsonl"):
+        read_records(str(tmp_path / "nope.jsonl"))
+    no_text = _jsonl(tmp_path / "nt.jsonl", [{"clip_id": "a", "text": "x"}, {"clip_id": "b"}])
+    with pytest.raises(DataError, match=r"nt\.jsonl:2: record has no 'text'"):
+        load_annotations(no_text, {"vis": "v"})
+    no_frames = _jsonl(tmp_path / "nf.jsonl", [{"clip_id": "a", "text": "x"}])
+    with pytest.raises(DataError, match=r"nf\.jsonl:1: .*num_frame"):
+        load_annotations(no_frames, {"vis": "v", "vis_format": "frame"})
+    (tmp_path / "l.json").write_text('{"clip_id": "a"}')
+    with pytest.raises(DataError, match="list"):
+        read_records(str(tmp_path / "l.json"))
+
+
+def test_rules_and_paths(tmp_path):
+    assert select_rule({"name": "msrvtt-9k", "vis": "x"}).name == "default"
+    assert select_rule({"name": "x", "txt": "task/didemo/test.jsonl"}).name == "didemo"
+    assert select_rule({"name": "x", "vis": "datasets/lsmdc"}).name == "lsmdc"  # the original's test
+    assert select_rule({"name": "actnet", "vis_format": "frame"}).name == "frame"
+    assert set(ANNOTATION_RULES) >= {"default", "didemo", "lsmdc", "frame", "hdvila"}
+    p = _jsonl(tmp_path / "a.jsonl", [{"clip_id": "sub/video7", "text": ["s1", "s2"]}])
+    (rec,) = load_annotations(p, {"vis": "V"})
+    assert rec.path == os.path.join("V", "video7.mp4") and rec.texts == ("s1", "s2")
+    (rec,) = load_annotations(p, {"vis": "V", "name": "didemo-test"})
+    assert rec.texts == ("s1 s2",)  # one paragraph, single spaces
+    (rec,) = load_annotations(p, {"vis": "V", "name": "lsmdc-1k"})
+    assert rec.path == os.path.join("V", "sub/video7.avi")
+    (rec,) = load_annotations(p, {"vis": "V"}, rule="hdvila")
+    assert rec.path == os.path.join("V", "sub/video7", "sub/video7")
+
+
+# ------------------------------------------------------------------------------ retrieval formats
+def test_msrvtt_like_training(synthetic_data, make_cfg, tokenizer):
+    cfg = make_cfg()
+    dcfg = {"name": "synthetic-train", "txt": synthetic_data["train"], "vis": synthetic_data["videos"]}
+    ds = VideoRetrievalDataset(cfg, dcfg, tokenizer, training=True)
+    records = read_records(synthetic_data["train"])
+    assert len(ds) == len(records) == 6
+    item = ds[0]
+    assert item["video"].shape == (4, 3, 32, 32) and item["video"].dtype == torch.float32
+    assert item["text"] in records[0]["text"] and item["num_skipped"] == 0
+    # One caption per draw, changing from draw to draw, reproducible for a seed.
+    drawn = [ds._load(0)["text"] for _ in range(12)]
+    assert len(set(drawn)) > 1
+    ds.reseed(5)
+    again = [ds._load(0)["text"] for _ in range(3)]
+    ds.reseed(5)
+    assert again == [ds._load(0)["text"] for _ in range(3)]
+
+    batch = ds.collator([ds[0], ds[1], ds[2]])
+    assert batch["video"].shape == (3, 4, 3, 32, 32)
+    assert batch["text_input_ids"].shape == batch["text_input_mask"].shape == (3, 16)
+    assert batch["text_input_ids"][:, 0].eq(49406).all()  # <|startoftext|>, padded to max_txt_len
+    assert batch["clip_ids"] == [r["clip_id"] for r in records[:3]]
+    assert batch["indices"].tolist() == [0, 1, 2] and batch["num_skipped"] == 0
+
+
+def test_multi_caption_evaluation(synthetic_data, make_cfg, tokenizer, tmp_path):
+    records = read_records(synthetic_data["test"])
+    # A list of captions (every one a query), and a clip listed twice (one video).
+    records[0] = {**records[0], "text": ["first a", "first b"]}
+    records.append({"clip_id": records[1]["clip_id"], "text": "second again"})
+    txt = _jsonl(tmp_path / "test.jsonl", records)
+    ds = VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": txt, "vis": synthetic_data["videos"]}, tokenizer)
+    assert ds.videos == [r["clip_id"] for r in records[:6]]
+    assert ds.texts[:4] == [("first a", 0), ("first b", 0), (records[1]["text"], 1), ("second again", 1)]
+    assert len(ds.texts) == 8 and ds.text_to_video() == [v for _, v in ds.texts]
+    assert "twin" in ds.records[1].extra or "attrs" in ds.records[1].extra
+
+    videos, texts = ds.video_view(), ds.text_view()
+    assert len(videos) == 6 and len(texts) == 8
+    vb = ds.collator([videos[i] for i in range(2)])
+    assert vb["video"].shape == (2, 4, 3, 32, 32) and "text_input_ids" not in vb
+    tb = ds.collator([texts[i] for i in range(3)])
+    assert tb["text_input_ids"].shape == (3, 16) and "video" not in tb
+    assert tb["indices"].tolist() == [0, 1, 2] and tb["video_indices"].tolist() == [0, 0, 1]
+    # Evaluation is deterministic: no jitter, no random caption.
+    assert torch.equal(videos[3]["video"], videos[3]["video"])
+    long = RetrievalCollator(tokenizer, max_txt_len=6)([{"text": "a b c d e f g h i j", "index": 0}])
+    assert long["text_input_ids"].shape == (1, 6) and long["text_input_ids"][0, -1] == 49407  # truncated, EOT kept
+    empty = _jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match="lists no clips"):
+        VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": empty, "vis": synthetic_data["videos"]})
+
+
+def test_didemo_paragraph(synthetic_data, make_cfg, tmp_path):
+    clip = read_records(synthetic_data["test"])[0]["clip_id"]
+    txt = _jsonl(tmp_path / "didemo_test.jsonl", [{"clip_id": clip, "text": ["a man walks.", "he sits down."]}])
+    dcfg = {"name": "didemo-test", "txt": txt, "vis": synthetic_data["videos"]}
+    ds = VideoRetrievalDataset(make_cfg(), dcfg, training=False)
+    assert ds.texts == [("a man walks. he sits down.", 0)]
+    train = VideoRetrievalDataset(make_cfg(), dcfg, training=True)
+    assert train[0]["text"] == "a man walks. he sits down."
+
+
+def test_lsmdc_relative_avi(make_cfg, tmp_path):
+    vis = tmp_path / "lsmdc"
+    clip_id = "1001_Movie/1001_Movie_00.01.00-00.01.05"
+    write_clip(vis / (clip_id + ".avi"), n_frames=8, size=64)
+    txt = _jsonl(tmp_path / "test_1k.jsonl", [{"clip_id": clip_id, "text": "someone opens a door"}])
+    ds = VideoRetrievalDataset(make_cfg(), {"name": "lsmdc-1k", "txt": txt, "vis": str(vis)}, training=False)
+    assert ds.records[0].path == os.path.join(str(vis), clip_id + ".avi")
+    assert ds.video_view()[0]["video"].shape == (4, 3, 32, 32)
+    assert scan_readable(ds) == []
+
+
+def test_activitynet_frame_folders(make_cfg, tmp_path):
+    vis = tmp_path / "frames"
+    for k in range(2):
+        write_frames(vis, f"v_clip{k}", n_frames=32, size=32, seed=k)
+    txt = _jsonl(tmp_path / "val1.jsonl", [{"clip_id": f"v_clip{k}", "text": f"clip {k}", "num_frame": 32}
+                                           for k in range(2)])
+    cfg = make_cfg(train_num_frms=32, test_num_frms=32)
+    dcfg = {"name": "actnet-test", "vis_format": "frame", "txt": txt, "vis": str(vis)}
+    ds = VideoRetrievalDataset(cfg, dcfg, training=False)
+    assert ds.rule.name == "frame" and ds.records[0].num_frame == 32
+    assert ds.video_view()[1]["video"].shape == (32, 3, 32, 32)
+    train = VideoRetrievalDataset(cfg, dcfg, training=True)
+    assert train[0]["video"].shape == (32, 3, 32, 32)
+    shutil.rmtree(vis / "v_clip1")
+    assert scan_readable(ds) == ["v_clip1"] and ds.videos == ["v_clip0"] and ds.texts == [("clip 0", 0)]
+
+
+# ------------------------------------------------------------------------------ pretraining
+@pytest.fixture
+def pretrain_cfg(synthetic_data):
+    def make(**kw):
+        d = {"name": "hdvila", "vis_format": "video", "txt": synthetic_data["pretrain_subtitles"],
+             "vis": synthetic_data["pretrain_videos"], "vid_cap_path": synthetic_data["pretrain_captions"],
+             "vid_txt": "subtitle"}
+        d.update(kw)
+        return d
+    return make
+
+
+def _pretrain_texts(synthetic_data):
+    # Through LazyLmdb: a second lmdb.open of files this process already has open is refused.
+    subs_db = LazyLmdb(synthetic_data["pretrain_subtitles"])
+    subs = {r["clip_id"]: subs_db.get(r["clip_id"]) for r in read_records(synthetic_data["pretrain_subtitles_jsonl"])}
+    caps = {r["image_id"]: r["caption"] for r in json.load(open(synthetic_data["pretrain_captions_json"]))}
+    return subs, caps
+
+
+@pytest.mark.parametrize("vid_txt", ["subtitle", "caption", "caption_subtitle_concat", "caption_subtitle_random"])
+def test_pretrain_vid_txt_modes(synthetic_data, make_cfg, pretrain_cfg, vid_txt):
+    subs, caps = _pretrain_texts(synthetic_data)
+    ds = PretrainDataset(make_cfg(), pretrain_cfg(vid_txt=vid_txt), training=True)
+    assert len(ds) == 4
+    clip = ds.clip_ids[0]
+    assert ds.video_path(0) == os.path.join(synthetic_data["pretrain_videos"], clip.split(".")[0], clip)
+    item = ds[0]
+    assert item["video"].shape == (4, 3, 32, 32) and "image" not in item
+    expected = {"subtitle": {subs[clip]}, "caption": {caps[clip]},
+                "caption_subtitle_concat": {caps[clip] + ". with subtitle: " + subs[clip]},
+                "caption_subtitle_random": {caps[clip], subs[clip]}}[vid_txt]
+    seen = {ds._texts(0)[0] for _ in range(16)}
+    assert item["text"] in expected and seen == expected  # random mode: both sides of the coin
+
+
+def test_pretrain_videoframe_and_collator(synthetic_data, make_cfg, pretrain_cfg, tokenizer):
+    _, caps = _pretrain_texts(synthetic_data)
+    # Captions from the json list as well as from the LMDB.
+    for cap_path in (synthetic_data["pretrain_captions"], synthetic_data["pretrain_captions_json"]):
+        ds = PretrainDataset(make_cfg(), pretrain_cfg(vis_format="videoframe", vid_cap_path=cap_path),
+                             training=True, tokenizer=tokenizer)
+        item = ds[1]
+        assert item["image"].shape == (3, 32, 32) and item["caption"] == caps[ds.clip_ids[1]]
+    batch = ds.collator([ds[0], ds[1], ds[2]])
+    assert batch["video"].shape == (3, 4, 3, 32, 32) and batch["image"].shape == (3, 3, 32, 32)
+    assert batch["text_input_ids"].shape == batch["caption_ids"].shape == batch["caption_masks"].shape == (3, 16)
+    assert batch["indices"].tolist() == [0, 1, 2] and batch["num_skipped"] == 0
+    plain = PretrainDataset(make_cfg(), pretrain_cfg(), training=True)
+    b = PretrainCollator(tokenizer, 16)([plain[0], plain[1]])
+    assert b["image"] is None and b["caption_ids"] is None and b["video"].shape == (2, 4, 3, 32, 32)
+    with pytest.raises(ConfigError, match="vid_txt"):
+        PretrainDataset(make_cfg(), pretrain_cfg(vid_txt="captions"), training=True)
+
+
+# ------------------------------------------------------------------------------ bad input
+def _bad_video(kind, path, good):
+    if kind == "missing":
+        return
+    data = open(good, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"empty": b"", "truncated": data[: len(data) // 2], "undecodable": os.urandom(3000)}[kind])
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "undecodable"])
+def test_training_replaces_unreadable_video(synthetic_data, make_cfg, tmp_path, clipvip_log, kind):
+    vis = tmp_path / "videos"
+    shutil.copytree(synthetic_data["videos"], vis)
+    records = read_records(synthetic_data["train"])
+    bad_path = str(vis / "broken.mp4")
+    _bad_video(kind, bad_path, str(vis / (records[0]["clip_id"] + ".mp4")))
+    txt = _jsonl(tmp_path / "train.jsonl", [{"clip_id": "broken", "text": "nothing"}] + records[:3])
+    ds = VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": txt, "vis": str(vis)}, training=True)
+    item = ds[0]
+    assert item["clip_id"] != "broken" and item["video"].shape == (4, 3, 32, 32)
+    warnings = _warnings(clipvip_log, "skipping")
+    assert item["num_skipped"] == ds.num_skipped == len(warnings) >= 1
+    assert all(bad_path in w for w in warnings)  # one warning per skip, naming the file
+
+
+def test_training_replaces_empty_caption_and_missing_lmdb_key(synthetic_data, make_cfg, pretrain_cfg,
+                                                              tmp_path, clipvip_log):
+    records = read_records(synthetic_data["train"])[:3]
+    txt = _jsonl(tmp_path / "train.jsonl", [{**records[0], "text": ["", "  "]}] + records[1:])
+    ds = VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": txt, "vis": synthetic_data["videos"]},
+                               training=True)
+    item = ds[0]
+    assert item["clip_id"] != records[0]["clip_id"] and item["num_skipped"] >= 1
+
+    # A clip listed in <txt>.jsonl whose subtitle key is missing from the LMDB.
+    sub_db = tmp_path / "subs"
+    shutil.copytree(synthetic_data["pretrain_subtitles"], sub_db)
+    ids = [r["clip_id"] for r in read_records(synthetic_data["pretrain_subtitles_jsonl"])]
+    _jsonl(str(sub_db) + ".jsonl", [{"clip_id": "zzzzzzzzzzz.1.mp4"}] + [{"clip_id": c} for c in ids])
+    clipvip_log.clear()
+    pre = PretrainDataset(make_cfg(), pretrain_cfg(txt=str(sub_db)), training=True)
+    item = pre[0]
+    assert item["clip_id"] != "zzzzzzzzzzz.1.mp4" and item["num_skipped"] == len(_warnings(clipvip_log, "skipping")) >= 1
+    assert "zzzzzzzzzzz" in _warnings(clipvip_log, "skipping")[0]
+
+    # An empty auxiliary caption in a caption mode.
+    caps = [{"image_id": c, "caption": "" if c == ids[0] else "a caption"} for c in ids]
+    cap_json = tmp_path / "caps.json"
+    cap_json.write_text(json.dumps(caps))
+    pre = PretrainDataset(make_cfg(), pretrain_cfg(vid_txt="caption", vid_cap_path=str(cap_json)), training=True)
+    item = pre[0]
+    assert item["clip_id"] != ids[0] and item["text"] == "a caption" and item["num_skipped"] >= 1
+
+
+def test_nothing_readable_is_a_data_error(make_cfg, tmp_path, clipvip_log):
+    txt = _jsonl(tmp_path / "train.jsonl", [{"clip_id": f"gone{k}", "text": "x"} for k in range(3)])
+    ds = VideoRetrievalDataset(make_cfg(), {"name": "empty-set", "txt": txt, "vis": str(tmp_path)}, training=True)
+    with pytest.raises(DataError, match=f"empty-set: {MAX_TRIES} clips in a row could not be read"):
+        ds[0]
+    assert len(_warnings(clipvip_log, "skipping")) == MAX_TRIES == ds.num_skipped
+
+
+def test_evaluation_drops_unreadable_videos_with_captions(synthetic_data, make_cfg, tmp_path, clipvip_log):
+    vis = tmp_path / "videos"
+    shutil.copytree(synthetic_data["videos"], vis)
+    records = read_records(synthetic_data["test"])
+    records[2] = {**records[2], "text": [records[2]["text"], "another caption"]}
+    open(vis / (records[2]["clip_id"] + ".mp4"), "wb").write(os.urandom(2000))
+    os.remove(vis / (records[4]["clip_id"] + ".mp4"))
+    # Header intact, frame data cut: only a decoding scan finds it.
+    cut = str(vis / (records[5]["clip_id"] + ".mp4"))
+    data = open(write_clip(cut, n_frames=8, faststart=True), "rb").read()
+    open(cut, "wb").write(data[: len(data) // 2])
+    txt = _jsonl(tmp_path / "test.jsonl", records)
+    ds = VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": txt, "vis": str(vis)}, training=False)
+    assert len(ds.texts) == 7
+    with pytest.raises(DataError, match=records[2]["clip_id"]):  # never substituted
+        ds.video_view()[2]
+    skipped = scan_readable(ds)
+    assert skipped == [records[2]["clip_id"], records[4]["clip_id"]] == ds.skipped_clip_ids
+    assert ds.videos == [records[i]["clip_id"] for i in (0, 1, 3, 5)]
+    assert ds.texts == [(records[i]["text"], k) for k, i in enumerate((0, 1, 3, 5))]
+    assert _warnings(clipvip_log, "left out of evaluation")
+    assert ds.video_view()[2]["clip_id"] == records[3]["clip_id"]
+    assert scan_readable(ds.video_view(), decode=True) == [records[5]["clip_id"]]
+    assert ds.videos == [records[i]["clip_id"] for i in (0, 1, 3)] and len(ds.texts) == 3
+
+
+# ------------------------------------------------------------------------------ loaders
+def test_two_workers_open_lmdb_per_worker(synthetic_data, make_cfg, pretrain_cfg, tokenizer, tmp_path):
+    sub_db = tmp_path / "subs"
+    shutil.copytree(synthetic_data["pretrain_subtitles"], sub_db)
+    ids = [r["clip_id"] for r in read_records(synthetic_data["pretrain_subtitles_jsonl"])]
+    _jsonl(str(sub_db) + ".jsonl", [{"clip_id": c} for c in ids] + [{"clip_id": "missing0000.1.mp4"}])
+    cfg = make_cfg(n_workers=2)
+    ds = PretrainDataset(cfg, pretrain_cfg(txt=str(sub_db), vis_format="videoframe"), training=True,
+                         tokenizer=tokenizer)
+    # Never pickled: the dataset pickles with its LMDB as a bare path.
+    assert ds._texts(0)[0] and ds.subtitles.is_open
+    assert vars(pickle.loads(pickle.dumps(ds)).subtitles) == {"path": str(sub_db)}
+    # Workers forked while this process holds the LMDB open drop the inherited handle and open
+    # their own (py-lmdb refuses a second open of the same files in one process).
+    loader = build_train_loader(ds, cfg, rank=0, world_size=1, batch_size=1)
+    assert loader.num_workers == 2 and loader.persistent_workers
+    batches = list(loader)
+    assert len(batches) == 5 and all(b["image"].shape == (1, 3, 32, 32) for b in batches)
+    # The missing key was drawn once in the epoch: replaced (in a worker) and counted in the batch.
+    assert sum(b["num_skipped"] for b in batches) >= 1
+    assert ds.num_skipped == 0  # counted by the worker copies, reported through the batches
+    assert ds.subtitles.is_open  # the parent's own handle is untouched
+
+    ds.close()
+    batches = list(build_train_loader(ds, cfg, rank=0, world_size=1, batch_size=2))
+    assert len(batches) == 2 and not ds.subtitles.is_open  # opened in the workers only
+
+
+def test_eval_loader_shards_contiguously_without_padding(synthetic_data, make_cfg, tokenizer):
+    cfg = make_cfg()
+    ds = VideoRetrievalDataset(cfg, {"name": "t", "txt": synthetic_data["test"], "vis": synthetic_data["videos"]},
+                               tokenizer)
+    texts = ds.text_view()
+    seen = []
+    for rank in range(4):  # 6 texts on 4 ranks: blocks of 1, 2, 1, 2
+        loader = build_eval_loader(texts, cfg, rank=rank, world_size=4, batch_size=4)
+        for batch in loader:
+            seen.extend(batch["indices"].tolist())
+            assert batch["text_input_ids"].shape[1] == 16
+    assert seen == list(range(6))  # dataset order, no duplicates, no gaps
+    assert [shard_range(6, r, 4) for r in range(4)] == [(0, 1), (1, 3), (3, 4), (4, 6)]
+    assert [len(ContiguousShardSampler(2, r, 4)) for r in range(4)] == [0, 1, 0, 1]  # ranks may get nothing
+    video_batches = list(build_eval_loader(ds.video_view(), cfg, rank=0, world_size=1))
+    assert [b["indices"].tolist() for b in video_batches] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_train_loader_shards_and_reshuffles(synthetic_data, make_cfg, tokenizer):
+    cfg = make_cfg()
+    ds = VideoRetrievalDataset(cfg, {"name": "t", "txt": synthetic_data["train"], "vis": synthetic_data["videos"]},
+                               tokenizer, training=True)
+    loaders = [build_train_loader(ds, cfg, rank=r, world_size=2, batch_size=2, epoch_seed=3) for r in range(2)]
+    orders = [list(l.sampler) for l in loaders]
+    assert sorted(orders[0] + orders[1]) == list(range(6))
+    loaders[0].sampler.set_epoch(1)
+    assert list(loaders[0].sampler) != orders[0] or list(loaders[1].sampler) != orders[1]
+    batch = next(iter(loaders[1]))
+    assert batch["video"].shape == (2, 4, 3, 32, 32) and batch["indices"].tolist() == orders[1][:2]
+
+
+class _Numbers:
+    """A minimal loader: batches are ints; counts its epochs."""
+
+    def __init__(self, n, tag):
+        self.n, self.tag, self.epochs = n, tag, []
+        self.sampler = self
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return iter((self.tag, i) for i in range(self.n))
+
+    def __len__(self):
+        return self.n
+
+
+def test_multi_source_loader_ratio_and_same_source_on_every_rank():
+    # Two simulated ranks: different loaders (their own shards), same seed.
+    ranks = [MultiSourceLoader({"a": (_Numbers(3, f"a{r}"), 3), "b": (_Numbers(5, f"b{r}"), 1)}, seed=7)
+             for r in range(2)]
+    streams = [[next(it) for _ in range(400)] for it in map(iter, ranks)]
+    names = [[name for name, _ in s] for s in streams]
+    assert names[0] == names[1]
+    share = names[0].count("a") / 400
+    assert 0.68 < share < 0.82  # ratio 3:1
+    assert all(batch[0] == f"{name}0" for name, batch in streams[0])
+    a = ranks[0].loaders["a"]
+    assert a.epochs[:3] == [0, 1, 2]  # a source that runs out starts its next epoch
+    # Gradient accumulation: one source for all micro-steps of an update; resumable from a step.
+    acc = MultiSourceLoader({"a": _Numbers(4, "a"), "b": _Numbers(4, "b")}, seed=1, accum_steps=4)
+    picks = [acc.source_at(s) for s in range(40)]
+    assert all(len(set(picks[i:i + 4])) == 1 for i in range(0, 40, 4)) and len(set(picks)) == 2
+    resumed = MultiSourceLoader({"a": _Numbers(4, "a"), "b": _Numbers(4, "b")}, seed=1, accum_steps=4, start_step=20)
+    assert [name for name, _ in (next(iter(resumed)) for _ in range(1))] == [picks[20]]
+    assert ranks[0].batches_per_epoch == 3 * 3 + 5 * 1
