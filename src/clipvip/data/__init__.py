@@ -11,3 +11,26 @@ from .video import (
     load_sampled_frames,
     resolve_backend,
 )
+from .annotations import (
+    ANNOTATION_RULES,
+    AnnotationRule,
+    ClipRecord,
+    load_annotations,
+    read_records,
+    select_rule,
+)
+from .loader import (
+    ContiguousShardSampler,
+    MultiSourceLoader,
+    build_eval_loader,
+    build_train_loader,
+    set_epoch,
+)
+from .pretrain import VID_TXT_MODES, PretrainCollator, PretrainDataset
+from .retrieval import (
+    RetrievalCollator,
+    TextOnlyView,
+    VideoOnlyView,
+    VideoRetrievalDataset,
+    scan_readable,
+)
