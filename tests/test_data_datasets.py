@@ -109,6 +109,11 @@ def test_msrvtt_like_training(synthetic_data, make_cfg, tokenizer):
     ds.reseed(5)
     assert again == [ds._load(0)["text"] for _ in range(3)]
 
+    # Items seeded by the sampler ((index, seed) keys): the same seed, the same example.
+    a, b = ds[(0, 123)], ds[(0, 123)]
+    assert a["text"] == b["text"] and torch.equal(a["video"], b["video"])
+    assert len({ds[(0, s)]["text"] for s in range(8)}) > 1
+
     batch = ds.collator([ds[0], ds[1], ds[2]])
     assert batch["video"].shape == (3, 4, 3, 32, 32)
     assert batch["text_input_ids"].shape == batch["text_input_mask"].shape == (3, 16)

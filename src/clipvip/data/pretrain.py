@@ -267,9 +267,6 @@ class PretrainDataset(SubstitutingDataset):
             item["caption"] = caption
         return item
 
-    def __getitem__(self, index: int) -> dict:
-        return self._fetch(index)
-
 
 class PretrainCollator:
     """Pretraining items -> one batch dict.

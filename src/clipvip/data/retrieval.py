@@ -145,6 +145,20 @@ class SubstitutingDataset(Dataset):
     def _describe(self, index: int) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``dataset[index]``, or ``dataset[(index, seed)]`` from a sampler that seeds every item.
+
+        With a seed (``clipvip.train.stream.ResumableSampler``), the caption choice, frame jitter
+        and replacement picks of this item depend on that seed alone, not on the RNG stream of
+        the worker that happens to load it, so a resumed run sees the same examples.
+        """
+        if isinstance(key, tuple):
+            index, seed = key
+            self.reseed(int(seed))
+        else:
+            index = key
+        return self._fetch(int(index))
+
     def _fetch(self, index: int) -> dict:
         """The item at ``index``; in training, a random replacement when it cannot be read."""
         if not self.training:
@@ -298,9 +312,6 @@ class VideoRetrievalDataset(SubstitutingDataset):
             item["text"] = record.texts[self.rng.randrange(len(record.texts))]
         item["video"] = self.load_video(index)
         return item
-
-    def __getitem__(self, index: int) -> dict:
-        return self._fetch(index)
 
     # -- views for the evaluator -------------------------------------------------------------
     def video_view(self) -> "VideoOnlyView":
