@@ -138,6 +138,16 @@ def test_bad_inputs_raise_video_decode_error(clip, backend, kind):
     assert isinstance(info.value, video_mod.DataError)
 
 
+def test_error_pickles_and_keeps_its_message():
+    import pickle
+
+    err = VideoDecodeError("/x/y.mp4", "empty file")
+    back = pickle.loads(pickle.dumps(err))
+    assert str(back) == str(err) == "cannot read video /x/y.mp4: empty file"
+    assert back.path == "/x/y.mp4" and back.reason == "empty file"
+    assert str(VideoDecodeError("plain message")) == "plain message"
+
+
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv("CLIPVIP_VIDEO_BACKEND", raising=False)
     assert resolve_backend("PyAV") == "pyav"

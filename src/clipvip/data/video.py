@@ -33,10 +33,16 @@ _BACKEND_ENV = "CLIPVIP_VIDEO_BACKEND"
 class VideoDecodeError(DataError):
     """A video file or frame folder is missing, empty, truncated or cannot be decoded."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str | None = None):
         self.path = os.fspath(path)
         self.reason = reason
-        super().__init__(f"cannot read video {self.path}: {reason}")
+        # args = (path, reason) so the error pickles across DataLoader worker processes.
+        super().__init__(*((self.path,) if reason is None else (self.path, reason)))
+
+    def __str__(self) -> str:
+        if self.reason is None:  # built from a bare message (e.g. torch's ExceptionWrapper)
+            return self.path
+        return f"cannot read video {self.path}: {self.reason}"
 
 
 # ---------------------------------------------------------------------------------------------
