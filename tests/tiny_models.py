@@ -13,12 +13,16 @@ EOS = VOCAB - 1
 BOS = VOCAB - 2
 
 
-def tiny_clip_config(image_size: int = 32, patch_size: int = 8, max_positions: int = 16) -> CLIPConfig:
-    """A 2-layer CLIP (HF's CLIPVisionModelTester style) with CLIP's activation and layout."""
+def tiny_clip_config(image_size: int = 32, patch_size: int = 8, max_positions: int = 16,
+                     vocab_size: int = VOCAB) -> CLIPConfig:
+    """A 2-layer CLIP (HF's CLIPVisionModelTester style) with CLIP's activation and layout.
+
+    ``vocab_size=49408`` gives the real CLIP vocabulary, for use with the real tokenizer.
+    """
     return CLIPConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=max_positions,
-                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS),
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                            image_size=image_size, patch_size=patch_size),
         projection_dim=24,

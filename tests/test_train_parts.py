@@ -1,0 +1,140 @@
+"""Pure parts of training: schedule, parameter groups, run plan, resumable sampler, streams."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import clipvip
+from clipvip.train import TrainPlan, learning_rate_at, lr_multiplier, param_groups
+from clipvip.train.optim import build_optimizer, set_learning_rate
+from clipvip.train.stream import MixedStream, ResumableSampler
+
+
+def original_lr(step, decay, lr, total, warmup_ratio):
+    """The original get_lr_sched, written out: warmup_steps = int(ratio * total)."""
+    warmup = int(warmup_ratio * total)
+    if decay == "linear":
+        m = step / warmup if step < warmup else max(0, (total - step) / (total - warmup))
+    else:
+        m = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    value = lr * m
+    return value if value > 0 else 1e-8
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+@pytest.mark.parametrize("total, ratio", [(1000, 0.01), (50, 0.1), (7, 0.0)])
+def test_schedule_matches_original(decay, total, ratio):
+    cfg = clipvip.load_config(None, ["--learning_rate", "1e-4", "--decay", decay, "--warmup_ratio", str(ratio)])
+    for step in range(1, total + 1):
+        assert learning_rate_at(step, cfg, total) == pytest.approx(original_lr(step, decay, 1e-4, total, ratio))
+
+
+def test_schedule_shape():
+    assert lr_multiplier(5, 100, 0.1, "cosine") == pytest.approx(0.5)  # mid-warmup
+    assert lr_multiplier(10, 100, 0.1, "cosine") == pytest.approx(1.0)  # warmup done
+    assert lr_multiplier(55, 100, 0.1, "cosine") == pytest.approx(0.5)  # half-way through the decay
+    assert lr_multiplier(100, 100, 0.1, "linear") == 0.0
+    with pytest.raises(clipvip.ConfigError, match="unknown decay"):
+        lr_multiplier(1, 10, 0.0, "step")
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(2, 2)
+        self.norm = nn.LayerNorm(2)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+        self.frozen = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+
+def test_param_groups_decay_and_lr_mul():
+    model = Toy()
+    groups = param_groups(model.named_parameters(), weight_decay=0.2, lr_mul=10, lr_mul_prefix="logit_scale")
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model.encoder.weight)]["weight_decay"] == 0.2
+    assert by_param[id(model.norm.weight)]["weight_decay"] == 0.2  # "LayerNorm.*" matches nothing in CLIP
+    assert by_param[id(model.encoder.bias)]["weight_decay"] == 0.0
+    assert by_param[id(model.logit_scale)]["weight_decay"] == 0.0 and by_param[id(model.logit_scale)]["lr_scale"] == 10
+    assert by_param[id(model.encoder.weight)]["lr_scale"] == 1
+    assert id(model.frozen) not in by_param
+    cfg = clipvip.load_config(None, ["--lr_mul", "10", "--lr_mul_prefix", "logit_scale", "--learning_rate", "1e-6"])
+    optimizer = build_optimizer(model, cfg)
+    set_learning_rate(optimizer, 2e-6)
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs[id(model.logit_scale)] == pytest.approx(2e-5) and lrs[id(model.encoder.weight)] == pytest.approx(2e-6)
+
+
+def test_plan_follows_the_original_formulas():
+    cfg = clipvip.load_config("configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json")
+    plan = TrainPlan.from_config(cfg, num_examples=9000, world_size=8)
+    assert plan.global_batch == 8 * 16
+    assert plan.total_steps == math.ceil(100 * 9000 / 128)
+    assert plan.valid_steps == plan.total_steps  # num_valid 1
+    assert plan.steps_per_epoch == math.ceil(9000 / 128)
+    assert plan.state_steps == int(0.9 * plan.total_steps)
+    cfg.update(gradient_accumulation_steps=4, num_valid=3, min_valid_steps=10)
+    plan = TrainPlan.from_config(cfg, num_examples=1000, world_size=2)
+    assert plan.global_batch == 128 and plan.total_steps == math.ceil(100 * 1000 / 128)
+    assert plan.valid_steps == math.ceil(plan.total_steps / 3 / 10) * 10
+
+
+def test_sampler_shards_cover_the_epoch_and_resume():
+    n, bs, world = 25, 4, 2  # 13 per rank, 3 full batches each: 24 distinct items per epoch
+    samplers = [ResumableSampler(n, bs, seed=3, rank=r, world_size=world) for r in range(world)]
+    for epoch in range(2):
+        seen = []
+        for s in samplers:
+            s.set_position(epoch, 0)
+            seen += [i for i, _ in s]
+        assert len(seen) == world * s.batches_per_epoch * bs
+        assert len(set(seen)) == len(seen)  # no item twice in one epoch
+    s = samplers[0]
+    s.set_position(1, 0)
+    full = list(s)
+    s.set_position(1, 2)
+    assert list(s) == full[2 * bs:]  # starting at batch 2 gives the same items, same seeds
+    s.set_position(0, 0)
+    assert [i for i, _ in s] != [i for i, _ in full]  # epochs are shuffled differently
+
+
+def test_sampler_pads_small_sets():
+    s = ResumableSampler(3, 8, seed=0, rank=1, world_size=2)
+    items = list(s)
+    assert s.batches_per_epoch == 1 and len(items) == 2  # one short batch rather than none
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name, self.epoch, self.count = name, 0, 0
+
+    def __next__(self):
+        self.count += 1
+        return {"from": self.name}
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+    num_examples = 10
+
+
+def test_mixed_stream_ratio_same_on_every_rank_and_resumable():
+    def make():
+        return MixedStream({"a": FakeStream("a"), "b": FakeStream("b")}, {"a": 3, "b": 1}, seed=5)
+
+    rank0, rank1 = make(), make()
+    picks0 = [next(rank0)["source"] for _ in range(400)]
+    picks1 = [next(rank1)["source"] for _ in range(400)]
+    assert picks0 == picks1
+    assert 0.65 < picks0.count("a") / 400 < 0.85
+    resumed = make()
+    state = rank0.state_dict()
+    rank0_more = [next(rank0)["source"] for _ in range(20)]
+    resumed.load_state_dict(state)
+    assert [next(resumed)["source"] for _ in range(20)] == rank0_more
+    with pytest.raises(ValueError):
+        MixedStream({"a": FakeStream("a")}, {"a": 0}, seed=0)
