@@ -14,9 +14,8 @@ import torch
 from clipvip.data.annotations import ANNOTATION_RULES, load_annotations, read_records, select_rule
 from clipvip.data.loader import (
     ContiguousShardSampler,
-    MultiSourceLoader,
+    LoaderStream,
     build_eval_loader,
-    build_train_loader,
     shard_range,
 )
 from clipvip.data.pretrain import LazyLmdb, PretrainCollator, PretrainDataset
@@ -345,9 +344,9 @@ def test_two_workers_open_lmdb_per_worker(synthetic_data, make_cfg, pretrain_cfg
     assert vars(pickle.loads(pickle.dumps(ds)).subtitles) == {"path": str(sub_db)}
     # Workers forked while this process holds the LMDB open drop the inherited handle and open
     # their own (py-lmdb refuses a second open of the same files in one process).
-    loader = build_train_loader(ds, cfg, rank=0, world_size=1, batch_size=1)
-    assert loader.num_workers == 2 and loader.persistent_workers
-    batches = list(loader)
+    stream = LoaderStream(ds, cfg, rank=0, world_size=1, batch_size=1)
+    assert stream.loader.num_workers == 2 and stream.loader.persistent_workers
+    batches = [next(stream) for _ in range(stream.sampler.batches_per_epoch)]
     assert len(batches) == 5 and all(b["image"].shape == (1, 3, 32, 32) for b in batches)
     # The missing key was drawn once in the epoch: replaced (in a worker) and counted in the batch.
     assert sum(b["num_skipped"] for b in batches) >= 1
@@ -355,7 +354,8 @@ def test_two_workers_open_lmdb_per_worker(synthetic_data, make_cfg, pretrain_cfg
     assert ds.subtitles.is_open  # the parent's own handle is untouched
 
     ds.close()
-    batches = list(build_train_loader(ds, cfg, rank=0, world_size=1, batch_size=2))
+    stream = LoaderStream(ds, cfg, rank=0, world_size=1, batch_size=2)
+    batches = [next(stream) for _ in range(stream.sampler.batches_per_epoch)]
     assert len(batches) == 2 and not ds.subtitles.is_open  # opened in the workers only
 
 
@@ -377,52 +377,14 @@ def test_eval_loader_shards_contiguously_without_padding(synthetic_data, make_cf
     assert [b["indices"].tolist() for b in video_batches] == [[0, 1], [2, 3], [4, 5]]
 
 
-def test_train_loader_shards_and_reshuffles(synthetic_data, make_cfg, tokenizer):
+def test_train_stream_shards_and_reshuffles(synthetic_data, make_cfg, tokenizer):
     cfg = make_cfg()
     ds = VideoRetrievalDataset(cfg, {"name": "t", "txt": synthetic_data["train"], "vis": synthetic_data["videos"]},
                                tokenizer, training=True)
-    loaders = [build_train_loader(ds, cfg, rank=r, world_size=2, batch_size=2, epoch_seed=3) for r in range(2)]
-    orders = [list(l.sampler) for l in loaders]
+    streams = [LoaderStream(ds, cfg, rank=r, world_size=2, batch_size=3, seed=3) for r in range(2)]
+    orders = [[index for index, _ in s.sampler] for s in streams]
     assert sorted(orders[0] + orders[1]) == list(range(6))
-    loaders[0].sampler.set_epoch(1)
-    assert list(loaders[0].sampler) != orders[0] or list(loaders[1].sampler) != orders[1]
-    batch = next(iter(loaders[1]))
-    assert batch["video"].shape == (2, 4, 3, 32, 32) and batch["indices"].tolist() == orders[1][:2]
-
-
-class _Numbers:
-    """A minimal loader: batches are ints; counts its epochs."""
-
-    def __init__(self, n, tag):
-        self.n, self.tag, self.epochs = n, tag, []
-        self.sampler = self
-
-    def set_epoch(self, epoch):
-        self.epochs.append(epoch)
-
-    def __iter__(self):
-        return iter((self.tag, i) for i in range(self.n))
-
-    def __len__(self):
-        return self.n
-
-
-def test_multi_source_loader_ratio_and_same_source_on_every_rank():
-    # Two simulated ranks: different loaders (their own shards), same seed.
-    ranks = [MultiSourceLoader({"a": (_Numbers(3, f"a{r}"), 3), "b": (_Numbers(5, f"b{r}"), 1)}, seed=7)
-             for r in range(2)]
-    streams = [[next(it) for _ in range(400)] for it in map(iter, ranks)]
-    names = [[name for name, _ in s] for s in streams]
-    assert names[0] == names[1]
-    share = names[0].count("a") / 400
-    assert 0.68 < share < 0.82  # ratio 3:1
-    assert all(batch[0] == f"{name}0" for name, batch in streams[0])
-    a = ranks[0].loaders["a"]
-    assert a.epochs[:3] == [0, 1, 2]  # a source that runs out starts its next epoch
-    # Gradient accumulation: one source for all micro-steps of an update; resumable from a step.
-    acc = MultiSourceLoader({"a": _Numbers(4, "a"), "b": _Numbers(4, "b")}, seed=1, accum_steps=4)
-    picks = [acc.source_at(s) for s in range(40)]
-    assert all(len(set(picks[i:i + 4])) == 1 for i in range(0, 40, 4)) and len(set(picks)) == 2
-    resumed = MultiSourceLoader({"a": _Numbers(4, "a"), "b": _Numbers(4, "b")}, seed=1, accum_steps=4, start_step=20)
-    assert [name for name, _ in (next(iter(resumed)) for _ in range(1))] == [picks[20]]
-    assert ranks[0].batches_per_epoch == 3 * 3 + 5 * 1
+    streams[0].sampler.set_position(1, 0)
+    assert [index for index, _ in streams[0].sampler] != orders[0]
+    batch = next(streams[1])
+    assert batch["video"].shape == (3, 4, 3, 32, 32) and batch["indices"].tolist() == orders[1]

@@ -9,7 +9,7 @@ from torch import nn
 import clipvip
 from clipvip.train import TrainPlan, learning_rate_at, lr_multiplier, param_groups
 from clipvip.train.optim import build_optimizer, set_learning_rate
-from clipvip.train.stream import MixedStream, ResumableSampler
+from clipvip.data.loader import MixedStream, ResumableSampler
 
 
 def original_lr(step, decay, lr, total, warmup_ratio):
@@ -138,3 +138,7 @@ def test_mixed_stream_ratio_same_on_every_rank_and_resumable():
     assert [next(resumed)["source"] for _ in range(20)] == rank0_more
     with pytest.raises(ValueError):
         MixedStream({"a": FakeStream("a")}, {"a": 0}, seed=0)
+    # with gradient accumulation every micro-batch of one optimizer step comes from one set
+    accumulated = MixedStream({"a": FakeStream("a"), "b": FakeStream("b")}, {"a": 1, "b": 1}, seed=1, accumulation=4)
+    picks = [next(accumulated)["source"] for _ in range(40)]
+    assert all(len(set(picks[i:i + 4])) == 1 for i in range(0, 40, 4)) and len(set(picks)) == 2

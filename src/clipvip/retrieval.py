@@ -21,6 +21,7 @@ import torch
 from . import distributed
 from .cli import run_main
 from .config import load_config, save_config
+from .data.loader import LoaderStream
 from .data.retrieval import VideoRetrievalDataset
 from .errors import ConfigError
 from .logging_utils import add_log_file, get_logger
@@ -30,7 +31,6 @@ from .tokenizer import build_tokenizer
 from .train.evaluate import evaluate_all, format_results_table, write_results
 from .train.loop import Trainer, TrainPlan
 from .train.precision import precision_from_config
-from .train.stream import LoaderStream
 
 LOGGER = get_logger("retrieval")
 

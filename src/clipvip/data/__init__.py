@@ -21,10 +21,10 @@ from .annotations import (
 )
 from .loader import (
     ContiguousShardSampler,
-    MultiSourceLoader,
+    LoaderStream,
+    MixedStream,
+    ResumableSampler,
     build_eval_loader,
-    build_train_loader,
-    set_epoch,
 )
 from .pretrain import VID_TXT_MODES, PretrainCollator, PretrainDataset
 from .retrieval import (

@@ -1,10 +1,15 @@
-"""DataLoaders for training and evaluation, and the multi-source mixer of pretraining.
+"""DataLoaders: resumable training streams, ordered evaluation loaders, the multi-source mixer.
 
-Training (:func:`build_train_loader`): a ``DistributedSampler`` (also for one process, so that
-``loader.sampler.set_epoch(epoch)`` reshuffles every epoch the same way everywhere), the last
-incomplete batch dropped (contrastive losses want full batches, and every rank must run the same
-number of steps), ``n_workers`` workers with persistent workers and prefetching, pinned memory
-when ``pin_mem`` is set and CUDA is there.
+Training (:class:`LoaderStream`): an endless stream of batches with a position
+(``state_dict()``/``load_state_dict()``) so a resumed run sees exactly the batches an uninterrupted
+run would have seen. :class:`ResumableSampler` shuffles by ``(seed, epoch)`` only, shards over
+ranks like ``DistributedSampler`` (every rank runs the same number of full batches) and starts at
+any batch without reading the ones before; every item comes with its own seed
+``(seed, epoch, rank, position)`` from which the dataset draws its caption choice, frame jitter
+and replacement picks (``dataset[(index, seed)]``), not from a worker's RNG stream whose state a
+restart would lose. ``n_workers`` workers, persistent, prefetching; pinned memory when
+``pin_mem`` is set and CUDA is there. :class:`MixedStream` mixes several streams by ``ratio``, one
+source per optimizer step, the same on every process (pretraining, as the original's MetaLoader).
 
 Evaluation (:func:`build_eval_loader`): dataset order, never shuffled, never padded. With several
 processes each rank reads ONE CONTIGUOUS block of the dataset (:class:`ContiguousShardSampler`;
@@ -15,18 +20,18 @@ scatter. Unlike the original's DistributedSampler, no sample is duplicated to ev
 so no feature has to be trimmed.
 
 Workers: :class:`WorkerInit` seeds ``random``, ``numpy`` and the dataset's own RNG in each worker
-from torch's per-worker seed (derived from the loader's seeded generator, hence reproducible,
-different per worker, per rank), and asks the dataset to drop handles it inherited (LMDB) so
-the worker opens its own on first access.
+from torch's per-worker seed, and asks the dataset to drop handles it inherited (LMDB) so the
+worker opens its own on first access.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..logging_utils import get_logger
 
@@ -44,8 +49,8 @@ def _rank_world(dist_env=None, rank: int | None = None, world_size: int | None =
     return int(dist_env.rank), int(dist_env.world_size)
 
 
-def _derived_seed(*parts: int) -> int:
-    """A 32-bit seed from several integers (seed, rank, ...), well mixed, the same everywhere."""
+def derived_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from several integers (seed, epoch, rank, ...); the same everywhere."""
     return int(np.random.SeedSequence([int(p) % (2 ** 32) for p in parts]).generate_state(1)[0])
 
 
@@ -86,7 +91,7 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
-def _collate_fn(dataset: Dataset, collate_fn: Callable | None) -> Callable:
+def collate_fn_for(dataset: Dataset, collate_fn: Callable | None) -> Callable:
     if collate_fn is not None:
         return collate_fn
     for candidate in (dataset, getattr(dataset, "dataset", None)):
@@ -95,7 +100,7 @@ def _collate_fn(dataset: Dataset, collate_fn: Callable | None) -> Callable:
     raise ValueError("no collate_fn given and the dataset has no collator (build it with a tokenizer)")
 
 
-def _loader_kwargs(cfg: Mapping, n_workers: int | None, persistent: bool) -> dict:
+def loader_kwargs(cfg: Mapping, n_workers: int | None, persistent: bool) -> dict:
     workers = int(cfg.get("n_workers", 0) if n_workers is None else n_workers)
     kwargs: dict[str, Any] = {
         "num_workers": workers,
@@ -105,29 +110,6 @@ def _loader_kwargs(cfg: Mapping, n_workers: int | None, persistent: bool) -> dic
     if workers > 0:
         kwargs.update(persistent_workers=persistent, prefetch_factor=2, worker_init_fn=WorkerInit())
     return kwargs
-
-
-def build_train_loader(dataset: Dataset, cfg: Mapping, dist_env=None, epoch_seed: int | None = None, *,
-                       batch_size: int | None = None, collate_fn: Callable | None = None,
-                       n_workers: int | None = None, rank: int | None = None,
-                       world_size: int | None = None) -> DataLoader:
-    """A shuffling, sharded training loader. Call ``loader.sampler.set_epoch(e)`` each epoch.
-
-    ``epoch_seed`` (default ``cfg.seed``) seeds the shuffle, which is the same on every rank,
-    and the workers' RNGs, which differ per rank and per worker.
-    """
-    rank, world = _rank_world(dist_env, rank, world_size)
-    seed = int(cfg.get("seed", 42) if epoch_seed is None else epoch_seed)
-    batch_size = int(batch_size or cfg.get("train_batch_size", 16))
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    kwargs = _loader_kwargs(cfg, n_workers, persistent=True)
-    if kwargs["num_workers"] == 0 and hasattr(dataset, "reseed"):
-        dataset.reseed(_derived_seed(seed, rank))  # the in-process RNG, distinct per rank
-    generator = torch.Generator().manual_seed(_derived_seed(seed, rank, 1))
-    # Drop the last short batch unless it is the only one (tiny sets in tests and demos).
-    drop_last = len(sampler) >= batch_size
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      collate_fn=_collate_fn(dataset, collate_fn), generator=generator, **kwargs)
 
 
 def build_eval_loader(dataset: Dataset, cfg: Mapping, dist_env=None, *, batch_size: int | None = None,
@@ -141,87 +123,142 @@ def build_eval_loader(dataset: Dataset, cfg: Mapping, dist_env=None, *, batch_si
     rank, world = _rank_world(dist_env, rank, world_size)
     batch_size = int(batch_size or cfg.get("test_batch_size", 16))
     sampler = ContiguousShardSampler(len(dataset), rank, world)
-    kwargs = _loader_kwargs(cfg, n_workers, persistent=persistent_workers)
-    generator = torch.Generator().manual_seed(_derived_seed(int(cfg.get("seed", 42)), rank, 2))
+    kwargs = loader_kwargs(cfg, n_workers, persistent=persistent_workers)
+    generator = torch.Generator().manual_seed(derived_seed(int(cfg.get("seed", 42)), rank, 2))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
-                      collate_fn=_collate_fn(dataset, collate_fn), generator=generator, **kwargs)
+                      collate_fn=collate_fn_for(dataset, collate_fn), generator=generator, **kwargs)
 
 
-def set_epoch(loader, epoch: int) -> None:
-    """Reshuffle a training loader for ``epoch`` (no-op for loaders without a sampler epoch)."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+# ----------------------------------------------------------------------------------------------
+# Training: endless, resumable streams of batches
+# ----------------------------------------------------------------------------------------------
+class ResumableSampler(Sampler):
+    """Yields ``(index, seed)`` pairs of this rank's share of an epoch, from any batch on.
 
-
-class MultiSourceLoader:
-    """Mixes several training loaders by ratio, one source per step, the same on every rank.
-
-    ``loaders``: ``{name: loader}`` or ``{name: (loader, ratio)}`` (ratio default 1, the
-    dataset's ``ratio`` key). Iterating yields ``(name, batch)`` forever. The source of a step is
-    a pure function of ``(seed, step // accum_steps)``, so every process draws the same source
-    without communicating (the original broadcast rank 0's ``random.choice``), and a source keeps
-    its turn across the micro-steps of one gradient accumulation. A source that runs out starts
-    its next epoch (``set_epoch`` on its sampler) and goes on.
+    Every rank gets ``ceil(n / world)`` positions of the epoch's permutation (the permutation is
+    padded with its own head, as ``DistributedSampler`` does) and runs
+    ``batches_per_epoch`` full batches of it, so all ranks take the same number of steps.
     """
 
-    def __init__(self, loaders: Mapping[str, Any], seed: int = 0, accum_steps: int = 1,
-                 start_step: int = 0, start_epoch: int = 0):
-        if not loaders:
-            raise ValueError("MultiSourceLoader needs at least one loader")
-        self.names: list[str] = []
-        self.loaders: dict[str, Any] = {}
-        ratios = []
-        for name, value in loaders.items():
-            loader, ratio = value if isinstance(value, tuple) else (value, 1)
-            if not ratio > 0:
-                raise ValueError(f"source '{name}': ratio must be > 0, got {ratio}")
-            self.names.append(name)
-            self.loaders[name] = loader
-            ratios.append(float(ratio))
-        self.ratios = ratios
-        self._cumulative = np.cumsum(ratios) / sum(ratios)
-        self.seed = int(seed)
-        self.accum_steps = max(1, int(accum_steps))
-        self.step = int(start_step)  # micro-steps yielded so far (resume by passing it back)
-        self.epochs = {name: int(start_epoch) for name in self.names}
-        self._iters: dict[str, Iterator] = {}
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if n <= 0:
+            raise ValueError("the training set is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = math.ceil(n / world_size)
+        # Full batches only (contrastive batches should not shrink), but at least one.
+        self.batches_per_epoch = max(self.per_rank // batch_size, 1)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def rank_indices(self, epoch: int) -> list[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch))).tolist()
+        total = self.per_rank * self.world_size
+        order = (order * math.ceil(total / self.n))[:total]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = self.rank_indices(self.epoch)
+        end = min(self.batches_per_epoch * self.batch_size, len(indices))
+        for position in range(self.start_batch * self.batch_size, end):
+            yield indices[position], derived_seed(self.seed, self.epoch, self.rank, position)
+
+    def __len__(self) -> int:
+        return max(min(self.batches_per_epoch * self.batch_size, self.per_rank) - self.start_batch * self.batch_size, 0)
+
+
+class LoaderStream:
+    """Batches of one dataset, epoch after epoch, without end."""
+
+    def __init__(self, dataset: Dataset, cfg: Mapping, rank: int, world_size: int, *, batch_size: int | None = None,
+                 collate_fn: Callable | None = None, seed: int | None = None):
+        self.dataset = dataset
+        self.batch_size = int(batch_size or cfg.get("train_batch_size", 16))
+        self.sampler = ResumableSampler(len(dataset), self.batch_size, int(cfg.get("seed", 42) if seed is None else seed),
+                                        rank, world_size)
+        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
+                                 collate_fn=collate_fn_for(dataset, collate_fn), **loader_kwargs(cfg, None, True))
+        self.epoch, self.batch = 0, 0
+        self._iterator = None
 
     @property
-    def batches_per_epoch(self) -> float:
-        """``sum(len(dataset) * ratio / batch_size)`` over sources, as the original counted an epoch."""
-        total = 0.0
-        for name, ratio in zip(self.names, self.ratios):
-            loader = self.loaders[name]
-            dataset, bs = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
-            total += (len(dataset) / bs if dataset is not None and bs else len(loader)) * ratio
-        return total
+    def num_examples(self) -> int:
+        return len(self.dataset)
 
-    def source_at(self, step: int) -> str:
-        """The source every rank uses at micro-step ``step``."""
-        group = step // self.accum_steps
-        u = np.random.default_rng([self.seed % (2 ** 32), group]).random()
-        k = int(np.searchsorted(self._cumulative, u, side="right"))
-        return self.names[min(k, len(self.names) - 1)]  # min(): guards u against rounding of the last sum
+    def __iter__(self) -> "LoaderStream":
+        return self
 
-    def _next(self, name: str):
-        if name not in self._iters:
-            set_epoch(self.loaders[name], self.epochs[name])
-            self._iters[name] = iter(self.loaders[name])
-        try:
-            return next(self._iters[name])
-        except StopIteration:
-            self.epochs[name] += 1
-            set_epoch(self.loaders[name], self.epochs[name])
-            self._iters[name] = iter(self.loaders[name])
-            try:
-                return next(self._iters[name])
-            except StopIteration:
-                raise RuntimeError(f"source '{name}' yields no batch (empty dataset or batch too large)") from None
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
+    def __next__(self) -> dict:
         while True:
-            name = self.source_at(self.step)
-            batch = self._next(name)
-            self.step += 1
-            yield name, batch
+            if self._iterator is None:
+                self.sampler.set_position(self.epoch, self.batch)
+                self._iterator = iter(self.loader)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self.epoch, self.batch, self._iterator = self.epoch + 1, 0, None
+                continue
+            self.batch += 1
+            return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.epoch, self.batch, self._iterator = int(state["epoch"]), int(state["batch"]), None
+
+
+class MixedStream:
+    """Several training sets mixed by ``ratio``: one set per optimizer step, the same on every process.
+
+    The set of optimizer step ``k`` (micro-batches ``k*accumulation ... (k+1)*accumulation - 1``)
+    is drawn from a RNG seeded by ``(seed, k)``: every rank picks the same one without talking to
+    the others (the original broadcast rank 0's choice), and a resumed run picks the same sequence.
+    """
+
+    def __init__(self, streams: Mapping[str, LoaderStream], ratios: Mapping[str, float], seed: int,
+                 accumulation: int = 1):
+        if not streams:
+            raise ValueError("no training set")
+        self.streams = dict(streams)
+        self.names = list(self.streams)
+        self.weights = [float(ratios.get(name, 1)) for name in self.names]
+        if min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"training-set ratios must be >= 0 with a positive sum, got {self.weights}")
+        self.seed = seed
+        self.accumulation = max(int(accumulation), 1)
+        self.micro = 0
+        self.last_source = self.names[0]
+
+    @property
+    def epoch(self) -> int:
+        return self.streams[self.names[0]].epoch
+
+    @property
+    def num_examples(self) -> int:
+        return sum(s.num_examples for s in self.streams.values())
+
+    def __iter__(self) -> "MixedStream":
+        return self
+
+    def __next__(self) -> dict:
+        self.last_source = self.source_at(self.micro)
+        self.micro += 1
+        batch = next(self.streams[self.last_source])
+        batch["source"] = self.last_source
+        return batch
+
+    def source_at(self, micro: int) -> str:
+        """The set every rank reads at micro-batch ``micro``."""
+        rng = random.Random(derived_seed(self.seed, micro // self.accumulation, 7))
+        return rng.choices(self.names, weights=self.weights)[0]
+
+    def state_dict(self) -> dict:
+        return {"micro": self.micro, "streams": {n: s.state_dict() for n, s in self.streams.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.micro = int(state["micro"])
+        for name, stream_state in state["streams"].items():
+            self.streams[name].load_state_dict(stream_state)

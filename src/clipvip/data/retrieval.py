@@ -148,7 +148,7 @@ class SubstitutingDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """``dataset[index]``, or ``dataset[(index, seed)]`` from a sampler that seeds every item.
 
-        With a seed (``clipvip.train.stream.ResumableSampler``), the caption choice, frame jitter
+        With a seed (``clipvip.data.loader.ResumableSampler``), the caption choice, frame jitter
         and replacement picks of this item depend on that seed alone, not on the RNG stream of
         the worker that happens to load it, so a resumed run sees the same examples.
         """

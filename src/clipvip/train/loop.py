@@ -99,7 +99,7 @@ class Trainer:
     """Fits ``model`` on batches from ``stream`` and validates with ``evaluate``.
 
     ``stream``: an iterator of batch dicts with ``state_dict()``/``load_state_dict()`` for its
-    position (see :mod:`clipvip.train.stream`). ``evaluate(model) -> {name: eval block}`` runs on
+    position (see :class:`clipvip.data.loader.LoaderStream`). ``evaluate(model) -> {name: eval block}`` runs on
     every process. ``loss_fn(outputs, logit_scale)`` is a :mod:`clipvip.loss` loss.
     """
 
