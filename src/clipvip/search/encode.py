@@ -1,0 +1,476 @@
+"""Features of videos and sentences for search: the model loaded once, videos decoded by workers.
+
+A video's frames are read exactly as evaluation reads them: :class:`clipvip.data.retrieval.ClipReader`
+built with ``training=False`` (the config's ``test_n_clips * test_num_frms`` frames, uniform
+when ``sample_rate`` is 0, the same decoder and transform), encoded under the config's precision
+in batches of ``test_batch_size``. Sentences are tokenised as evaluation does (``max_txt_len``).
+So a search index scores a caption against a video with the numbers the retrieval evaluation uses.
+
+``clipvip encode`` writes its features into a folder, in chunks, so an interrupted run resumes:
+
+    OUT/meta.json                  kind (video | text), dim, model and config fingerprints
+    OUT/parts/part-NNNNNN.npy      float32 [n, dim] unit vectors of one chunk
+    OUT/parts/part-NNNNNN.tsv      id <TAB> source (video path or sentence) per row; written
+                                   after the .npy, so a chunk counts only once both are there
+    OUT/features.npy, OUT/ids.txt  every chunk merged (rebuilt at the end of each run)
+    OUT/failed.tsv                 path <TAB> reason of each unreadable video of the last run
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import Config, load_config
+from ..data.retrieval import BAD_SAMPLE_ERRORS, ClipReader, tokenize
+from ..errors import DataError
+from ..logging_utils import get_logger
+from ..model import build_model
+from ..tokenizer import build_tokenizer
+from ..train.precision import autocast, precision_from_config
+from .errors import IndexMismatchError
+from .storage import atomic_save_npy, atomic_write_text, writer_lock
+
+LOGGER = get_logger("search.encode")
+
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".flv", ".wmv",
+                    ".ogv", ".3gp", ".ts")
+# Config keys that change what a feature means, beyond the weights themselves.
+# logit_scale_init_value only sets the initial temperature: it never changes a feature.
+FINGERPRINT_KEYS = ("test_n_clips", "test_num_frms", "sample_rate", "input_res", "max_txt_len")
+# Config keys holding local paths, made absolute before a config is stored with an index.
+PATH_KEYS = ("clip_config", "clip_weights", "e2e_weights_path")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which videos
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoItem:
+    id: str
+    path: str
+
+
+def _check_unique(items: Sequence[VideoItem]) -> list[VideoItem]:
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.id in seen:
+            raise DataError(f"two videos have the id '{item.id}' (the file name without extension): "
+                            f"{seen[item.id]} and {item.path}; rename one")
+        seen[item.id] = item.path
+    return list(items)
+
+
+def list_videos(folder: str) -> list[VideoItem]:
+    """The video files directly in ``folder`` (by extension), sorted, with id = file stem."""
+    if not os.path.isdir(folder):
+        raise DataError(f"video folder not found: {folder}")
+    items = []
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        path = os.path.join(folder, name)
+        if ext.lower() in VIDEO_EXTENSIONS and not name.startswith(".") and os.path.isfile(path):
+            items.append(VideoItem(stem, os.path.abspath(path)))
+    return _check_unique(items)
+
+
+def read_video_list(list_file: str) -> list[VideoItem]:
+    """Video paths, one per line (blank lines and ``#`` comments skipped), with id = file stem."""
+    lines = _read_lines(list_file, "video list")
+    items = [VideoItem(os.path.splitext(os.path.basename(line))[0], os.path.abspath(line))
+             for line in lines if not line.startswith("#")]
+    return _check_unique(items)
+
+
+def read_sentences(path: str) -> list[str]:
+    """Non-blank lines of a text file, stripped."""
+    return _read_lines(path, "sentence file")
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and fingerprints
+# ---------------------------------------------------------------------------------------------
+def resolve_config(config: str | Mapping | None, weights: str | None = None,
+                   overrides: Sequence[str] = ()) -> Config:
+    """The config of a search command: a file (or a stored dict), command-line overrides, ``--weights``.
+
+    Local paths in it are made absolute, so the config still works when stored with an index and
+    read back from another directory.
+    """
+    if isinstance(config, Mapping):
+        cfg = Config(json.loads(json.dumps(config)))
+        if overrides:
+            cfg = _apply_overrides(cfg, overrides)
+    else:
+        cfg = load_config(config, list(overrides))
+    if weights:
+        cfg.e2e_weights_path = weights
+    for key in PATH_KEYS:
+        value = cfg.get(key)
+        if value and os.path.exists(value):
+            cfg[key] = os.path.abspath(value)
+    return cfg
+
+
+def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    # load_config validates overrides against a file; write the stored dict to a temporary one.
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        stored = cfg.to_dict()
+        stored.pop("config", None)
+        json.dump(stored, f)
+    try:
+        resolved = load_config(f.name, list(overrides))
+    finally:
+        os.remove(f.name)
+    resolved.config = cfg.get("config")
+    return resolved
+
+
+def config_fingerprint(cfg: Mapping) -> str:
+    """sha256 of the config keys that decide what a feature means (frames, transform, text length)."""
+    vision = dict(cfg.get("clip_vision_additional_config") or {})
+    vision.pop("logit_scale_init_value", None)
+    keyed = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
+    keyed["clip_vision_additional_config"] = vision
+    text = json.dumps(keyed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of every tensor of the state dict (name, dtype, shape, bytes): the weights themselves.
+
+    Content, not path: the same checkpoint moved elsewhere keeps its fingerprint.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding videos in DataLoader workers
+# ---------------------------------------------------------------------------------------------
+def probe_duration(path: str) -> float | None:
+    """Duration in seconds from the container's metadata (no decoding), or None if unknown."""
+    try:
+        import av
+
+        with av.open(path) as container:
+            if container.duration:
+                return float(container.duration / av.time_base)
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if stream.frames and stream.average_rate:
+                return float(stream.frames / stream.average_rate)
+    except Exception:  # noqa: BLE001 - metadata is a nicety; the frames were readable
+        return None
+    return None
+
+
+class _VideoFiles(Dataset):
+    """One item per video: its model input, or the reason it cannot be read."""
+
+    def __init__(self, items: Sequence[VideoItem], reader: ClipReader):
+        self.items = list(items)
+        self.reader = reader
+        self.rng = random.Random(0)  # evaluation sampling never draws from it
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.items[index].path
+        try:
+            video, _ = self.reader.read_video(path, self.rng)  # (T, 3, H, W)
+        except BAD_SAMPLE_ERRORS as e:
+            return {"index": index, "error": str(e)}
+        return {"index": index, "video": video, "duration": probe_duration(path)}
+
+
+def _collate(items: list[dict]) -> dict:
+    ok = [it for it in items if "video" in it]
+    return {
+        "video": torch.stack([it["video"] for it in ok]) if ok else None,  # (B, T, 3, H, W)
+        "indices": [it["index"] for it in ok],
+        "durations": [it["duration"] for it in ok],
+        "failed": [(it["index"], it["error"]) for it in items if "error" in it],
+    }
+
+
+@dataclass
+class EncodedVideos:
+    """One batch of :meth:`Encoder.iter_videos`."""
+
+    items: list[VideoItem]
+    durations: list[float | None]
+    features: np.ndarray  # float32 [len(items), dim]
+    failed: list[tuple[VideoItem, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# The encoder
+# ---------------------------------------------------------------------------------------------
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Encoder:
+    """The model of ``cfg``, loaded once, in eval mode; features as float32 numpy unit vectors."""
+
+    def __init__(self, cfg: Config, device: str | torch.device | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device) if device else default_device()
+        # The same seed as the retrieval app: tensors the checkpoint does not hold (proxies
+        # initialised from CLIP weights) come out identical on every build.
+        torch.manual_seed(int(cfg.get("seed", 42)))
+        self.model = build_model(cfg).eval().to(self.device)
+        self.tokenizer = build_tokenizer(cfg)
+        self.reader = ClipReader.from_config(cfg, training=False)
+        self.precision = precision_from_config(cfg, self.device.type)
+        self.batch_size = int(cfg.get("test_batch_size", 16))
+        self.max_txt_len = int(cfg.get("max_txt_len", 50))
+        self.dim = int(self.model.clipmodel.visual_projection.out_features)
+        self.model_fingerprint = model_fingerprint(self.model)
+        self.config_fingerprint = config_fingerprint(cfg)
+
+    def describe(self) -> dict:
+        """What identifies this model in an index or an encode folder."""
+        return {"dim": self.dim, "model_fingerprint": self.model_fingerprint,
+                "config_fingerprint": self.config_fingerprint}
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """float32 [N, dim] for ``texts``, in batches (tokenised as evaluation does)."""
+        bs = max(1, int(batch_size or self.batch_size))
+        out = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(texts), bs):
+            ids, mask = tokenize(self.tokenizer, list(texts[start:start + bs]), self.max_txt_len)  # (b, L)
+            with autocast(self.precision, self.device.type):
+                feats = self.model.encode_text(ids.to(self.device), mask.to(self.device))
+            out.append(feats.float().cpu().numpy())
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    @torch.no_grad()
+    def encode_video_tensor(self, video: torch.Tensor) -> np.ndarray:
+        """float32 [B, dim] for model input ``video`` (B, T, 3, H, W)."""
+        with autocast(self.precision, self.device.type):
+            feats = self.model.encode_video(video.to(self.device))
+        return np.ascontiguousarray(feats.float().cpu().numpy(), dtype=np.float32)
+
+    def encode_video_file(self, path: str) -> np.ndarray:
+        """float32 [dim] for one video file (raises :class:`clipvip.data.VideoDecodeError`)."""
+        video, _ = self.reader.read_video(path, random.Random(0))  # (T, 3, H, W)
+        return self.encode_video_tensor(video[None])[0]
+
+    def iter_videos(self, items: Sequence[VideoItem], batch_size: int | None = None,
+                    workers: int = 0) -> Iterator[EncodedVideos]:
+        """Encode ``items`` in order, ``workers`` processes decoding; unreadable ones reported, not raised."""
+        if not items:
+            return
+        loader = DataLoader(_VideoFiles(items, self.reader), batch_size=max(1, int(batch_size or self.batch_size)),
+                            shuffle=False, num_workers=max(0, int(workers)), collate_fn=_collate)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(items), desc="videos", unit="clip", disable=None, leave=False) as bar:
+            for batch in loader:
+                feats = (self.encode_video_tensor(batch["video"]) if batch["video"] is not None
+                         else np.zeros((0, self.dim), np.float32))
+                failed = [(items[i], reason) for i, reason in batch["failed"]]
+                for item, reason in failed:
+                    LOGGER.warning("skipping unreadable video %s: %s", item.path, reason)
+                bar.update(len(batch["indices"]) + len(failed))
+                yield EncodedVideos([items[i] for i in batch["indices"]], batch["durations"], feats, failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# `clipvip encode`: resumable, chunked feature folders
+# ---------------------------------------------------------------------------------------------
+_PART = re.compile(r"^part-(\d{6})\.tsv$")
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).split())  # no tab or newline may reach a .tsv cell
+
+
+class FeatureFolder:
+    """The output folder of ``clipvip encode`` (module docstring): chunks written atomically."""
+
+    def __init__(self, out: str, meta: Mapping):
+        self.out = out
+        self.parts = os.path.join(out, "parts")
+        os.makedirs(self.parts, exist_ok=True)
+        path = os.path.join(out, "meta.json")
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    old = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}: cannot read: {e}") from None
+            for key in ("kind", "dim", "model_fingerprint", "config_fingerprint"):
+                if old.get(key) != meta.get(key):
+                    raise IndexMismatchError(
+                        f"{out} already holds features with another {key} ({old.get(key)} != {meta.get(key)}): "
+                        "resume with the same model, config and input kind, or choose another --out")
+        else:
+            atomic_write_text(path, json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
+        self.meta = dict(meta)
+
+    def committed_parts(self) -> list[tuple[str, str]]:
+        """``(npy path, tsv path)`` of every complete chunk, in order."""
+        out = []
+        for name in sorted(os.listdir(self.parts)):
+            m = _PART.match(name)
+            npy = os.path.join(self.parts, f"part-{m.group(1)}.npy") if m else None
+            if npy and os.path.isfile(npy):
+                out.append((npy, os.path.join(self.parts, name)))
+        return out
+
+    def done_ids(self) -> set[str]:
+        done: set[str] = set()
+        for _, tsv in self.committed_parts():
+            done.update(row[0] for row in _read_tsv(tsv))
+        return done
+
+    def write_part(self, ids: Sequence[str], sources: Sequence[str], features: np.ndarray) -> str:
+        parts = self.committed_parts()
+        number = int(os.path.basename(parts[-1][1])[5:11]) + 1 if parts else 0
+        stem = os.path.join(self.parts, f"part-{number:06d}")
+        atomic_save_npy(stem + ".npy", np.ascontiguousarray(features, dtype=np.float32))
+        # The .tsv commits the chunk: it is renamed into place after the .npy is complete.
+        atomic_write_text(stem + ".tsv", "".join(f"{_clean(i)}\t{_clean(s)}\n" for i, s in zip(ids, sources)))
+        return stem
+
+    def merge(self) -> int:
+        """Rebuild ``features.npy`` and ``ids.txt`` from the chunks; returns the row count."""
+        ids, feats = read_parts(self.out)
+        atomic_save_npy(os.path.join(self.out, "features.npy"), feats)
+        atomic_write_text(os.path.join(self.out, "ids.txt"), "".join(f"{i}\n" for i in ids))
+        return len(ids)
+
+    def write_failed(self, failed: Sequence[tuple[str, str]]) -> str:
+        path = os.path.join(self.out, "failed.tsv")
+        atomic_write_text(path, "".join(f"{_clean(p)}\t{_clean(r)}\n" for p, r in failed))
+        return path
+
+
+def _read_tsv(path: str) -> list[list[str]]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+
+
+def read_parts(out: str) -> tuple[list[str], np.ndarray]:
+    """``(ids, float32 [N, dim])`` of every complete chunk of an encode folder, first occurrence of an id kept."""
+    folder = FeatureFolder.__new__(FeatureFolder)
+    folder.parts = os.path.join(out, "parts")
+    ids: list[str] = []
+    arrays = []
+    seen: set[str] = set()
+    for npy, tsv in folder.committed_parts():
+        rows = _read_tsv(tsv)
+        array = np.load(npy, allow_pickle=False)
+        if array.shape[0] != len(rows):
+            raise DataError(f"{npy} holds {array.shape[0]} rows but {tsv} lists {len(rows)} ids")
+        keep = [k for k, row in enumerate(rows) if row[0] not in seen]
+        for k in keep:
+            seen.add(rows[k][0])
+            ids.append(rows[k][0])
+        arrays.append(array[keep])
+    dim = arrays[0].shape[1] if arrays else 0
+    return ids, (np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32))
+
+
+def read_features(out: str) -> tuple[list[str], np.ndarray]:
+    """``(ids, features)`` written by ``clipvip encode`` into ``out``."""
+    feats = np.load(os.path.join(out, "features.npy"), allow_pickle=False)
+    with open(os.path.join(out, "ids.txt"), encoding="utf-8") as f:
+        ids = [line.rstrip("\n") for line in f]
+    if len(ids) != feats.shape[0]:
+        return read_parts(out)  # interrupted between the two renames of merge(): the chunks are the truth
+    return ids, feats
+
+
+@dataclass
+class EncodeSummary:
+    encoded: int
+    already: int
+    failed: list[tuple[str, str]]
+
+
+def encode_to_folder(encoder: Encoder, out: str, *, videos: Sequence[VideoItem] | None = None,
+                     sentences: Sequence[str] | None = None, batch_size: int | None = None, workers: int = 0,
+                     chunk_size: int = 1024) -> EncodeSummary:
+    """``clipvip encode``: features of ``videos`` (or ``sentences``) into ``out``, skipping ids already there."""
+    kind = "video" if videos is not None else "text"
+    with writer_lock(out):
+        folder = FeatureFolder(out, {"kind": kind, **encoder.describe(), "clipvip_version": _version()})
+        done = folder.done_ids()
+        failed: list[tuple[str, str]] = []
+        encoded = 0
+        pending_ids: list[str] = []
+        pending_src: list[str] = []
+        pending: list[np.ndarray] = []
+
+        def flush() -> None:
+            nonlocal pending_ids, pending_src, pending
+            if pending_ids:
+                folder.write_part(pending_ids, pending_src, np.concatenate(pending))
+                pending_ids, pending_src, pending = [], [], []
+
+        if videos is not None:
+            todo = [v for v in videos if v.id not in done]
+            for batch in encoder.iter_videos(todo, batch_size, workers):
+                failed.extend((item.path, reason) for item, reason in batch.failed)
+                pending_ids += [v.id for v in batch.items]
+                pending_src += [v.path for v in batch.items]
+                pending.append(batch.features)
+                encoded += len(batch.items)
+                if len(pending_ids) >= chunk_size:
+                    flush()
+            already = len(videos) - len(todo)
+        else:
+            # A sentence's id is its 1-based line number among the file's non-blank lines.
+            todo_txt = [(str(n), s) for n, s in enumerate(sentences or [], start=1) if str(n) not in done]
+            step = max(1, int(chunk_size))
+            for start in range(0, len(todo_txt), step):
+                chunk = todo_txt[start:start + step]
+                pending_ids += [i for i, _ in chunk]
+                pending_src += [s for _, s in chunk]
+                pending.append(encoder.encode_texts([s for _, s in chunk], batch_size))
+                encoded += len(chunk)
+                flush()
+            already = len(sentences or []) - len(todo_txt)
+        flush()
+        folder.write_failed(failed)
+        folder.merge()
+    return EncodeSummary(encoded=encoded, already=already, failed=failed)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+

@@ -1,0 +1,224 @@
+"""An open index with the model that built it: text-to-video and video-to-video queries.
+
+The sidecar remembers the resolved config and the weights that built the index, so
+``SearchEngine.open(IDX)`` needs nothing else; ``config`` / ``weights`` override them (files
+moved to another machine). Either way the model must be the one that built the index: the
+feature dimension, the weights' fingerprint and the config's fingerprint are checked, and a
+mismatch is an :class:`IndexMismatchError` rather than silently meaningless scores.
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..data.sampling import middle_frame_index
+from ..data.video import load_sampled_frames
+from .encode import Encoder, VideoItem, resolve_config
+from .errors import EmptyQueryError, IndexMismatchError, SearchError
+from .index import SIDECAR, IndexSpec, VideoIndex, index_writer, write_index, write_skipped
+
+THUMBNAIL_WIDTH = 320
+THUMBNAIL_CACHE = 1024
+
+
+def check_compatible(index: VideoIndex, encoder: Encoder) -> None:
+    """Raise :class:`IndexMismatchError` unless ``encoder`` is the model that built ``index``."""
+    meta, name = index.meta, index.path
+    if encoder.dim != index.dim:
+        raise IndexMismatchError(f"the model gives {encoder.dim}-dimensional features but {name} holds "
+                                 f"{index.dim}-dimensional vectors: use the model that built the index")
+    if encoder.model_fingerprint != meta["model_fingerprint"]:
+        raise IndexMismatchError(
+            f"the model's weights are not those that built {name} (fingerprint "
+            f"{encoder.model_fingerprint[:12]} != {meta['model_fingerprint'][:12]}); use the weights it was "
+            f"built with ({meta.get('weights_path') or 'see its sidecar'}) or rebuild the index")
+    if encoder.config_fingerprint != meta["config_fingerprint"]:
+        raise IndexMismatchError(
+            f"the config reads videos or text differently from the one that built {name} (fingerprint "
+            f"{encoder.config_fingerprint[:12]} != {meta['config_fingerprint'][:12]}: test_n_clips, "
+            "test_num_frms, sample_rate, input_res, max_txt_len or the vision settings differ)")
+
+
+def _hit(record, score: float) -> dict:
+    return {"id": record.id, "path": record.path, "score": score}
+
+
+class SearchEngine:
+    """Queries against one index; safe to share between threads (one model call at a time)."""
+
+    def __init__(self, index: VideoIndex, encoder: Encoder, spec: IndexSpec | None = None):
+        check_compatible(index, encoder)
+        self.index = index
+        self.encoder = encoder
+        self.spec = spec or index.spec
+        # One lock around the model: torch modules are not made for concurrent forward calls
+        # from several threads, and a CPU model already uses every core for one query.
+        self._model_lock = threading.Lock()
+        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str, *, config: str | None = None, weights: str | None = None,
+             overrides: Sequence[str] = (), device: str | None = None,
+             nprobe: int | None = None, ef_search: int | None = None) -> "SearchEngine":
+        """Open index ``path`` and load its model once (the stored config/weights unless overridden)."""
+        index = VideoIndex.open(path)
+        try:
+            stored = index.meta["config"]
+            cfg = resolve_config(config if config else stored, weights or index.meta.get("weights_path"),
+                                 overrides)
+            ckpt = cfg.get("e2e_weights_path")
+            if ckpt and not os.path.exists(ckpt):
+                raise SearchError(f"the weights {ckpt} that built {path} are not there; pass --weights CKPT "
+                                  "(and --config CFG if the config moved too)")
+            encoder = Encoder(cfg, device)
+            spec = IndexSpec.from_dict({**index.spec.to_dict(),
+                                        **({"nprobe": nprobe} if nprobe else {}),
+                                        **({"ef_search": ef_search} if ef_search else {})})
+            return cls(index, encoder, spec)
+        except BaseException:
+            index.close()
+            raise
+
+    def close(self) -> None:
+        self.index.close()
+
+    # -- queries ----------------------------------------------------------------------------
+    def _check_k(self, k: int) -> int:
+        try:
+            k = int(k)
+        except (TypeError, ValueError):
+            raise SearchError(f"k must be a whole number, got {k!r}") from None
+        if k < 1:
+            raise SearchError(f"k must be >= 1, got {k}")
+        return k
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        texts = [str(q).strip() for q in queries]
+        if not texts or any(not t for t in texts):
+            raise EmptyQueryError("empty query: describe the video you are looking for in a few words")
+        with self._model_lock:
+            return self.encoder.encode_texts(texts)
+
+    def search_texts(self, queries: Sequence[str], k: int = 10) -> list[list[dict]]:
+        """For each query the ``k`` best ``{"id", "path", "score"}``, best first."""
+        k = self._check_k(k)
+        vectors = self.encode_queries(queries)  # [Q, dim]
+        return [[_hit(r, s) for r, s in hits] for hits in self.index.search(vectors, k, self.spec)]
+
+    def search_text(self, query: str, k: int = 10) -> list[dict]:
+        return self.search_texts([query], k)[0]
+
+    def like_vector(self, video: str) -> np.ndarray:
+        """The vector of ``video``: a video file (encoded now) or the id of an indexed video."""
+        if os.path.isfile(video):
+            with self._model_lock:
+                return self.encoder.encode_video_file(video)
+        record = self.index.record(video)
+        if record is None:
+            raise SearchError(f"--like {video}: neither a video file nor the id of a video in {self.index.path}")
+        return self.index.vector(record.row)
+
+    def search_like(self, video: str, k: int = 10) -> list[dict]:
+        """The ``k`` videos closest to ``video`` (itself first when it is in the index)."""
+        k = self._check_k(k)
+        vector = self.like_vector(video)[None]  # [1, dim]
+        return [_hit(r, s) for r, s in self.index.search(vector, k, self.spec)[0]]
+
+    # -- for the web page -------------------------------------------------------------------
+    def thumbnail(self, video_id: str, width: int = THUMBNAIL_WIDTH) -> bytes | None:
+        """JPEG of the middle frame of an indexed video (None for an unknown id); cached."""
+        with self._thumb_lock:
+            if video_id in self._thumbs:
+                self._thumbs.move_to_end(video_id)
+                return self._thumbs[video_id]
+        record = self.index.record(video_id)
+        if record is None:
+            return None
+        from PIL import Image
+
+        frames, _ = load_sampled_frames(record.path, lambda n: [middle_frame_index(n)],
+                                        backend=self.encoder.reader.backend)  # (1, H, W, 3) uint8
+        image = Image.fromarray(frames[0].numpy())
+        image.thumbnail((width, width))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=85)
+        data = buf.getvalue()
+        with self._thumb_lock:
+            self._thumbs[video_id] = data
+            while len(self._thumbs) > THUMBNAIL_CACHE:
+                self._thumbs.popitem(last=False)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and extending an index
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class IndexSummary:
+    added: int          # videos encoded and added by this run
+    already: int        # videos of the folder already in the index (``--add``)
+    skipped: list       # (path, reason) of the videos that could not be read
+    total: int          # vectors in the index afterwards
+
+
+def index_videos(path: str, videos: Sequence[VideoItem], *, config: str | None = None,
+                 weights: str | None = None, overrides: Sequence[str] = (), add: bool = False,
+                 overwrite: bool = False, spec: IndexSpec | None = None, batch_size: int | None = None,
+                 workers: int = 0, device: str | None = None) -> IndexSummary:
+    """``clipvip index``: encode ``videos`` and write index ``path`` (or append to it with ``add``).
+
+    With ``add`` the config and weights default to those stored in the index, videos whose id
+    is already there are skipped, and the model must match the index. Unreadable videos are
+    skipped and listed (``IDX/skipped.tsv``), never fatal.
+    """
+    from .. import __version__
+
+    with index_writer(path):
+        exists = os.path.isfile(os.path.join(path, SIDECAR))
+        if exists and not (add or overwrite):
+            raise SearchError(f"{path} already holds an index: --add appends new videos, --overwrite rebuilds it")
+        base = VideoIndex.open(path) if (add and exists) else None
+        try:
+            if base is not None:
+                cfg = resolve_config(config or base.meta["config"], weights or base.meta.get("weights_path"),
+                                     overrides)
+                spec = base.spec
+            else:
+                if not config:
+                    raise SearchError("--config is needed to build a new index")
+                cfg = resolve_config(config, weights, overrides)
+                spec = spec or IndexSpec()
+            encoder = Encoder(cfg, device)
+            if base is not None:
+                check_compatible(base, encoder)
+                present = base.ids()
+                todo = [v for v in videos if v.id not in present]
+            else:
+                todo = list(videos)
+            vectors, records, skipped = [], [], []
+            for batch in encoder.iter_videos(todo, batch_size, workers):
+                vectors.append(batch.features)
+                records += [(v.id, v.path, d) for v, d in zip(batch.items, batch.durations)]
+                skipped += [(v.path, reason) for v, reason in batch.failed]
+            if base is None and not records:
+                raise SearchError(f"no readable video to index ({len(videos)} found, {len(skipped)} unreadable)")
+            meta = {"config": cfg.to_dict(), "config_path": cfg.get("config"),
+                    "weights_path": cfg.get("e2e_weights_path"), **encoder.describe(),
+                    "clipvip_version": __version__}
+            stacked = np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32)
+            if base is not None and not records:  # nothing new: leave the index files as they are
+                total = len(base)
+                write_skipped(path, skipped)
+            else:
+                total = write_index(path, stacked, records, meta, spec, base, skipped)
+        finally:
+            if base is not None:
+                base.close()
+    return IndexSummary(added=len(records), already=len(videos) - len(todo), skipped=skipped, total=total)
