@@ -11,6 +11,10 @@ USAGE = """usage: python -m clipvip <command> [options]
 
 commands:
   config --config FILE [--key value ...]   print the resolved config (defaults <- file <- overrides)
+  encode --config CFG --videos DIR --out OUT   video (or --texts) features, resumable
+  index --config CFG --weights CKPT --videos DIR --out IDX   build (or --add to) a search index
+  search IDX "query" [-k K] [--json]       search an index (--queries FILE, --like VIDEO)
+  serve IDX [--port P]                     web page and JSON API over an index
 """
 
 
@@ -21,7 +25,16 @@ def _config(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"config": _config}
+def _search(name: str):
+    def run(argv: Sequence[str]) -> int:
+        from .search.cli import COMMANDS as SEARCH_COMMANDS
+
+        return SEARCH_COMMANDS[name](argv)
+
+    return run
+
+
+COMMANDS = {"config": _config, **{name: _search(name) for name in ("encode", "index", "search", "serve")}}
 
 
 def main(argv: Sequence[str]) -> int:
