@@ -21,13 +21,13 @@ setup(
     python_requires=">=3.9",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"clipvip": ["assets/*.gz", "assets/*.txt", "assets/*.json"]},
+    package_data={"clipvip": ["assets/*.gz", "assets/*.txt", "assets/*.json", "search/static/*"]},
     include_package_data=True,
     install_requires=read_requirements("requirements.txt"),
     extras_require={
         "dev": read_requirements("requirements-dev.txt"),
         "wandb": ["wandb"],
-        "search": ["faiss-cpu"],
+        "search": ["faiss-cpu>=1.7"],  # clipvip encode/index/search/serve; faiss-gpu works too
     },
     entry_points={
         "console_scripts": [
