@@ -209,16 +209,16 @@ def test_mismatched_checkpoint_is_one_clear_line(bench, trained, tmp_path):
 def test_non_finite_losses_stop_the_run_with_a_state(bench, tmp_path, monkeypatch):
     import clipvip
     from clipvip import retrieval
-    from clipvip.train import TrainingStopped
+    from clipvip.train import TrainingStopped, runner
 
-    real_build_loss = retrieval.build_loss
+    real_build_loss = runner.build_loss
 
     def nan_loss(loss_config):
         loss = real_build_loss(loss_config)
         loss.forward = lambda outputs, scale: torch.tensor(float("nan"), requires_grad=True) * scale
         return loss
 
-    monkeypatch.setattr(retrieval, "build_loss", nan_loss)
+    monkeypatch.setattr(runner, "build_loss", nan_loss)
     out = str(tmp_path / "nan")
     cfg = clipvip.load_config(bench["config"], ["--is_train", "--output_dir", out, "--max_nonfinite_steps", "3",
                                                 "--num_train_epochs", "2"])
@@ -226,7 +226,7 @@ def test_non_finite_losses_stop_the_run_with_a_state(bench, tmp_path, monkeypatc
         retrieval.run(cfg)
     state = torch.load(os.path.join(out, "ckpt", "train_state.pt"), weights_only=True)
     assert state["progress"]["nonfinite_steps"] == 3 and state["progress"]["step"] == 3
-    retrieval.seed_everything(cfg.seed)  # as run() does before building the model
+    runner.seed_everything(cfg.seed)  # as run() does before building the model
     reference = clipvip.build_model(cfg).state_dict()
     for key, value in state["model"].items():  # skipped steps leave the weights untouched
         assert torch.equal(value, reference[key]), key

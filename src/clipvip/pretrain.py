@@ -1,0 +1,79 @@
+"""Post-pretraining with Omnisource Cross-modal Learning (HD-VILA videos, subtitles, captions).
+
+    python -m clipvip.pretrain --config configs/pretrain/pretrain_vip_base_32.json --blob_mount_dir /data
+    torchrun --nnodes 4 --nproc_per_node 8 ... -m clipvip.pretrain --config ...
+    horovodrun -np 8 python -m clipvip.pretrain --config ...   # where horovod is installed
+
+The same loop as retrieval fine-tuning (:mod:`clipvip.train.loop`): training sets mixed by
+``ratio`` (one set per optimizer step, the same on every process), the OCL loss named in
+``loss_config`` fed with video, middle-frame, subtitle and caption features, validation on
+``val_datasets`` (zero-shot at step 0). ``ckpt/model_step_N.pt`` is in the released layout and
+loads into retrieval fine-tuning as ``--e2e_weights_path``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from .cli import run_main
+from .config import load_config
+from .data.loader import LoaderStream, MixedStream
+from .data.pretrain import PretrainDataset
+from .errors import ConfigError
+from .logging_utils import get_logger
+from .train import runner
+
+LOGGER = get_logger("pretrain")
+
+
+def validation_rule(cfg):
+    """How a validation set's clip ids map to files.
+
+    Validation sets that read the HD-VILA clip folder of a training set (the official configs'
+    ``how2`` and ``ours``) keep HD-VILA's layout ``{vis}/{video}/{clip_id}``; others (MSR-VTT)
+    use their own dataset's rule.
+    """
+    hdvila_folders = {os.path.normpath(d.vis) for d in cfg.train_datasets if d.vis}
+
+    def rule_for(entry):
+        return "hdvila" if entry.vis and os.path.normpath(entry.vis) in hdvila_folders else None
+
+    return rule_for
+
+
+def run(cfg) -> dict:
+    if cfg.is_train is False and not cfg.val_datasets:
+        raise ConfigError("nothing to do: pretraining needs --is_train or val_datasets to evaluate")
+    if not cfg.train_datasets:
+        raise ConfigError("pretraining needs train_datasets in the config")
+    run_ = runner.start(cfg)
+    eval_sets = runner.build_eval_sets(run_, cfg.val_datasets, validation_rule(cfg))
+
+    def make_stream():
+        streams, ratios = {}, {}
+        for entry in cfg.train_datasets:
+            dataset = PretrainDataset(cfg, entry, training=True, tokenizer=run_.tokenizer)
+            streams[entry.name] = LoaderStream(dataset, cfg, run_.env.rank, run_.env.world_size)
+            ratios[entry.name] = entry.ratio
+        return MixedStream(streams, ratios, seed=int(cfg.seed), accumulation=int(cfg.gradient_accumulation_steps))
+
+    return runner.train_or_evaluate(run_, eval_sets, make_stream)
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    # Pretraining trains unless told otherwise (the original's run_pretrain.py always trained).
+    cfg = load_config(None, ["--is_train", *argv])
+    run(cfg)
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,111 @@
+"""What every training/evaluation app does around the loop: set up, train or evaluate, report.
+
+The apps (``clipvip.retrieval``, ``clipvip.pretrain``) only choose their data; this module builds
+the process group, the run folder, the model, and runs :class:`~clipvip.train.loop.Trainer` or a
+plain evaluation, writing ``eval_results.json``.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..config import save_config
+from ..data.retrieval import VideoRetrievalDataset
+from ..errors import ConfigError
+from ..logging_utils import add_log_file, get_logger
+from ..loss import build_loss
+from ..model import build_model
+from ..tokenizer import build_tokenizer
+from .evaluate import evaluate_all, format_results_table, write_results
+from .loop import Trainer, TrainPlan
+from .precision import precision_from_config
+
+LOGGER = get_logger("runner")
+
+
+@dataclass
+class Run:
+    cfg: object
+    env: distributed.DistEnv
+    device: torch.device
+    precision: str
+    tokenizer: object
+    model: torch.nn.Module
+
+
+def seed_everything(seed: int) -> None:
+    # The same seed on every process: the random parts of the model (proxies) start equal.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(cfg, env) -> None:
+    """Create ``output_dir`` and prove it writable before any work; write the resolved config."""
+    if env.is_main:
+        probe = os.path.join(cfg.output_dir, f".write_test.{os.getpid()}")
+        try:
+            os.makedirs(os.path.join(cfg.output_dir, "log"), exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"output_dir {cfg.output_dir} is not writable: {e.strerror or e}") from None
+        save_config(cfg)
+    distributed.barrier()
+
+
+def start(cfg) -> Run:
+    """Process group, seeds, run folder, tokenizer and model (weights loaded as the config says)."""
+    env = distributed.init_distributed()
+    seed_everything(int(cfg.seed))
+    prepare_output_dir(cfg, env)
+    device = torch.device(env.device)
+    precision = precision_from_config(cfg, device.type)
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg)
+    return Run(cfg, env, device, precision, tokenizer, model)
+
+
+def build_eval_sets(run: Run, entries, rule_for: Callable[[dict], str | None] = lambda entry: None) -> list:
+    """Retrieval evaluation sets for config ``entries``, unreadable videos dropped up front."""
+    sets = []
+    for entry in entries:
+        dataset = VideoRetrievalDataset(run.cfg, entry, run.tokenizer, training=False, rule=rule_for(entry))
+        dataset.scan_readable()
+        sets.append(dataset)
+    return sets
+
+
+def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], object] | None) -> dict:
+    """Fine-tune/pretrain on ``make_stream()`` when ``is_train``, else evaluate; report the results."""
+    cfg, env = run.cfg, run.env
+
+    def evaluate(model):
+        return evaluate_all(model, eval_sets, cfg, run.precision, run.device)
+
+    if cfg.is_train:
+        stream = make_stream()
+        plan = TrainPlan.from_config(cfg, stream.num_examples, env.world_size)
+        trainer = Trainer(cfg, run.model, build_loss(cfg.loss_config), stream, plan, evaluate, env, run.precision)
+        trainer.fit()
+        results = trainer.last_results
+    else:
+        if not eval_sets:
+            raise ConfigError("nothing to evaluate: the config has no inference_datasets or val_datasets")
+        if env.is_main and cfg.get("if_log2file", 1):
+            add_log_file(os.path.join(cfg.output_dir, "log", "log.txt"))
+        run.model.to(run.device)
+        results = evaluate(run.model)
+    if env.is_main and results:
+        path = write_results(results, cfg.output_dir)
+        print(format_results_table(results))
+        LOGGER.info("results written to %s", path)
+    distributed.cleanup()
+    return results
