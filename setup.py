@@ -33,6 +33,7 @@ setup(
         "console_scripts": [
             "clipvip=clipvip.__main__:entry",
             "clipvip-retrieval=clipvip.retrieval:entry",
+            "clipvip-pretrain=clipvip.pretrain:entry",
             "clipvip-synthetic=clipvip.data.synthetic:main",
         ]
     },

@@ -173,3 +173,13 @@ def test_save_config_round_trip(tmp_path):
     again = clipvip.load_config(written)
     assert again.train_datasets == cfg.train_datasets  # paths were joined once, not twice
     assert again.blob_mount_dir == "" and again.learning_rate == cfg.learning_rate
+
+
+def test_every_key_is_documented():
+    with open(os.path.join(REPO, "docs", "config.md")) as f:
+        doc = f.read()
+    from clipvip.config import DATASET_DEFAULTS, NESTED_DEFAULTS
+
+    keys = set(DEFAULTS) | set(DATASET_DEFAULTS) | {k for nested in NESTED_DEFAULTS.values() for k in nested}
+    missing = sorted(k for k in keys if f"`{k}`" not in doc)
+    assert not missing, f"undocumented keys {missing}: run python scripts/gen_config_docs.py"

@@ -5,14 +5,16 @@
                               ["--e2e_weights_path", "pretrain_clipvip_base_32.pt"])
     model = clipvip.build_model(cfg).eval()
     tokenizer = clipvip.build_tokenizer(cfg)
+    video = clipvip.load_clip("video7010.mp4", cfg)   # [T, 3, H, W], sampled as evaluation does
 """
 from .config import Config, load_config, save_config
+from .data.retrieval import load_clip
 from .errors import CheckpointError, ClipvipError, ConfigError, DataError
 from .model import build_model
 from .tokenizer import build_tokenizer
 
 __version__ = "0.1.0"
 __all__ = [
-    "Config", "load_config", "save_config", "build_model", "build_tokenizer",
+    "Config", "load_config", "save_config", "build_model", "build_tokenizer", "load_clip",
     "ClipvipError", "ConfigError", "CheckpointError", "DataError", "__version__",
 ]

@@ -98,8 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "blob_mount_dir": "",  # joined in front of data, weight and output paths (as the original)
     "output_dir": "output",  # run folder: ckpt/, log/, config.json, eval_results.json
     "is_train": False,  # train (fine-tune / pretrain) rather than only evaluate
-    "seed": 42,
-    "debug": 0,
+    "seed": 42,  # model init, data order, caption choice and frame jitter all follow from it
     # --- data ---
     "train_datasets": [],  # a dataset dict, or a list of them
     "val_datasets": [],
@@ -118,12 +117,15 @@ DEFAULTS: dict[str, Any] = {
     "n_workers": 4,
     "pin_mem": 1,
     "dummy_data": 0,
+    "cache_clips": 0,  # keep every decoded clip in memory (per process/worker): small sets decode once
     # --- model ---
     "e2e_weights_path": None,  # a released / fine-tuned .pt in the clipmodel.* layout
     "clip_weights": None,  # a HF CLIP folder (config.json + weights) used as initialisation
     "clip_config": "openai/clip-vit-base-patch32",  # HF CLIP folder or known name (architecture)
     "clip_vision_additional_config": VISION_ADDITIONAL_DEFAULTS,
     "gradient_checkpointing": 0,  # recompute activations in backward to save memory
+    "attn_implementation": "sdpa",  # sdpa (fast) | eager (the original bmm + softmax formulation, same results)
+    "compile": 0,  # torch.compile the encoder layers (first steps slower while compiling; needs a C++ compiler on CPU)
     "freeze_text_encoder": 0,  # keep the text tower fixed during training
     "freeze_text_proj": 0,  # with freeze_text_encoder: also keep text_projection fixed
     # --- optimisation ---

@@ -32,5 +32,6 @@ from .retrieval import (
     TextOnlyView,
     VideoOnlyView,
     VideoRetrievalDataset,
+    load_clip,
     scan_readable,
 )
