@@ -415,3 +415,8 @@ class RetrievalCollator:
             batch["video_indices"] = torch.tensor([it["video_index"] for it in items], dtype=torch.long)
         batch["num_skipped"] = int(sum(it.get("num_skipped", 0) for it in items))
         return batch
+
+
+def load_clip(path: str, cfg: Mapping) -> torch.Tensor:
+    """``[T, 3, H, W]`` model input of one video, sampled and transformed as evaluation reads it."""
+    return ClipReader.from_config(cfg, training=False).read_video(path, random.Random(0))[0]
