@@ -13,11 +13,9 @@ Conventions (DESIGN §5):
   least as high as the best target. This is the usual multi-caption rule (COCO/Flickr image-to-
   text: the first correct caption in the ranking); the original code only evaluated one caption
   per video (a square ``sim`` with targets on the diagonal), where both rules agree.
-- DSL (dual softmax): ``sim ⊙ softmax(100·sim)`` with the softmax over the **query** axis (axis 0
-  of a ``[queries, gallery]`` matrix). For text-to-video this is the original's
-  ``sim * softmax(100*sim, axis=0)`` on ``T·Vᵀ``. For video-to-text the original re-used that same
-  text-normalised matrix; here the prior is normalised over videos (the queries of that
-  direction), as the dual-softmax method prescribes, i.e. ``dsl(simᵀ)``.
+- DSL (dual softmax): ``sim ⊙ softmax(100·sim, axis=0)`` on ``sim = T·Vᵀ`` — the prior is
+  normalised over the texts — and both directions are ranked on that one re-scored matrix (its
+  transpose for video-to-text), exactly as the original evaluation does (DESIGN §5).
 """
 from __future__ import annotations
 
@@ -163,7 +161,8 @@ def evaluate_retrieval(text_feats, video_feats, text_to_video: Sequence[int],
         "t2v": retrieval_metrics(sim, t2v_targets, chunk),
         "v2t": retrieval_metrics(sim.T, v2t_targets, chunk),
     }
-    # DSL: the softmax prior is taken over the queries of each direction (module docstring).
-    results["t2v_dsl"] = retrieval_metrics(dsl(sim, axis=0), t2v_targets, chunk)
-    results["v2t_dsl"] = retrieval_metrics(dsl(sim.T, axis=0), v2t_targets, chunk)
+    # DSL: one re-scored matrix, prior over the texts, ranked both ways (module docstring).
+    rescored = dsl(sim, axis=0)
+    results["t2v_dsl"] = retrieval_metrics(rescored, t2v_targets, chunk)
+    results["v2t_dsl"] = retrieval_metrics(rescored.T, v2t_targets, chunk)
     return results
