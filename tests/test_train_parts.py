@@ -142,3 +142,90 @@ def test_mixed_stream_ratio_same_on_every_rank_and_resumable():
     accumulated = MixedStream({"a": FakeStream("a"), "b": FakeStream("b")}, {"a": 1, "b": 1}, seed=1, accumulation=4)
     picks = [next(accumulated)["source"] for _ in range(40)]
     assert all(len(set(picks[i:i + 4])) == 1 for i in range(0, 40, 4)) and len(set(picks)) == 2
+
+
+class ListStream:
+    """A stream over fixed batches (position = how many were taken)."""
+
+    def __init__(self, batches):
+        self.batches, self.taken, self.epoch = batches, 0, 0
+
+    def __next__(self):
+        batch = self.batches[self.taken % len(self.batches)]
+        self.taken += 1
+        return batch
+
+    def state_dict(self):
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state):
+        self.taken = state["taken"]
+
+    num_examples = 4
+
+
+def _tiny_trainer(tmp_path, *overrides):
+    from clipvip.distributed import DistEnv
+    from clipvip.loss import build_loss
+    from clipvip.train import Trainer
+    from tiny_models import random_text, tiny_cfg, write_hf_clip
+
+    folder = str(tmp_path / "clip")
+    write_hf_clip(folder)
+    cfg = tiny_cfg(folder, "--output_dir", str(tmp_path / "run"), "--train_batch_size", "2", *overrides)
+    torch.manual_seed(0)
+    model = clipvip.build_model(cfg)
+    batches = []
+    for seed in range(2):
+        ids, mask = random_text(2, 10, seed=seed)
+        batches.append({"video": torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),
+                        "text_input_ids": ids, "text_input_mask": mask})
+    plan = TrainPlan.from_config(cfg, num_examples=4, world_size=1)
+    trainer = Trainer(cfg, model, build_loss(cfg.loss_config), ListStream(batches), plan,
+                      evaluate=lambda m: {}, env=DistEnv(), precision="fp32")
+    return trainer, batches
+
+
+def assert_same_gradients(model, reference):
+    """Equal up to float summation order: the largest difference tiny against the gradient's scale."""
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * q.grad.abs().max() + 1e-6, name  # k_proj.bias: ~0
+
+
+def test_feature_cache_accumulation_equals_one_big_batch(tmp_path):
+    """Two micro-batches with cached features give the gradient of the 4-clip batch, all negatives in."""
+    import copy
+
+    trainer, batches = _tiny_trainer(tmp_path, "--gradient_accumulation_steps", "2", "--accum_feature_cache", "1")
+    reference = copy.deepcopy(trainer.raw_model)
+    loss = trainer._backward_feature_cache(batches)
+    full = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    expected = trainer.loss_fn(reference(full["video"], full["text_input_ids"], full["text_input_mask"]),
+                               reference.logit_scale)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert_same_gradients(trainer.raw_model, reference)
+
+
+def test_plain_accumulation_averages_micro_batch_losses(tmp_path):
+    import copy
+
+    trainer, batches = _tiny_trainer(tmp_path, "--gradient_accumulation_steps", "2")
+    reference = copy.deepcopy(trainer.raw_model)
+    loss = trainer._backward_plain(batches)
+    expected = sum(trainer.loss_fn(reference(b["video"], b["text_input_ids"], b["text_input_mask"]),
+                                   reference.logit_scale) for b in batches) / 2
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert_same_gradients(trainer.raw_model, reference)
+
+
+def test_frozen_text_tower_gets_no_update(tmp_path):
+    trainer, _ = _tiny_trainer(tmp_path, "--freeze_text_encoder", "1")
+    text = {id(p) for p in trainer.raw_model.clipmodel.text_model.parameters()}
+    assert all(not p.requires_grad for p in trainer.raw_model.clipmodel.text_model.parameters())
+    assert not text & {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    before = {k: v.clone() for k, v in trainer.raw_model.clipmodel.text_model.state_dict().items()}
+    trainer.train_step()
+    after = trainer.raw_model.clipmodel.text_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
