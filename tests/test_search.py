@@ -294,3 +294,17 @@ def test_encode_command_videos_and_texts(bench, tmp_path):
     line = one_line_error(clipvip("encode", "--config", bench["config"], "--texts", sentences, "--out", out,
                                   check=False))
     assert "another kind" in line
+
+
+def test_a_config_stored_by_another_version_still_loads(bench):
+    from clipvip.search.encode import config_fingerprint, resolve_config
+
+    cfg = resolve_config(bench["config"])
+    stored = cfg.to_dict()
+    stored["key_from_a_newer_version"] = 1
+    stored["clip_vision_additional_config"]["another_new_key"] = 2
+    del stored["video_backend"]  # a key this version added since
+    again = resolve_config(stored, overrides=["--test_batch_size", "2"])
+    assert again.test_batch_size == 2 and again.video_backend == cfg.video_backend
+    assert "key_from_a_newer_version" not in again
+    assert config_fingerprint(again) == config_fingerprint(cfg)

@@ -116,9 +116,7 @@ def resolve_config(config: str | Mapping | None, weights: str | None = None,
     read back from another directory.
     """
     if isinstance(config, Mapping):
-        cfg = Config(json.loads(json.dumps(config)))
-        if overrides:
-            cfg = _apply_overrides(cfg, overrides)
+        cfg = _reload(config, overrides)
     else:
         cfg = load_config(config, list(overrides))
     if weights:
@@ -127,23 +125,36 @@ def resolve_config(config: str | Mapping | None, weights: str | None = None,
         value = cfg.get(key)
         if value and os.path.exists(value):
             cfg[key] = os.path.abspath(value)
+    cfg.blob_mount_dir = ""  # already joined to the paths above (as save_config writes a config)
     return cfg
 
 
-def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    # load_config validates overrides against a file; write the stored dict to a temporary one.
+def _reload(stored: Mapping, overrides: Sequence[str]) -> Config:
+    """A config stored with an index, through ``load_config`` again (defaults, validation, overrides).
+
+    Keys this version of clipvip does not know (an index built by another version) are dropped:
+    what changes a feature is in the fingerprints, which are checked against the index anyway.
+    The datasets are dropped too: search never reads them.
+    """
     import tempfile
 
+    from ..config import DATASET_KEYS, DEFAULTS, NESTED_DEFAULTS
+
+    values = {}
+    for key, value in json.loads(json.dumps(stored)).items():
+        if key not in DEFAULTS or key in DATASET_KEYS or key == "config":
+            continue
+        if key in NESTED_DEFAULTS and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k in NESTED_DEFAULTS[key]}
+        values[key] = value
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        stored = cfg.to_dict()
-        stored.pop("config", None)
-        json.dump(stored, f)
+        json.dump(values, f)
     try:
-        resolved = load_config(f.name, list(overrides))
+        cfg = load_config(f.name, list(overrides))
     finally:
         os.remove(f.name)
-    resolved.config = cfg.get("config")
-    return resolved
+    cfg.config = stored.get("config")
+    return cfg
 
 
 def config_fingerprint(cfg: Mapping) -> str:

@@ -149,6 +149,7 @@ class VideoIndex:
         self.faiss_index = index
         self._conn = conn
         self._lock = threading.Lock()
+        self._direct_map = False
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -230,9 +231,11 @@ class VideoIndex:
         """The stored unit vector [dim] at ``row``."""
         faiss = faiss_module()
         with self._lock:
-            ivf = faiss.try_extract_index_ivf(self.faiss_index) if hasattr(faiss, "try_extract_index_ivf") else None
-            if ivf is not None:
-                ivf.make_direct_map()
+            if not self._direct_map:  # IVF lists need a row -> list map to look a vector up
+                ivf = faiss.try_extract_index_ivf(self.faiss_index) if hasattr(faiss, "try_extract_index_ivf") else None
+                if ivf is not None:
+                    ivf.make_direct_map()
+                self._direct_map = True
             return np.asarray(self.faiss_index.reconstruct(int(row)), dtype=np.float32)
 
     def search(self, queries: np.ndarray, k: int, spec: IndexSpec | None = None) -> list[list[tuple[Record, float]]]:
