@@ -164,7 +164,7 @@ class ListStream:
     num_examples = 4
 
 
-def _tiny_trainer(tmp_path, *overrides):
+def _tiny_trainer(tmp_path, *overrides, precision="fp32"):
     from clipvip.distributed import DistEnv
     from clipvip.loss import build_loss
     from clipvip.train import Trainer
@@ -182,7 +182,7 @@ def _tiny_trainer(tmp_path, *overrides):
                         "text_input_ids": ids, "text_input_mask": mask})
     plan = TrainPlan.from_config(cfg, num_examples=4, world_size=1)
     trainer = Trainer(cfg, model, build_loss(cfg.loss_config), ListStream(batches), plan,
-                      evaluate=lambda m: {}, env=DistEnv(), precision="fp32")
+                      evaluate=lambda m: {}, env=DistEnv(), precision=precision)
     return trainer, batches
 
 
@@ -229,3 +229,16 @@ def test_frozen_text_tower_gets_no_update(tmp_path):
     trainer.train_step()
     after = trainer.raw_model.clipmodel.text_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fp16_scale_overflow_is_skipped_not_counted_as_nan(tmp_path):
+    trainer, _ = _tiny_trainer(tmp_path, precision="fp16")
+    real_loss = trainer.loss_fn.forward
+    trainer.loss_fn.forward = lambda outputs, scale: real_loss(outputs, scale) * 1e34  # finite, huge
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    out = trainer.train_step()  # the scaled gradient overflows fp32: GradScaler's job
+    assert not out["finite"] and trainer.progress.scale_overflow_steps == 1
+    assert trainer.progress.nonfinite_steps == 0 and trainer.nonfinite_in_a_row == 0
+    assert trainer.scaler.get_scale() < 65536.0  # the scale went down
+    after = trainer.raw_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "logit_scale" not in k)

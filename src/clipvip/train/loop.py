@@ -226,6 +226,11 @@ class Trainer:
         if finite:
             self.scaler.step(self.optimizer)
             self.nonfinite_in_a_row = 0
+        elif math.isfinite(loss_value) and self.precision == "fp16":
+            # fp16 loss-scale overflow: GradScaler lowers the scale and the step is skipped. Normal
+            # while the scale settles, so it does not count towards max_nonfinite_steps.
+            self.progress.scale_overflow_steps += 1
+            LOGGER.debug("step %d: fp16 gradient overflow; loss scale lowered, step skipped", step)
         else:
             self.progress.nonfinite_steps += 1
             self.nonfinite_in_a_row += 1
@@ -305,6 +310,7 @@ class Trainer:
                         "clips_per_s": window_clips * self.env.world_size / elapsed,
                         "skipped_samples": self.progress.skipped_samples,
                         "nonfinite_steps": self.progress.nonfinite_steps,
+                        "scale_overflow_steps": self.progress.scale_overflow_steps,
                         **{f"loss/{k}": v for k, v in self.loss_fn.last_terms.items()},
                     })
                     window_clips, window_start = 0, time.perf_counter()

@@ -31,6 +31,7 @@ class Progress:
     best_r1: float = -1.0  # best validation text-to-video R@1 so far
     best_step: int = -1
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient, in all
+    scale_overflow_steps: int = 0  # fp16 steps skipped by the loss scaler (finite loss, inf gradient)
     skipped_samples: int = 0  # unreadable training samples replaced by others, in all
 
     @classmethod
