@@ -124,7 +124,7 @@ DEFAULTS: dict[str, Any] = {
     "clip_config": "openai/clip-vit-base-patch32",  # HF CLIP folder or known name (architecture)
     "clip_vision_additional_config": VISION_ADDITIONAL_DEFAULTS,
     "gradient_checkpointing": 0,  # recompute activations in backward to save memory
-    "attn_implementation": "sdpa",  # sdpa (fast) | eager (the original bmm + softmax formulation, same results)
+    "attn_implementation": "sdpa",  # sdpa (fast) or eager (the original formulation, the benchmark baseline; same results)
     "compile": 0,  # torch.compile the encoder layers (first steps slower while compiling; needs a C++ compiler on CPU)
     "freeze_text_encoder": 0,  # keep the text tower fixed during training
     "freeze_text_proj": 0,  # with freeze_text_encoder: also keep text_projection fixed
