@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CLIPEncoder, ProxyLayout
+from .layers import CLIPAttention, CLIPEncoder, CLIPEncoderLayer, ProxyLayout, check_attention_implementation
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,20 @@ class CLIPViPModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text_model.encoder.gradient_checkpointing = enable
         self.vision_model.encoder.gradient_checkpointing = enable
+
+    def set_attention(self, implementation: str = "sdpa") -> None:
+        """``"sdpa"`` (fast, the default) or ``"eager"`` (the original formulation: three
+        projections, bmm + softmax, quick_gelu written out; the baseline of ``python -m
+        clipvip.bench``) in every encoder layer of both towers. The same function either way."""
+        check_attention_implementation(implementation)
+        for module in self.modules():
+            if isinstance(module, CLIPEncoderLayer):
+                module.set_implementation(implementation)
+
+    @property
+    def attention_implementation(self) -> str:
+        names = {m.attn_implementation for m in self.modules() if isinstance(m, CLIPAttention)}
+        return names.pop() if len(names) == 1 else "mixed"
 
     def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, S) token ids -> (B, P) projected, not normalised."""

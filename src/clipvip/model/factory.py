@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 from transformers import CLIPConfig
 
 from ..errors import CheckpointError, ConfigError
 from ..logging_utils import get_logger
 from .clip_vip import VideoSettings
+from .layers import ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer
 from .retrieval import CLIPViPRetrieval
 from .weights import HF_WEIGHT_FILES, load_checkpoint, load_clip_weights
 
@@ -89,6 +91,30 @@ def resolve_clip_config(name_or_path: str) -> CLIPConfig:
     )
 
 
+def compile_model(model, **compile_kwargs):
+    """``torch.compile`` every encoder layer in place and return the model.
+
+    ``nn.Module.compile`` keeps the module tree, so state-dict keys (checkpoints) do not change,
+    and every caller of the towers (training, ``encode_video``, ``encode_text``, evaluation) runs
+    the compiled layers. Compilation itself happens at the first call of each shape; raises
+    :class:`ConfigError` where this torch has no ``torch.compile``.
+    """
+    if not hasattr(torch, "compile") or not hasattr(torch.nn.Module, "compile"):
+        raise ConfigError(f"compile: torch {torch.__version__} has no torch.compile / nn.Module.compile; "
+                          "set compile to 0")
+    import torch._dynamo as dynamo
+
+    # The layers of both towers share one code object: room for the shapes and modes of both
+    # towers (train/eval, text/video, sdpa/eager) before dynamo gives up and runs eagerly.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+    for module in model.modules():
+        if isinstance(module, CLIPEncoderLayer):
+            module.compile(**compile_kwargs)
+    return model
+
+
 def build_model(cfg, load_weights: bool = True) -> CLIPViPRetrieval:
     """The retrieval model of ``cfg``: CLIP-ViP (``type: ViP``) or the mean-pool CLIP baseline.
 
@@ -108,4 +134,10 @@ def build_model(cfg, load_weights: bool = True) -> CLIPViPRetrieval:
             LOGGER.info("no clip_weights or e2e_weights_path: the model is randomly initialised")
     if cfg.get("gradient_checkpointing"):
         model.set_grad_checkpointing(True)
+    attention = cfg.get("attn_implementation") or "sdpa"
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation: unknown '{attention}'; known: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    model.set_attention(attention)
+    if cfg.get("compile"):
+        compile_model(model)
     return model

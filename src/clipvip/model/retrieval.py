@@ -72,6 +72,10 @@ class CLIPViPRetrieval(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.clipmodel.set_grad_checkpointing(enable)
 
+    def set_attention(self, implementation: str = "sdpa") -> None:
+        """``"sdpa"`` (default) or ``"eager"`` (the original formulation); see :mod:`.layers`."""
+        self.clipmodel.set_attention(implementation)
+
     def freeze_text_encoder(self, freeze_projection: bool = False) -> None:
         modules = [self.clipmodel.text_model] + ([self.clipmodel.text_projection] if freeze_projection else [])
         for module in modules:

@@ -42,10 +42,22 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         raise ConfigError(f"unknown optim '{cfg.optim}'; known: {', '.join(OPTIMIZERS)}")
     groups = param_groups(model.named_parameters(), cfg.weight_decay, cfg.lr_mul, cfg.lr_mul_prefix)
     kwargs = {"lr": cfg.learning_rate, "betas": tuple(cfg.betas)}
-    params_on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    if name in ("adamw", "adam") and params_on_cuda:
-        kwargs["fused"] = True  # one kernel for the whole update where the device has it
+    devices = {p.device.type for g in groups for p in g["params"]}
+    if name in ("adamw", "adam") and len(devices) == 1 and devices <= _fused_devices():
+        # One kernel for the whole update where the device has it: CUDA, and CPUs since torch
+        # 2.4 (measured 7x faster than the default foreach update on CPU, docs/performance.md).
+        # It also skips an update on the device when ``optimizer.found_inf`` is set.
+        kwargs["fused"] = True
     return OPTIMIZERS[name](groups, **kwargs)
+
+
+def _fused_devices() -> set:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return set(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch: CUDA only
+        return {"cuda"}
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, decay: str) -> float:
