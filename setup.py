@@ -35,6 +35,7 @@ setup(
             "clipvip-retrieval=clipvip.retrieval:entry",
             "clipvip-pretrain=clipvip.pretrain:entry",
             "clipvip-synthetic=clipvip.data.synthetic:main",
+            "clipvip-bench=clipvip.bench:entry",
         ]
     },
 )

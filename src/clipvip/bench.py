@@ -1,0 +1,500 @@
+"""``python -m clipvip.bench``: throughput and peak memory of CLIP-ViP, one JSON object on stdout.
+
+Modes (``--mode``):
+
+- ``encode``: video encoding for evaluation (eval mode, no gradient), clips/s;
+- ``train``: one training step as :class:`clipvip.train.loop.Trainer` runs it (forward of both
+  towers under autocast, contrastive loss, backward, gradient clipping, AdamW, clamp of the
+  temperature), clips/s, with model-FLOPs utilisation against ``--peak-tflops``;
+- ``both``: the two above;
+- ``data``: what one DataLoader worker does per clip (decode + sample + transform) against the
+  ``ffmpeg`` command line decoding the same frames (:mod:`clipvip.data.benchmark`).
+
+Models have random weights and are built from a :data:`clipvip.model.KNOWN_ARCHITECTURES` name
+(``--arch b32|b16`` or the full name), with optional overrides of the vision tower
+(``--width --layers --heads``) and of the text tower (``--text-width --text-layers --text-heads``).
+``--attn eager sdpa`` measures both attention implementations side by side in one process,
+alternating between them round after round so that other load on the machine falls on both alike,
+and reports their ratio.
+
+    python -m clipvip.bench --mode both --arch b32 --width 384 --heads 6 --batch 8 --frames 12 \\
+        --precision fp32 --threads 2 --attn eager sdpa
+    python -m clipvip.bench --mode train --arch b32 --batch 32 --precision bf16 --compile \\
+        --peak-tflops 989
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measurement); on CPU
+the growth of the process's resident set during one step: Linux ``VmHWM`` reset through
+``/proc/self/clear_refs`` after ``malloc_trim`` (``"rss_hwm_delta"``), where that is not available
+the never-reset ``ru_maxrss`` of :mod:`resource` (``"ru_maxrss_delta"``, a lower bound once an
+earlier step has grown the process). ``tracemalloc`` is not used: it sees Python objects, not
+tensor storage.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .cli import run_main
+from .errors import ConfigError
+
+ARCH_ALIASES = {"b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16"}
+
+# Dense peak tensor-core TFLOP/s (no sparsity) used when --peak-tflops is not given, by device
+# name. H100 SXM5 and H200 share the GH100 chip and clocks: 989 TF bf16/fp16; H100 PCIe 756;
+# A100 312. fp32 means plain fp32 matmuls (torch's default: TF32 off): 67 / 51 / 19.5.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and analytic FLOPs
+# ---------------------------------------------------------------------------------------------
+def bench_clip_config(args) -> dict:
+    """The CLIP architecture dict of ``args.arch`` with the shape overrides applied."""
+    from .model import KNOWN_ARCHITECTURES
+
+    name = ARCH_ALIASES.get(args.arch, args.arch)
+    if name not in KNOWN_ARCHITECTURES:
+        raise ConfigError(f"unknown --arch '{args.arch}'; known: {', '.join([*ARCH_ALIASES, *KNOWN_ARCHITECTURES])}")
+    arch = copy.deepcopy(KNOWN_ARCHITECTURES[name])
+    vision, text = arch["vision_config"], arch["text_config"]
+    for tower, prefix in ((vision, ""), (text, "text_")):
+        width, layers, heads = (getattr(args, prefix + k) for k in ("width", "layers", "heads"))
+        if width:
+            tower["hidden_size"], tower["intermediate_size"] = width, 4 * width
+        if layers:
+            tower["num_hidden_layers"] = layers
+        if heads:
+            tower["num_attention_heads"] = heads
+        if tower["hidden_size"] % tower["num_attention_heads"]:
+            raise ConfigError(f"{prefix}width {tower['hidden_size']} is not divisible by "
+                              f"{prefix}heads {tower['num_attention_heads']}")
+    vision["image_size"] = args.res
+    if args.res % vision["patch_size"]:
+        raise ConfigError(f"--res {args.res} is not a multiple of the patch size {vision['patch_size']}")
+    text["max_position_embeddings"] = max(text["max_position_embeddings"], args.text_len)
+    arch["_name"] = name
+    return arch
+
+
+def build_bench_model(arch: dict, add_cls_num: int = 3, seed: int = 0):
+    """A randomly initialised :class:`CLIPViPRetrieval` of architecture ``arch`` (ViP, 12-frame table)."""
+    from transformers import CLIPConfig
+
+    from .model import CLIPViPRetrieval, VideoSettings
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(**{k: v for k, v in arch.items() if not k.startswith("_")})
+    return CLIPViPRetrieval(config, VideoSettings(add_cls_num=add_cls_num, temporal_size=12))
+
+
+def _encoder_flops(tokens: int, width: int, mlp: int, layers: int, attn_pairs: int) -> int:
+    """Forward FLOPs (2 per multiply-add) of ``layers`` pre-LN blocks on ``tokens`` tokens.
+
+    ``attn_pairs``: (query, key) pairs scored per layer; QK^T and PV cost 2*2*width each.
+    """
+    linear = 2 * tokens * (4 * width * width + 2 * width * mlp)
+    attention = 4 * attn_pairs * width
+    return layers * (linear + attention)
+
+
+def model_flops(arch: dict, batch: int, frames: int, text_len: int, add_cls_num: int = 3) -> dict:
+    """Analytic forward FLOPs per batch: video tower (proxy-guided attention) and text tower.
+
+    Only matmuls are counted (norms, activations, softmax are < 1%). The text tower's causal
+    attention is counted as full attention, the usual MFU convention; a training step is three
+    forward passes (backward = 2x forward), whether or not activations are recomputed.
+    """
+    v, t = arch["vision_config"], arch["text_config"]
+    D, p, res = v["hidden_size"], v["patch_size"], v["image_size"]
+    L = (res // p) ** 2
+    M = 1 + add_cls_num
+    S = M + frames * L
+    if frames > 1:
+        pairs = M * S + frames * L * (M + L)  # proxies see all; a patch sees M proxies + its frame
+    else:
+        pairs = S * S  # one frame: plain attention
+    video = (2 * frames * L * 3 * p * p * D  # patch embedding
+             + _encoder_flops(S, D, v["intermediate_size"], v["num_hidden_layers"], pairs)
+             + 2 * D * arch["projection_dim"])
+    Dt = t["hidden_size"]
+    text = (_encoder_flops(text_len, Dt, t["intermediate_size"], t["num_hidden_layers"], text_len ** 2)
+            + 2 * Dt * arch["projection_dim"])
+    loss = 2 * 2 * batch * batch * arch["projection_dim"]
+    return {"video_forward": batch * video, "text_forward": batch * text,
+            "train_step": 3 * (batch * (video + text) + loss)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+def _rss_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of the code run inside ``with PeakMemory(device) as m:`` -> ``m.bytes``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes: Optional[int] = None
+        self.method = ""
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda_max_memory_allocated"
+            return self
+        _malloc_trim()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self._base = _rss_bytes("VmRSS")
+            self.method = "rss_hwm_delta"
+        except OSError:
+            import resource
+
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "ru_maxrss_delta"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device)  # absolute: weights + state + peak
+            self.activation_bytes = self.bytes - self._base
+        elif self.method == "rss_hwm_delta":
+            self.bytes = (_rss_bytes("VmHWM") or 0) - self._base
+        else:
+            import resource
+
+            self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def _inputs(arch: dict, batch: int, frames: int, text_len: int, device: torch.device):
+    g = torch.Generator().manual_seed(1)
+    res = arch["vision_config"]["image_size"]
+    video = torch.randn(batch, frames, 3, res, res, generator=g)
+    vocab = arch["text_config"]["vocab_size"]
+    ids = torch.randint(1, vocab - 2, (batch, text_len), generator=g)
+    ids[:, 0], ids[:, -1] = vocab - 2, vocab - 1  # BOS ... EOS (EOS the largest id, as CLIP)
+    mask = torch.ones(batch, text_len, dtype=torch.long)
+    return video.to(device), ids.to(device), mask.to(device)
+
+
+class TrainStep:
+    """One optimizer step as :meth:`clipvip.train.loop.Trainer.train_step` runs it, its host sync
+    (reading loss and gradient norm to skip non-finite steps) included unless ``host_sync=False``."""
+
+    def __init__(self, model, precision: str, device: torch.device, lr: float = 1e-5, host_sync: bool = True):
+        from .config import load_config
+        from .loss import build_loss
+        from .train.optim import build_optimizer
+        from .train.precision import grad_scaler
+
+        cfg = load_config(None, ["--learning_rate", str(lr)])
+        self.model, self.precision, self.device = model, precision, device
+        self.optimizer = build_optimizer(model, cfg)
+        self.fused = bool(self.optimizer.defaults.get("fused"))
+        self.scaler = grad_scaler(precision, device.type)
+        self.loss_fn = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 0})
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grad_norm = float(cfg.grad_norm)
+        self.host_sync = host_sync
+
+    def __call__(self, video, ids, mask) -> torch.Tensor:
+        from .train.precision import autocast
+
+        with autocast(self.precision, self.device.type):
+            out = self.model(video, ids, mask)
+        loss = self.loss_fn({k: v.float() for k, v in out.items()}, self.model.logit_scale)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_norm)
+        if self.host_sync:  # the Trainer's one host-device sync per step (non-finite check)
+            torch.stack([loss.detach(), norm.to(loss.device)]).tolist()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.clamp_logit_scale()
+        return loss.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_tflops(precision: str, device: torch.device, n: int = 4096, repeats: int = 5) -> float:
+    """Measured matmul throughput (TFLOP/s) of an n x n x n product in ``precision``: the
+    practical GEMM peak of this device, the reference for MFU where no --peak-tflops is known."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cpu":
+        n = min(n, 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def default_peak_tflops(device: torch.device, precision: str) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurement
+# ---------------------------------------------------------------------------------------------
+def _timed_rounds(variants: dict[str, Callable[[], None]], device: torch.device, steps: int,
+                  rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``steps`` calls per round, variants alternating each round."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            for _ in range(steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(seconds: list[float], batch: int) -> dict:
+    med = statistics.median(seconds)
+    return {"clips_per_s": round(batch / med, 3), "ms_per_batch": round(1e3 * med, 2),
+            "best_ms_per_batch": round(1e3 * min(seconds), 2),
+            "spread": round((max(seconds) - min(seconds)) / med, 3), "samples": len(seconds)}
+
+
+def run_model_bench(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 on a CPU runs emulated fp16 matmuls; use bf16 or fp32 there")
+    arch = bench_clip_config(args)
+    model = build_bench_model(arch).to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    compile_error = None
+    if args.compile:
+        try:
+            from .model import compile_model
+
+            compile_model(model, backend=args.compile_backend)
+        except Exception as e:  # noqa: BLE001 - reported, then the run goes on without compile
+            compile_error = f"{type(e).__name__}: {e}"
+    video, ids, mask = _inputs(arch, args.batch, args.frames, args.text_len, device)
+    flops = model_flops(arch, args.batch, args.frames, args.text_len)
+    peak = args.peak_tflops or default_peak_tflops(device, args.precision)
+    peak_source = "--peak-tflops" if args.peak_tflops else ("device table" if peak else None)
+    if peak is None and args.measure_peak:
+        peak, peak_source = measure_peak_tflops(args.precision, device), "measured matmul"
+
+    from .model import layers
+    from .train.precision import autocast
+
+    modes = ["encode", "train"] if args.mode == "both" else [args.mode]
+    results: dict = {}
+    errors: dict = {}
+    for mode in modes:
+        variants: dict[str, Callable[[], None]] = {}
+        memory: dict[str, dict] = {}
+        step = TrainStep(model, args.precision, device, host_sync=args.step_sync == "loop") if mode == "train" else None
+        for attn in args.attn:
+            def call(attn=attn):
+                model.set_attention(attn)
+                if mode == "train":
+                    model.train()
+                    step(video, ids, mask)
+                else:
+                    model.eval()
+                    with torch.inference_mode(), autocast(args.precision, device.type):
+                        model.encode_video(video)
+
+            try:
+                for _ in range(args.warmup):
+                    call()
+                with PeakMemory(device) as mem:
+                    call()
+            except Exception as e:  # noqa: BLE001 - torch.compile / out-of-memory: report, go on
+                errors[f"{mode}/{attn}"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if args.compile and device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            variants[attn] = call
+            memory[attn] = {"peak_bytes": mem.bytes, "peak_mib": round(mem.bytes / 2 ** 20, 1), "method": mem.method}
+        times = _timed_rounds(variants, device, args.steps, args.rounds)
+        block = {}
+        for attn in variants:
+            entry = {**_summary(times[attn], args.batch), "memory": memory[attn]}
+            fl = flops["train_step"] if mode == "train" else flops["video_forward"]
+            tflops = fl / statistics.median(times[attn]) / 1e12
+            entry["model_tflops_per_s"] = round(tflops, 3)
+            if peak:
+                entry["mfu"] = round(tflops / peak, 4)
+            block[attn] = entry
+        if "eager" in block and "sdpa" in block:
+            block["speedup_sdpa_vs_eager"] = round(block["eager"]["ms_per_batch"] / block["sdpa"]["ms_per_batch"], 3)
+            block["speedup_sdpa_vs_eager_best"] = round(
+                block["eager"]["best_ms_per_batch"] / block["sdpa"]["best_ms_per_batch"], 3)
+        if step is not None:
+            block["fused_optimizer"] = step.fused
+        results[mode] = block
+        del step
+    report = {
+        "machine": machine_info(device),
+        "settings": {
+            "mode": args.mode, "arch": arch["_name"], "device": str(device), "precision": args.precision,
+            "batch": args.batch, "frames": args.frames, "res": args.res, "text_len": args.text_len,
+            "threads": torch.get_num_threads(), "attn": list(args.attn),
+            "compile": args.compile_backend if args.compile else False,
+            "grad_checkpointing": bool(args.grad_checkpointing), "step_sync": args.step_sync,
+            "onednn_fp32_matmuls": bool(layers.ONEDNN_LINEAR and device.type == "cpu"),
+            "steps": args.steps, "rounds": args.rounds,
+            "warmup": args.warmup,
+            "vision": {k: arch["vision_config"][k] for k in ("hidden_size", "num_hidden_layers",
+                                                             "num_attention_heads", "patch_size")},
+            "text": {k: arch["text_config"][k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
+        },
+        "model_gflops": {k: round(v / 1e9, 2) for k, v in flops.items()},
+        "peak_tflops": round(peak, 2) if peak else None,
+        "peak_source": peak_source,
+        "results": results,
+    }
+    if compile_error or errors:
+        report["errors"] = {**({"compile": compile_error} if compile_error else {}), **errors}
+    return report
+
+
+def machine_info(device: Optional[torch.device] = None) -> dict:
+    from .data.benchmark import cpu_name
+
+    info = {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            # Other jobs on the machine slow every variant alike (they alternate); recorded for context.
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clipvip.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=("encode", "train", "both", "data"), default="both")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default="b32", help="b32, b16 or a clipvip.model.KNOWN_ARCHITECTURES name")
+    m.add_argument("--width", type=int, help="vision width (MLP 4x width)")
+    m.add_argument("--layers", type=int, help="vision layers")
+    m.add_argument("--heads", type=int, help="vision heads")
+    m.add_argument("--text-width", type=int)
+    m.add_argument("--text-layers", type=int)
+    m.add_argument("--text-heads", type=int)
+    m.add_argument("--batch", type=int, default=8, help="clips per step (per device)")
+    m.add_argument("--frames", type=int, default=12)
+    m.add_argument("--res", type=int, default=224)
+    m.add_argument("--text-len", type=int, default=50, help="text tokens per caption (max_txt_len: captions are padded to it)")
+    m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    m.add_argument("--attn", nargs="+", choices=("eager", "sdpa"), default=["eager", "sdpa"],
+                   help="attention implementations, measured side by side")
+    m.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
+    m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
+    m.add_argument("--grad-checkpointing", action="store_true")
+    m.add_argument("--step-sync", choices=("loop", "none"), default="loop",
+                   help="train: read loss and gradient norm on the host every step as the Trainer does, or not")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    m.add_argument("--peak-tflops", type=float,
+                   help="peak TFLOP/s for MFU (default: H100/H200 989 bf16/fp16, 67 fp32; A100 312)")
+    m.add_argument("--measure-peak", action="store_true",
+                   help="without a known peak, measure a large matmul and use it as the peak")
+    t = p.add_argument_group("timing")
+    t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
+    t.add_argument("--steps", type=int, default=3, help="timed calls per variant per round")
+    t.add_argument("--rounds", type=int, default=3, help="rounds, variants alternating")
+    d = p.add_argument_group("data (--mode data)")
+    d.add_argument("--clips", type=int, default=8, help="distinct clips per pass")
+    d.add_argument("--clip-frames", type=int, default=90, help="frames per clip (90 = 15 s at 6 fps)")
+    d.add_argument("--size", default="240x320", help="clip HxW")
+    d.add_argument("--fps", type=int, default=6)
+    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--dir", help="reuse clips in this folder instead of a temporary one")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mode == "data":
+        from .data.benchmark import run_data_bench
+
+        report = run_data_bench(num_frms=args.frames, input_res=args.res, clips=args.clips,
+                                frames=args.clip_frames, size=args.size, fps=args.fps,
+                                repeats=args.repeats, folder=args.dir)
+    else:
+        report = run_model_bench(args)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    entry()
