@@ -57,13 +57,28 @@ def normalize(x: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
     return (x - m) / s
 
 
+# (x / 255 - mean) / std as one multiply-add: x * _SCALE + _SHIFT, per channel.
+_SCALE = tuple(1.0 / (255.0 * s) for s in CLIP_STD)
+_SHIFT = tuple(-m / s for m, s in zip(CLIP_MEAN, CLIP_STD))
+
+
 def frames_to_model_input(frames: torch.Tensor, input_res: Size = (224, 224)) -> torch.Tensor:
-    """uint8 RGB frames ``[N, H, W, 3]`` to normalised float32 ``[N, 3, h, w]``."""
+    """uint8 RGB frames ``[N, H, W, 3]`` to normalised float32 ``[N, 3, h, w]``.
+
+    Computes ``normalize(center_crop(resize(frames / 255)))``, arranged for speed (a DataLoader
+    worker does this for every clip; docs/performance.md): the frames go to channels-first
+    memory before the resize (torch's antialiased bicubic kernel is about 1.5x faster on NCHW
+    than on the channels-last view ``permute`` gives), and the division by 255 moves after the
+    resize, where it joins the normalisation in one multiply-add. Resize and crop are linear, so
+    this is the same function up to float rounding (about 1e-6).
+    """
     if frames.dtype != torch.uint8:
         raise TypeError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype}")
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [N, H, W, 3], got {tuple(frames.shape)}")
-    x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W) in [0, 1]
-    x = resize(x, input_res)                             # (N, 3, h, w)
-    x = center_crop(x, input_res)                        # (N, 3, h, w), unchanged
-    return normalize(x).contiguous()
+    x = frames.permute(0, 3, 1, 2).contiguous().float()  # (N, 3, H, W) in [0, 255], NCHW memory
+    x = resize(x, input_res)                              # (N, 3, h, w)
+    x = center_crop(x, input_res)                         # (N, 3, h, w), unchanged
+    scale = torch.tensor(_SCALE, dtype=x.dtype).view(1, 3, 1, 1)
+    shift = torch.tensor(_SHIFT, dtype=x.dtype).view(1, 3, 1, 1)
+    return torch.addcmul(shift, x, scale)  # a new contiguous tensor
