@@ -195,7 +195,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device)  # absolute: weights + state + peak
-            self.activation_bytes = self.bytes - self._base
+            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)  # what the allocator held
         elif self.method == "rss_hwm_delta":
             self.bytes = (_rss_bytes("VmHWM") or 0) - self._base
         else:
@@ -372,6 +372,8 @@ def run_model_bench(args) -> dict:
                 continue
             variants[attn] = call
             memory[attn] = {"peak_bytes": mem.bytes, "peak_mib": round(mem.bytes / 2 ** 20, 1), "method": mem.method}
+            if device.type == "cuda":
+                memory[attn]["peak_reserved_bytes"] = mem.reserved_bytes
         times = _timed_rounds(variants, device, args.steps, args.rounds)
         block = {}
         for attn in variants:

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/performance.md, one script, under 5 minutes on one H100/H200:
+#
+#   1. B/32, 12 frames, batch 32, training step: eager vs sdpa in fp16 (target: sdpa >= 1.5x),
+#      sdpa in bf16 with and without the loop's per-step host sync, MFU (target >= 45 %);
+#   2. B/16, 12 frames, batch 32, bf16, gradient checkpointing: peak memory (target: fits 80 GB);
+#   3. evaluation encoding throughput, B/32 and B/16, fp16 (eager vs sdpa);
+#   4. B/32 bf16 training step with torch.compile (allowed to fail or time out: reported).
+#
+#   scripts/gpu_check.sh [OUT_DIR]        # default: $OUT if set, else gpu_check_results/
+#
+# Each check is one `python -m clipvip.bench` run writing a JSON file, under its own time limit
+# (the limits add up to 295 s); a summary with the
+# targets is printed at the end (and written to summary.json). PEAK_TFLOPS overrides the peak
+# used for MFU (default: from the device name, 989 TF/s bf16/fp16 for H100 SXM and H200).
+# SMOKE=1 runs the same steps on tiny shapes (any device; checks the script, not the numbers).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-gpu_check_results}}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python}"
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+PEAK=()
+[ -n "${PEAK_TFLOPS:-}" ] && PEAK=(--peak-tflops "$PEAK_TFLOPS")
+
+if [ "${SMOKE:-0}" = "1" ]; then
+  B32=(--arch b32 --width 64 --heads 2 --layers 2 --text-width 64 --text-heads 2 --text-layers 2 --res 64)
+  B16=(--arch b16 --width 64 --heads 2 --layers 2 --text-width 64 --text-heads 2 --text-layers 2 --res 64)
+  SHAPE=(--frames 3 --batch 2 --text-len 8)
+  TIMING=(--warmup 1 --steps 1 --rounds 1)
+  FP16=bf16  # fp16 autocast is refused on CPUs
+else
+  B32=(--arch b32); B16=(--arch b16)
+  SHAPE=(--frames 12 --batch 32 --text-len 50)
+  TIMING=(--warmup 3 --steps 5 --rounds 3)
+  FP16=fp16
+fi
+
+run() {  # run NAME TIMEOUT_S ARGS...: one bench run, JSON to $OUT_DIR/NAME.json, stderr to NAME.log
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  if timeout "$limit" "$PY" -m clipvip.bench "$@" >"$OUT_DIR/$name.json" 2>"$OUT_DIR/$name.log"; then
+    echo "ok      $name ($((SECONDS - start)) s)"
+  else
+    echo "FAILED  $name ($((SECONDS - start)) s, exit $?): see $OUT_DIR/$name.log"; tail -3 "$OUT_DIR/$name.log"
+  fi
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT_DIR/gpu.txt"
+run b32_train_fp16  55 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision "$FP16" --attn eager sdpa
+run b32_train_bf16  30 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa
+run b32_train_bf16_nosync 30 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --step-sync none
+run b16_train_bf16_ckpt 50 --mode train "${B16[@]}" "${SHAPE[@]}" --warmup 1 --steps 2 --rounds 1 "${PEAK[@]}" --precision bf16 --attn sdpa --grad-checkpointing
+run b32_encode_fp16 25 --mode encode "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
+run b16_encode_fp16 25 --mode encode "${B16[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
+run b32_train_bf16_compile 80 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --compile
+
+"$PY" - "$OUT_DIR" <<'EOF'
+import json, os, sys
+
+out = sys.argv[1]
+
+
+def load(name):
+    try:
+        with open(os.path.join(out, name + ".json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def pick(report, mode, attn, key):
+    try:
+        return report["results"][mode][attn][key]
+    except (KeyError, TypeError):
+        return None
+
+
+summary = {}
+r = load("b32_train_fp16")
+summary["b32_train_fp16_speedup_sdpa_vs_eager"] = (r or {}).get("results", {}).get("train", {}).get("speedup_sdpa_vs_eager")
+summary["b32_train_fp16_sdpa_clips_per_s"] = pick(r, "train", "sdpa", "clips_per_s")
+summary["b32_train_fp16_sdpa_mfu"] = pick(r, "train", "sdpa", "mfu")
+for name in ("b32_train_bf16", "b32_train_bf16_nosync", "b32_train_bf16_compile"):
+    r = load(name)
+    summary[name + "_clips_per_s"] = pick(r, "train", "sdpa", "clips_per_s")
+    summary[name + "_mfu"] = pick(r, "train", "sdpa", "mfu")
+    if r and r.get("errors"):
+        summary[name + "_errors"] = r["errors"]
+r = load("b16_train_bf16_ckpt")
+mem = pick(r, "train", "sdpa", "memory") or {}
+summary["b16_b32batch_ckpt_peak_gib"] = round(mem["peak_bytes"] / 2 ** 30, 2) if mem.get("peak_bytes") else None
+# What the caching allocator held at its peak (CUDA only): the number to hold against 80 GB.
+held = mem.get("peak_reserved_bytes", mem.get("peak_bytes"))
+summary["b16_b32batch_ckpt_peak_reserved_gib"] = round(held / 2 ** 30, 2) if held else None
+summary["b16_b32batch_ckpt_clips_per_s"] = pick(r, "train", "sdpa", "clips_per_s")
+for name in ("b32_encode_fp16", "b16_encode_fp16"):
+    r = load(name)
+    summary[name + "_sdpa_clips_per_s"] = pick(r, "encode", "sdpa", "clips_per_s")
+    summary[name + "_speedup"] = (r or {}).get("results", {}).get("encode", {}).get("speedup_sdpa_vs_eager")
+best_mfu = max([v for k, v in summary.items() if k.endswith("_mfu") and isinstance(v, (int, float))], default=None)
+summary["targets"] = {
+    "fp16 train speedup >= 1.5": (summary["b32_train_fp16_speedup_sdpa_vs_eager"] or 0) >= 1.5,
+    "bf16 train MFU >= 0.45 (best of plain / compiled)": (best_mfu or 0) >= 0.45,
+    "B/16 batch 32 x 12 frames fits 80 GB with checkpointing":
+        # an 80 GB H100 has 79.6 GiB, of which the CUDA context takes about 0.5
+        summary["b16_b32batch_ckpt_peak_reserved_gib"] is not None and summary["b16_b32batch_ckpt_peak_reserved_gib"] < 79.0,
+}
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+print(json.dumps(summary, indent=1))
+EOF
