@@ -3,6 +3,8 @@
 Horovod is optional (its PyPI release needs a patched build for torch >= 2.1, DESIGN §6), so it is
 imported inside each function, never at module import. Nothing here carries autograd: the
 gradient of the gathered features is handled by ``clipvip.distributed`` for every backend alike.
+Horovod raises ``ValueError`` on a non-contiguous tensor (a transposed view, the expanded gradient
+of a ``sum``), so every tensor is made contiguous before it is handed over.
 """
 from __future__ import annotations
 
@@ -31,13 +33,13 @@ def init() -> tuple[int, int, int]:
 
 def allgather(x: torch.Tensor) -> torch.Tensor:
     """Concatenation of every rank's ``x`` along dim 0 in rank order (first dims may differ)."""
-    return _hvd().allgather(x.detach())
+    return _hvd().allgather(x.detach().contiguous())  # horovod refuses strided tensors
 
 
 def allreduce_sum(x: torch.Tensor) -> torch.Tensor:
     """A new tensor: the sum of ``x`` over ranks."""
     hvd = _hvd()
-    return hvd.allreduce(x.detach(), op=hvd.Sum)
+    return hvd.allreduce(x.detach().contiguous(), op=hvd.Sum)  # e.g. an expanded gradient
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -215,9 +215,7 @@ class Trainer:
         backward = self._backward_feature_cache if self.accum_feature_cache else self._backward_plain
         loss = backward(batches)
         if self.env.backend == "horovod":  # no DDP there: average the gradients ourselves
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.copy_(distributed.all_reduce_mean(p.grad))
+            distributed.all_reduce_mean_([p.grad for p in self.params if p.grad is not None])
         self.scaler.unscale_(self.optimizer)
         max_norm = float(self.cfg.grad_norm) if self.cfg.grad_norm and self.cfg.grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
