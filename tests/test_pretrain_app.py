@@ -31,7 +31,8 @@ def pretrained(tmp_path_factory):
         "clip_vision_additional_config": {"type": "ViP", "temporal_size": 4, "add_cls_num": 3,
                                           "logit_scale_init_value": 2.3},
         "loss_config": {"loss_name": "NCELearnableTempLoss_vsc_fc", "if_gather": 1},
-        "train_batch_size": 4, "test_batch_size": 6, "n_workers": 0, "pin_mem": 0, "fp16": 0,
+        # 2 processes x 2 clips x 2 accumulated micro-batches, every loss seeing all 8 (feature cache)
+        "train_batch_size": 2, "gradient_accumulation_steps": 2, "accum_feature_cache": 1, "test_batch_size": 6, "n_workers": 0, "pin_mem": 0, "fp16": 0,
         "learning_rate": 2e-3, "weight_decay": 0.01, "warmup_ratio": 0.05, "num_train_epochs": 20,
         "num_valid": 2, "only_valid_steps": 1000, "save_steps_ratio": 0.5, "log_interval": 5, "seed": 0,
         "grad_norm": 5.0,

@@ -193,16 +193,18 @@ class Trainer:
             cached = [_float_features(self.model(**_model_inputs(b, self.device))) for b in batches]
         total = torch.zeros((), device=self.device)
         for j, batch in enumerate(batches):
-            with self._sync_context(last=j == len(batches) - 1):
+            last = j == len(batches) - 1
+            with self._sync_context(last):
                 with autocast(self.precision, self.device_type):
                     fresh = _float_features(self.model(**_model_inputs(batch, self.device)))
                 merged = {k: torch.cat([fresh[k] if i == j else cached[i][k] for i in range(len(batches))])
                           for k in fresh}
-                # logit_scale's gradient must be counted once, not once per recomputation.
-                scale = self.raw_model.logit_scale if j == 0 else self.raw_model.logit_scale.detach()
+                # logit_scale's gradient must be counted once, not once per recomputation, and in
+                # the last micro-batch: the one DDP synchronises (the others run under no_sync).
+                scale = self.raw_model.logit_scale if last else self.raw_model.logit_scale.detach()
                 loss = self.loss_fn(merged, scale)
                 self.scaler.scale(loss).backward()
-            if j == 0:
+            if j == 0:  # every recomputation gives the same value
                 total += loss.detach()
         return total
 
