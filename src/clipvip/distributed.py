@@ -201,6 +201,7 @@ def cleanup() -> None:
     if _ENV is not None and _ENV.backend == "horovod":
         _hvd().shutdown()
     elif _OWNS_GROUP and dist.is_initialized():
+        dist.barrier()  # nobody tears the group down while a peer still has work in flight
         dist.destroy_process_group()
     _ENV, _OWNS_GROUP = None, False
 

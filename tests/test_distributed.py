@@ -1,0 +1,230 @@
+"""clipvip.distributed: launcher detection, the single-process path, and 2 gloo processes on CPU.
+
+The two-process test checks the gradient convention the losses rely on: each rank computes the
+loss of the global batch from gathered features; a rank's local features get world_size x the
+single-process gradient, and after DDP averages the parameter gradients over ranks the model's
+gradient equals the single-process gradient on the whole batch.
+"""
+import copy
+import gc
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import clipvip.distributed as D
+from clipvip.errors import ConfigError
+from clipvip.loss import build_loss
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK",
+               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in LAUNCH_VARS:
+        monkeypatch.delenv(key, raising=False)
+    D.cleanup()
+    yield monkeypatch
+    D.cleanup()
+
+
+# ----------------------------------------------------------------------------------------------
+# One process
+# ----------------------------------------------------------------------------------------------
+def test_detect_launcher():
+    assert D.detect_launcher({}) == ("single", 0, 1, 0)
+    assert D.detect_launcher({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == ("torchrun", 3, 8, 1)
+    assert D.detect_launcher({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}) == ("slurm", 5, 6, 2)
+    assert D.detect_launcher({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1"}) == ("horovod", 1, 2, 1)
+    assert D.detect_launcher({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                              "OMPI_COMM_WORLD_LOCAL_RANK": "0"}) == ("horovod", 2, 4, 0)
+    # torchrun inside a SLURM allocation: torchrun's variables win
+    assert D.detect_launcher({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})[:3] == ("torchrun", 1, 2)
+    with pytest.raises(ConfigError, match="RANK"):
+        D.detect_launcher({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_single_process_needs_no_env_and_no_group(clean_env):
+    env = D.init_distributed()
+    assert (env.rank, env.world_size, env.local_rank, env.backend) == (0, 1, 0, None)
+    assert D.init_distributed() is env and D.get_env() is env  # idempotent
+    assert not dist.is_initialized()
+    assert D.is_main_process()
+    x = torch.randn(3, 2, requires_grad=True)
+    assert D.all_gather_with_grad(x) is x
+    assert torch.equal(D.all_gather_variable(x), x)
+    assert torch.equal(D.all_reduce_mean(x), x) and D.all_reduce_mean(2.5) == 2.5
+    assert D.broadcast_object({"a": 1}) == {"a": 1}
+    assert D.gather_objects("me") == ["me"]
+    D.barrier()
+
+
+def test_collectives_refuse_before_init(clean_env):
+    clean_env.setenv("RANK", "1")
+    clean_env.setenv("WORLD_SIZE", "2")
+    assert D.get_env().rank == 1 and not D.is_main_process()  # known before any group exists
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        D.all_gather_with_grad(torch.zeros(1))
+
+
+def test_launch_errors_are_clear(clean_env):
+    with pytest.raises(ConfigError, match="valid"):
+        D.init_distributed(backend="mpi")
+    clean_env.setenv("SLURM_PROCID", "0")
+    clean_env.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        D.init_distributed(backend="gloo")
+
+
+def test_importing_does_not_import_horovod():
+    code = "import sys, clipvip.distributed, clipvip.loss; assert 'horovod' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two gloo processes
+# ----------------------------------------------------------------------------------------------
+WORLD, B, P_IN, P = 2, 3, 6, 4
+
+
+class TinyDualEncoder(nn.Module):
+    """Video/frame and text/caption encoders: one linear map each, plus the log-temperature."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision = nn.Linear(P_IN, P)
+        self.text = nn.Linear(P_IN, P)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def forward(self, video, sub, frame, cap):
+        return {"vis_features": F.normalize(self.vision(video), dim=-1),
+                "text_features": F.normalize(self.text(sub), dim=-1),
+                "img_features": F.normalize(self.vision(frame), dim=-1),
+                "cap_features": F.normalize(self.text(cap), dim=-1),
+                "logit_scale": self.logit_scale}
+
+
+def _close(a, b, what):
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), f"{what}: {a} vs {b}"
+
+
+def _check_gather_and_loss_gradient(rank):
+    g = torch.Generator().manual_seed(0)
+    full_v, full_t = (torch.randn(WORLD * B, P, generator=g, dtype=torch.float64) for _ in range(2))
+    mine = slice(rank * B, (rank + 1) * B)
+
+    gathered = D.all_gather_with_grad(full_v[mine].clone())
+    _close(gathered, full_v, "gathered batch in rank order")
+
+    # single-process reference on the global batch
+    ref_v, ref_t = full_v.clone().requires_grad_(), full_t.clone().requires_grad_()
+    ref_scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
+    ref_loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 0})(
+        {"vis_features": F.normalize(ref_v, dim=-1), "text_features": F.normalize(ref_t, dim=-1)}, ref_scale)
+    ref_loss.backward()
+
+    v, t = full_v[mine].clone().requires_grad_(), full_t[mine].clone().requires_grad_()
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
+    loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 1})(
+        {"vis_features": F.normalize(v, dim=-1), "text_features": F.normalize(t, dim=-1)}, scale)
+    loss.backward()
+    _close(loss, ref_loss, "gathered loss")
+    _close(v.grad / WORLD, ref_v.grad[mine], "video grad / world")  # DDP's average divides by world
+    _close(t.grad / WORLD, ref_t.grad[mine], "text grad / world")
+    _close(scale.grad, ref_scale.grad, "logit_scale grad")  # full on every rank, so its average too
+
+
+def _check_ddp_matches_single_process(rank, loss_name):
+    torch.manual_seed(1)  # same initial weights on both ranks
+    model = TinyDualEncoder().double()
+    reference = copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(WORLD * B, P_IN, generator=g, dtype=torch.float64) for _ in range(4)]
+    mine = slice(rank * B, (rank + 1) * B)
+
+    out = ddp(*(x[mine] for x in inputs))
+    build_loss({"loss_name": loss_name, "if_gather": 1})(out, out["logit_scale"]).backward()
+
+    ref_out = reference(*inputs)
+    build_loss({"loss_name": loss_name, "if_gather": 0})(ref_out, ref_out["logit_scale"]).backward()
+    for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
+        _close(p.grad, ref_p.grad, f"{loss_name}: DDP gradient of {name}")
+    # DDP's reducer sits in reference cycles; free it while its process group is still alive,
+    # or its threads abort the process at exit.
+    del ddp, out
+    gc.collect()
+
+
+def _check_uneven(rank):
+    sizes = [2, 4]
+    full = torch.arange(sum(sizes) * P, dtype=torch.float64).reshape(sum(sizes), P)
+    start = sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    x = full[mine].clone().requires_grad_()
+    gathered = D.all_gather_with_grad(x)
+    _close(gathered, full, "uneven gather with grad")
+    weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
+    (gathered * weights).sum().backward()
+    _close(x.grad, WORLD * weights[mine], "uneven gather gradient")
+
+    for sizes in ([3, 1], [0, 2]):  # the last batch; a rank with nothing left
+        start = sum(sizes[:rank])
+        got = D.all_gather_variable(full[start: start + sizes[rank]])
+        _close(got, full[: sum(sizes)], f"all_gather_variable {sizes}")
+
+
+def _check_objects(rank):
+    assert D.all_reduce_mean(torch.tensor([rank + 1.0])).item() == 1.5
+    assert D.all_reduce_mean(float(rank)) == 0.5
+    assert D.broadcast_object({"from": rank}, src=1) == {"from": 1}
+    assert D.gather_objects(f"r{rank}") == ["r0", "r1"]
+    D.barrier()
+
+
+def _worker(rank, port):
+    import faulthandler; faulthandler.enable(all_threads=True)
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    env = D.init_distributed(backend="gloo", device="cpu")
+    try:
+        assert (env.rank, env.world_size, env.local_rank, env.backend) == (rank, WORLD, rank, "gloo")
+        assert D.init_distributed() is env
+        assert D.is_main_process() == (rank == 0)
+        _check_gather_and_loss_gradient(rank)
+        _check_ddp_matches_single_process(rank, "NCELearnableTempLoss")
+        _check_ddp_matches_single_process(rank, "NCELearnableTempLoss_vsc_fc")
+        _check_uneven(rank)
+        _check_objects(rank)
+    finally:
+        print('before cleanup', rank, flush=True)
+        D.cleanup()
+        print('after cleanup', rank, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes():
+    ctx = mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish in 120 s")
