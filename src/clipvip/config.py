@@ -130,6 +130,7 @@ DEFAULTS: dict[str, Any] = {
     "freeze_text_proj": 0,  # with freeze_text_encoder: also keep text_projection fixed
     # --- optimisation ---
     "train_batch_size": 16,  # per process
+    "train_pair_field": "",  # record field naming a partner clip (synthetic: "twin"): partners share a batch
     "test_batch_size": 16,  # per process
     "gradient_accumulation_steps": 1,
     "accum_feature_cache": 0,  # accumulate with cached features: every loss sees the whole global batch

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..errors import ConfigError
 from ..logging_utils import get_logger
 
 LOGGER = get_logger(__name__)
@@ -138,13 +139,20 @@ class ResumableSampler(Sampler):
     Every rank gets ``ceil(n / world)`` positions of the epoch's permutation (the permutation is
     padded with its own head, as ``DistributedSampler`` does) and runs
     ``batches_per_epoch`` full batches of it, so all ranks take the same number of steps.
+
+    ``partners`` (``train_pair_field``): for each index the index of its partner, or -1. Then the
+    permutation shuffles *groups* (a partner pair, or a lone index), the groups are dealt to the
+    ranks, and partners come out next to each other, so they share a batch (a batch boundary cuts
+    at most one pair): each is the other's hard negative.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 partners: list[int] | None = None):
         if n <= 0:
             raise ValueError("the training set is empty")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.groups = partner_groups(partners) if partners is not None else None
         self.per_rank = math.ceil(n / world_size)
         # Full batches only (contrastive batches should not shrink), but at least one.
         self.batches_per_epoch = max(self.per_rank // batch_size, 1)
@@ -154,10 +162,22 @@ class ResumableSampler(Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def rank_indices(self, epoch: int) -> list[int]:
+        if self.groups is not None:
+            return self._rank_group_indices(epoch)
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch))).tolist()
         total = self.per_rank * self.world_size
         order = (order * math.ceil(total / self.n))[:total]
         return order[self.rank::self.world_size]
+
+    def _rank_group_indices(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+        order = torch.randperm(len(self.groups), generator=generator).tolist()
+        shares: list[list[int]] = [[] for _ in range(self.world_size)]
+        for g in order:  # each group to the rank holding the fewest indices so far (the same everywhere)
+            min(shares, key=len).extend(self.groups[g])
+        mine = shares[self.rank]
+        # Shares may still differ by one: cut or pad (with its own head) to per_rank.
+        return (mine * math.ceil(self.per_rank / max(len(mine), 1)))[:self.per_rank]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices = self.rank_indices(self.epoch)
@@ -169,15 +189,35 @@ class ResumableSampler(Sampler):
         return max(min(self.batches_per_epoch * self.batch_size, self.per_rank) - self.start_batch * self.batch_size, 0)
 
 
+def partner_groups(partners: list[int]) -> list[tuple[int, ...]]:
+    """``[(i, partner), ..., (j,), ...]``: mutual partner pairs, and every other index alone."""
+    groups: list[tuple[int, ...]] = []
+    for i, j in enumerate(partners):
+        if 0 <= j < len(partners) and j != i and partners[j] == i:
+            if i < j:
+                groups.append((i, j))
+        else:
+            groups.append((i,))
+    return groups
+
+
 class LoaderStream:
-    """Batches of one dataset, epoch after epoch, without end."""
+    """Batches of one dataset, epoch after epoch, without end.
+
+    With ``train_pair_field`` set, the dataset's ``partners(field)`` (index of each item's partner
+    or -1) makes the sampler keep partners in one batch (see :class:`ResumableSampler`).
+    """
 
     def __init__(self, dataset: Dataset, cfg: Mapping, rank: int, world_size: int, *, batch_size: int | None = None,
                  collate_fn: Callable | None = None, seed: int | None = None):
         self.dataset = dataset
         self.batch_size = int(batch_size or cfg.get("train_batch_size", 16))
+        pair_field = cfg.get("train_pair_field") or ""
+        if pair_field and not hasattr(dataset, "partners"):
+            raise ConfigError(f"train_pair_field '{pair_field}': {type(dataset).__name__} has no partners()")
+        partners = dataset.partners(pair_field) if pair_field else None
         self.sampler = ResumableSampler(len(dataset), self.batch_size, int(cfg.get("seed", 42) if seed is None else seed),
-                                        rank, world_size)
+                                        rank, world_size, partners=partners)
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
                                  collate_fn=collate_fn_for(dataset, collate_fn), **loader_kwargs(cfg, None, True))
         self.epoch, self.batch = 0, 0

@@ -23,8 +23,9 @@ unreadable videos, with their captions, before the run, and a failure later is a
 """
 from __future__ import annotations
 
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -68,6 +69,9 @@ class ClipReader:
     training: bool
     jitter: bool
     backend: str
+    # ``cache_clips``: every frame of a clip, decoded once (uint8 [F, h, w, 3], by path); frames are
+    # then sampled and transformed from memory, giving exactly what decoding would give.
+    cache: dict | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Mapping, training: bool) -> "ClipReader":
@@ -81,6 +85,7 @@ class ClipReader:
             # Jitter is a training-time augmentation only.
             jitter=training and bool(cfg.get("sample_jitter", 1)),
             backend=resolve_backend(cfg.get("video_backend")),
+            cache={} if cfg.get("cache_clips") else None,
         )
 
     @property
@@ -101,7 +106,13 @@ class ClipReader:
             picked = self.indices(num_total, rng)
             return picked + [middle_frame_index(num_total)] if with_middle else picked
 
-        frames, _ = load_sampled_frames(path, index_fn, backend=self.backend)  # (T[+1], h, w, 3) uint8
+        if self.cache is not None:
+            every = self.cache.get(path)
+            if every is None:  # (F, h, w, 3) uint8; indices past the decodable end clamp as below
+                every = self.cache[path] = load_sampled_frames(path, lambda n: list(range(n)), backend=self.backend)[0]
+            frames = every[index_fn(every.shape[0])]
+        else:
+            frames, _ = load_sampled_frames(path, index_fn, backend=self.backend)  # (T[+1], h, w, 3) uint8
         x = frames_to_model_input(frames, self.input_res)  # (T[+1], 3, H, W)
         if with_middle:
             return x[:-1], x[-1]
@@ -109,7 +120,14 @@ class ClipReader:
 
     def read_folder(self, root: str, clip_id: str, num_frame: int, rng: random.Random) -> torch.Tensor:
         """``video [T, 3, H, W]`` of a frame folder ``{root}/{clip_id}`` with ``num_frame`` frames."""
-        frames = load_frame_folder(root, clip_id, self.indices(num_frame, rng))  # (T, h, w, 3) uint8
+        if self.cache is not None:
+            key = os.path.join(root, clip_id)
+            every = self.cache.get(key)
+            if every is None:
+                every = self.cache[key] = load_frame_folder(root, clip_id, range(num_frame))  # (F, h, w, 3)
+            frames = every[self.indices(num_frame, rng)]
+        else:
+            frames = load_frame_folder(root, clip_id, self.indices(num_frame, rng))  # (T, h, w, 3) uint8
         return frames_to_model_input(frames, self.input_res)
 
 
@@ -312,6 +330,12 @@ class VideoRetrievalDataset(SubstitutingDataset):
             item["text"] = record.texts[self.rng.randrange(len(record.texts))]
         item["video"] = self.load_video(index)
         return item
+
+    def partners(self, key: str) -> list[int]:
+        """For each clip the index of the clip its record names in field ``key`` (e.g. ``"twin"``), or -1."""
+        index = {r.clip_id: i for i, r in enumerate(self.records)}
+        return [index.get(r.extra.get(key), -1) if isinstance(r.extra.get(key), str) else -1
+                for r in self.records]
 
     # -- views for the evaluator -------------------------------------------------------------
     def video_view(self) -> "VideoOnlyView":

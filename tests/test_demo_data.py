@@ -1,0 +1,100 @@
+"""The data options the demo relies on: in-memory clip cache, twin pairs sharing a batch."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from clipvip.data.loader import LoaderStream, ResumableSampler, partner_groups  # noqa: E402
+from clipvip.data.retrieval import VideoRetrievalDataset  # noqa: E402
+from clipvip.data.synthetic import generate  # noqa: E402
+from clipvip.errors import ConfigError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def twins_data(tmp_path_factory):
+    """12 training clips, 10 of them in time-reversed twin pairs."""
+    out = tmp_path_factory.mktemp("twins")
+    return generate(str(out), n_train=12, n_test=4, seed=2, size=32, frames=8, twin_fraction=0.8,
+                    n_pretrain_videos=0, frame_folders=False, workers=1)
+
+
+def _train_set(cfg, data, tokenizer):
+    return VideoRetrievalDataset(cfg, {"name": "t", "txt": data["train"], "vis": data["videos"]}, tokenizer,
+                                 training=True)
+
+
+def test_cached_clips_equal_decoded_clips(twins_data, make_cfg, tokenizer):
+    plain = _train_set(make_cfg(), twins_data, tokenizer)
+    cached = _train_set(make_cfg(cache_clips=1), twins_data, tokenizer)
+    assert plain.reader.cache is None and cached.reader.cache == {}
+    for key in [(0, 11), (3, 12), (0, 13), (5, 14)]:  # (index, seed): the same jitter on both sides
+        a, b = plain[key], cached[key]
+        assert a["text"] == b["text"]
+        assert torch.equal(a["video"], b["video"])
+    assert len(cached.reader.cache) == 3  # clip 0 decoded once, then read from memory
+    assert next(iter(cached.reader.cache.values())).shape == (8, 32, 32, 3)
+
+
+def test_cached_frame_folders(make_cfg, tmp_path):
+    from conftest import write_frames
+
+    write_frames(tmp_path / "frames", "v0", n_frames=10, size=32)
+    records = tmp_path / "anet.jsonl"
+    records.write_text('{"clip_id": "v0", "text": "a clip", "num_frame": 10}\n')
+    entry = {"name": "anet", "txt": str(records), "vis": str(tmp_path / "frames"), "vis_format": "frame"}
+    plain = VideoRetrievalDataset(make_cfg(), entry, training=False)
+    cached = VideoRetrievalDataset(make_cfg(cache_clips=1), entry, training=False)
+    assert torch.equal(plain.load_video(0), cached.load_video(0))
+    assert torch.equal(cached.load_video(0), cached.load_video(0))
+    assert list(cached.reader.cache.values())[0].shape[0] == 10
+
+
+def test_partner_groups():
+    assert partner_groups([1, 0, -1, 4, 3, 2]) == [(0, 1), (2,), (3, 4), (5,)]  # 5 -> 2 is not mutual
+
+
+def test_twins_share_a_batch(twins_data, make_cfg, tokenizer):
+    cfg = make_cfg(train_pair_field="twin")
+    ds = _train_set(cfg, twins_data, tokenizer)
+    partners = ds.partners("twin")
+    assert sum(p >= 0 for p in partners) == 10
+    assert all(partners[p] == i for i, p in enumerate(partners) if p >= 0)
+    stream = LoaderStream(ds, cfg, rank=0, world_size=1, batch_size=6, seed=1)
+    for epoch in range(3):
+        stream.sampler.set_position(epoch, 0)
+        order = [index for index, _ in stream.sampler]
+        assert sorted(order) == list(range(12))
+        for i, p in enumerate(partners):  # partners sit next to each other
+            if p >= 0:
+                assert abs(order.index(i) - order.index(p)) == 1
+    batch = next(stream)
+    ids = batch["clip_ids"]
+    paired = [c for c in ids if ds.records[ds.videos.index(c)].extra.get("twin") in ids]
+    assert len(paired) >= 4  # at most one pair of 6 clips is cut by the batch boundary
+
+
+def test_paired_sampler_shards_over_ranks():
+    partners = [1, 0, 3, 2, -1, 6, 5, -1, -1]
+    shares = [ResumableSampler(9, 2, seed=0, rank=r, world_size=2, partners=partners).rank_indices(0)
+              for r in range(2)]
+    assert all(len(s) == 5 for s in shares)
+    assert set(shares[0]) | set(shares[1]) == set(range(9))
+    assert not set(shares[0]) & set(shares[1]) or len(set(shares[0]) & set(shares[1])) == 1  # one pad
+    for share in shares:
+        for i in share:
+            if partners[i] >= 0:
+                assert partners[i] in share
+
+
+def test_pair_field_needs_partners(make_cfg):
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return i
+
+    with pytest.raises(ConfigError, match="train_pair_field"):
+        LoaderStream(Plain(), make_cfg(train_pair_field="twin"), 0, 1, collate_fn=list)
