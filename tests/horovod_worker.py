@@ -13,31 +13,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import clipvip.distributed as D
 from clipvip.loss import build_loss
 
-WORLD, B, P_IN, P = 2, 3, 6, 4
-
-
-class TinyDualEncoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.vision = nn.Linear(P_IN, P)
-        self.text = nn.Linear(P_IN, P)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-
-    def forward(self, video, sub, frame, cap):
-        return {"vis_features": F.normalize(self.vision(video), dim=-1),
-                "text_features": F.normalize(self.text(sub), dim=-1),
-                "img_features": F.normalize(self.vision(frame), dim=-1),
-                "cap_features": F.normalize(self.text(cap), dim=-1),
-                "logit_scale": self.logit_scale}
-
-
-def close(a, b, what):
-    assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), f"{what}: {a} vs {b}"
+from dual_encoder import B, P, P_IN, WORLD, TinyDualEncoder, assert_close  # noqa: E402
 
 
 def check_launcher(rank):
@@ -52,7 +32,7 @@ def check_gather_and_loss_gradient(rank):
     g = torch.Generator().manual_seed(0)
     full_v, full_t = (torch.randn(WORLD * B, P, generator=g, dtype=torch.float64) for _ in range(2))
     mine = slice(rank * B, (rank + 1) * B)
-    close(D.all_gather_with_grad(full_v[mine].clone()), full_v, "gathered batch in rank order")
+    assert_close(D.all_gather_with_grad(full_v[mine].clone()), full_v, "gathered batch in rank order")
 
     ref_v, ref_t = full_v.clone().requires_grad_(), full_t.clone().requires_grad_()
     ref_scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
@@ -65,10 +45,10 @@ def check_gather_and_loss_gradient(rank):
     loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 1})(
         {"vis_features": F.normalize(v, dim=-1), "text_features": F.normalize(t, dim=-1)}, scale)
     loss.backward()
-    close(loss, ref_loss, "gathered loss")
-    close(v.grad / WORLD, ref_v.grad[mine], "video grad / world")
-    close(t.grad / WORLD, ref_t.grad[mine], "text grad / world")
-    close(scale.grad, ref_scale.grad, "logit_scale grad")
+    assert_close(loss, ref_loss, "gathered loss")
+    assert_close(v.grad / WORLD, ref_v.grad[mine], "video grad / world")
+    assert_close(t.grad / WORLD, ref_t.grad[mine], "text grad / world")
+    assert_close(scale.grad, ref_scale.grad, "logit_scale grad")
 
 
 def check_averaged_gradients_match_single_process(rank, loss_name):
@@ -84,7 +64,7 @@ def check_averaged_gradients_match_single_process(rank, loss_name):
     ref_out = reference(*inputs)
     build_loss({"loss_name": loss_name, "if_gather": 0})(ref_out, ref_out["logit_scale"]).backward()
     for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
-        close(p.grad, ref_p.grad, f"{loss_name}: averaged gradient of {name}")
+        assert_close(p.grad, ref_p.grad, f"{loss_name}: averaged gradient of {name}")
 
 
 def check_uneven_empty_and_strided(rank):
@@ -93,31 +73,31 @@ def check_uneven_empty_and_strided(rank):
     start = sum(sizes[:rank])
     x = full[start: start + sizes[rank]].clone().requires_grad_()
     gathered = D.all_gather_with_grad(x)
-    close(gathered, full, "uneven gather with grad")
+    assert_close(gathered, full, "uneven gather with grad")
     weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
     (gathered * weights).sum().backward()
-    close(x.grad, WORLD * weights[start: start + sizes[rank]], "uneven gather gradient")
+    assert_close(x.grad, WORLD * weights[start: start + sizes[rank]], "uneven gather gradient")
 
     for sizes in ([3, 1], [0, 2], [2, 0]):  # the last batch; a rank with nothing left
         start = sum(sizes[:rank])
         got = D.all_gather_variable(full[start: start + sizes[rank]])
-        close(got, full[: sum(sizes)], f"all_gather_variable {sizes}")
+        assert_close(got, full[: sum(sizes)], f"all_gather_variable {sizes}")
     # what evaluate.encode_in_order sends for a rank with an empty block: [0, width] features
     local = full[:0] if rank == 0 else full[:2]
-    close(D.all_gather_variable(local), full[:2], "empty block on rank 0")
+    assert_close(D.all_gather_variable(local), full[:2], "empty block on rank 0")
     ints = torch.arange(4)[rank * 2: rank * 2 + 2]
     assert torch.equal(D.all_gather_variable(ints), torch.arange(4)), "long tensors"
 
     # non-contiguous inputs and gradients (a transposed view; an expanded gradient)
     base = torch.arange(2 * P, dtype=torch.float64).reshape(P, 2) + 100 * rank
     got = D.all_gather_variable(base.t())
-    close(got, torch.cat([base.t(), base.t() + 100]) if rank == 0 else torch.cat([base.t() - 100, base.t()]),
+    assert_close(got, torch.cat([base.t(), base.t() + 100]) if rank == 0 else torch.cat([base.t() - 100, base.t()]),
           "non-contiguous gather")
     y = base.t().clone().requires_grad_()
     D.all_gather_with_grad(y).sum().backward()  # sum's gradient is an expanded (stride-0) tensor
-    close(y.grad, torch.full_like(y, float(WORLD)), "gradient through an expanded grad")
+    assert_close(y.grad, torch.full_like(y, float(WORLD)), "gradient through an expanded grad")
     summed = D.all_reduce_mean(base.t())
-    close(summed, base.t() + 50 - 100 * rank, "all_reduce_mean of a non-contiguous tensor")
+    assert_close(summed, base.t() + 50 - 100 * rank, "all_reduce_mean of a non-contiguous tensor")
 
 
 def check_all_reduce_mean_in_place(rank):

@@ -95,28 +95,7 @@ def test_importing_does_not_import_horovod():
 # ----------------------------------------------------------------------------------------------
 # Two gloo processes
 # ----------------------------------------------------------------------------------------------
-WORLD, B, P_IN, P = 2, 3, 6, 4
-
-
-class TinyDualEncoder(nn.Module):
-    """Video/frame and text/caption encoders: one linear map each, plus the log-temperature."""
-
-    def __init__(self):
-        super().__init__()
-        self.vision = nn.Linear(P_IN, P)
-        self.text = nn.Linear(P_IN, P)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-
-    def forward(self, video, sub, frame, cap):
-        return {"vis_features": F.normalize(self.vision(video), dim=-1),
-                "text_features": F.normalize(self.text(sub), dim=-1),
-                "img_features": F.normalize(self.vision(frame), dim=-1),
-                "cap_features": F.normalize(self.text(cap), dim=-1),
-                "logit_scale": self.logit_scale}
-
-
-def _close(a, b, what):
-    assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), f"{what}: {a} vs {b}"
+from dual_encoder import B, P, P_IN, WORLD, TinyDualEncoder, assert_close  # noqa: E402
 
 
 def _check_gather_and_loss_gradient(rank):
@@ -125,7 +104,7 @@ def _check_gather_and_loss_gradient(rank):
     mine = slice(rank * B, (rank + 1) * B)
 
     gathered = D.all_gather_with_grad(full_v[mine].clone())
-    _close(gathered, full_v, "gathered batch in rank order")
+    assert_close(gathered, full_v, "gathered batch in rank order")
 
     # single-process reference on the global batch
     ref_v, ref_t = full_v.clone().requires_grad_(), full_t.clone().requires_grad_()
@@ -139,10 +118,10 @@ def _check_gather_and_loss_gradient(rank):
     loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 1})(
         {"vis_features": F.normalize(v, dim=-1), "text_features": F.normalize(t, dim=-1)}, scale)
     loss.backward()
-    _close(loss, ref_loss, "gathered loss")
-    _close(v.grad / WORLD, ref_v.grad[mine], "video grad / world")  # DDP's average divides by world
-    _close(t.grad / WORLD, ref_t.grad[mine], "text grad / world")
-    _close(scale.grad, ref_scale.grad, "logit_scale grad")  # full on every rank, so its average too
+    assert_close(loss, ref_loss, "gathered loss")
+    assert_close(v.grad / WORLD, ref_v.grad[mine], "video grad / world")  # DDP's average divides by world
+    assert_close(t.grad / WORLD, ref_t.grad[mine], "text grad / world")
+    assert_close(scale.grad, ref_scale.grad, "logit_scale grad")  # full on every rank, so its average too
 
 
 def _check_ddp_matches_single_process(rank, loss_name):
@@ -160,7 +139,7 @@ def _check_ddp_matches_single_process(rank, loss_name):
     ref_out = reference(*inputs)
     build_loss({"loss_name": loss_name, "if_gather": 0})(ref_out, ref_out["logit_scale"]).backward()
     for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
-        _close(p.grad, ref_p.grad, f"{loss_name}: DDP gradient of {name}")
+        assert_close(p.grad, ref_p.grad, f"{loss_name}: DDP gradient of {name}")
     # DDP's reducer sits in reference cycles; free it while its process group is still alive,
     # or its threads abort the process at exit.
     del ddp, out
@@ -174,15 +153,15 @@ def _check_uneven(rank):
     mine = slice(start, start + sizes[rank])
     x = full[mine].clone().requires_grad_()
     gathered = D.all_gather_with_grad(x)
-    _close(gathered, full, "uneven gather with grad")
+    assert_close(gathered, full, "uneven gather with grad")
     weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
     (gathered * weights).sum().backward()
-    _close(x.grad, WORLD * weights[mine], "uneven gather gradient")
+    assert_close(x.grad, WORLD * weights[mine], "uneven gather gradient")
 
     for sizes in ([3, 1], [0, 2]):  # the last batch; a rank with nothing left
         start = sum(sizes[:rank])
         got = D.all_gather_variable(full[start: start + sizes[rank]])
-        _close(got, full[: sum(sizes)], f"all_gather_variable {sizes}")
+        assert_close(got, full[: sum(sizes)], f"all_gather_variable {sizes}")
 
 
 def _check_objects(rank):
