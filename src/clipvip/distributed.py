@@ -196,12 +196,15 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the job: destroy the process group this module created (or shut horovod down)."""
+    """Leave the job: destroy the process group this module created (or shut horovod down).
+
+    No barrier first: cleanup often runs in a ``finally`` after one rank failed, and a barrier
+    would then wait for peers that never come. Call :func:`barrier` first on the success path.
+    """
     global _ENV, _OWNS_GROUP
     if _ENV is not None and _ENV.backend == "horovod":
         _hvd().shutdown()
     elif _OWNS_GROUP and dist.is_initialized():
-        dist.barrier()  # nobody tears the group down while a peer still has work in flight
         dist.destroy_process_group()
     _ENV, _OWNS_GROUP = None, False
 
