@@ -6,6 +6,7 @@ plain evaluation, writing ``eval_results.json``.
 """
 from __future__ import annotations
 
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], objec
         trainer = Trainer(cfg, run.model, build_loss(cfg.loss_config), stream, plan, evaluate, env, run.precision)
         trainer.fit()
         results = trainer.last_results
+        del trainer  # DDP must be gone before its process group is destroyed (else an abort at exit)
+        gc.collect()
     else:
         if not eval_sets:
             raise ConfigError("nothing to evaluate: the config has no inference_datasets or val_datasets")
@@ -107,5 +110,6 @@ def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], objec
         path = write_results(results, cfg.output_dir)
         print(format_results_table(results))
         LOGGER.info("results written to %s", path)
+    distributed.barrier()  # nobody tears the group down while rank 0 still writes
     distributed.cleanup()
     return results
