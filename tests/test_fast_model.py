@@ -200,3 +200,19 @@ def test_compile_keeps_outputs_and_checkpoint_keys(clip_folder):
     (out["vis_features"].sum() + out["text_features"].sum()).backward()
     assert all(p.grad is not None for p in model.clipmodel.vision_model.encoder.parameters())
     torch._dynamo.reset()
+
+
+def test_cpu_bf16_uses_the_bmm_kernels(clip_folder, monkeypatch):
+    """bf16 on a CPU: the fast path takes bmm + softmax (faster there than torch's CPU SDPA kernel)
+    and still computes what the eager formulation computes, within bf16 rounding."""
+    model = build(clip_folder).eval()
+    video = torch.randn(2, 3, 3, 32, 32)
+    ids, mask = random_text(2, 10, lengths=[10, 4])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.set_attention("eager")
+        slow = (model.encode_video(video), model.encode_text(ids, mask))
+        model.set_attention("sdpa")
+        monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: 1 / 0)
+        fast = (model.encode_video(video), model.encode_text(ids, mask))
+    for a, b in zip(slow, fast):
+        assert torch.allclose(a.float(), b.float(), atol=2e-2)

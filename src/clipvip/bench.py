@@ -309,6 +309,10 @@ def _timed_rounds(variants: dict[str, Callable[[], None]], device: torch.device,
     return times
 
 
+def _chunks(values: list, size: int) -> list[list]:
+    return [values[i:i + size] for i in range(0, len(values), size)]
+
+
 def _summary(seconds: list[float], batch: int) -> dict:
     med = statistics.median(seconds)
     return {"clips_per_s": round(batch / med, 3), "ms_per_batch": round(1e3 * med, 2),
@@ -388,6 +392,11 @@ def run_model_bench(args) -> dict:
             block["speedup_sdpa_vs_eager"] = round(block["eager"]["ms_per_batch"] / block["sdpa"]["ms_per_batch"], 3)
             block["speedup_sdpa_vs_eager_best"] = round(
                 block["eager"]["best_ms_per_batch"] / block["sdpa"]["best_ms_per_batch"], 3)
+            # Round by round (the two ran back to back), then the median: the ratio least moved
+            # by load that changes during the run.
+            per_round = [statistics.median(e) / statistics.median(f) for e, f in
+                         zip(_chunks(times["eager"], args.steps), _chunks(times["sdpa"], args.steps))]
+            block["speedup_sdpa_vs_eager_paired"] = round(statistics.median(per_round), 3)
         if step is not None:
             block["fused_optimizer"] = step.fused
         results[mode] = block

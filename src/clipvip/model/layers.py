@@ -243,7 +243,15 @@ class CLIPAttention(nn.Module):
                 out = eager_attention(q, k, v, attn_mask, dropout_p)
         else:
             q, k, v = self._qkv_fused(x)  # (B, H, S, hd)
-            if proxies:
+            if q.device.type == "cpu" and q.dtype != torch.float32:
+                # bf16 on a CPU: torch's CPU SDPA kernel is 2.5-3x slower than bmm + softmax for
+                # these short sequences (forward and backward; docs/performance.md), so the
+                # bmm formulation is the fast one there.
+                if proxies:
+                    out = eager_proxy_guided_attention(q, k, v, layout, dropout_p)
+                else:
+                    out = eager_attention(q, k, v, attn_mask, dropout_p)
+            elif proxies:
                 out = proxy_guided_attention(q, k, v, layout, dropout_p)
             else:
                 # One frame (or text): every token may attend to every other, up to attn_mask.
