@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -93,6 +95,45 @@ def _model_inputs(batch: dict, device: torch.device) -> dict:
 def _float_features(outputs: dict) -> dict:
     # The loss runs in fp32 whatever the autocast dtype of the towers.
     return {k: v.float() for k, v in outputs.items()}
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM during training: finish the current step, save the state, then stop.
+
+    A signal only sets a flag that the loop checks between steps (a second Ctrl-C interrupts at
+    once). Raising KeyboardInterrupt wherever the signal lands is not enough: inside a decoder's
+    C callback (decord) it is printed and swallowed, and mid-step it would leave processes of a
+    distributed job at different steps. With several processes the flag is combined over all of
+    them each step, so every process stops after the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        LOGGER.warning("%s: stopping after this step and saving the training state (Ctrl-C again to stop now)",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def anywhere(self, world_size: int, device: torch.device) -> bool:
+        """Whether any process was asked to stop."""
+        if world_size <= 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        return bool(distributed.all_reduce_mean(flag).item() > 0)
 
 
 class Trainer:
@@ -287,41 +328,10 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=plan.total_steps, initial=self.progress.step, desc="train", dynamic_ncols=True)
-        window_clips, window_start = 0, time.perf_counter()
+        stop = StopRequest()
         try:
-            while self.progress.step < plan.total_steps:
-                out = self.train_step()
-                step = self.progress.step
-                window_clips += out["clips"]
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
-                if self.nonfinite_in_a_row >= max_nonfinite:
-                    self.save_state()
-                    raise TrainingStopped(
-                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                        f"(last at step {step}); state saved in {self.ckpt_dir}. Lower the learning rate, "
-                        "use --bf16 1 instead of fp16, or check the data")
-                if step % log_every == 0 or step == plan.total_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    self.run_log.log(step, {
-                        "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
-                        "logit_scale": self.raw_model.logit_scale.item(), "epoch": self.stream.epoch,
-                        "clips_per_s": window_clips * self.env.world_size / elapsed,
-                        "skipped_samples": self.progress.skipped_samples,
-                        "nonfinite_steps": self.progress.nonfinite_steps,
-                        "scale_overflow_steps": self.progress.scale_overflow_steps,
-                        **{f"loss/{k}": v for k, v in self.loss_fn.last_terms.items()},
-                    })
-                    window_clips, window_start = 0, time.perf_counter()
-                if step % plan.valid_steps == 0:
-                    self.validate(save_step_checkpoint=True)
-                    self.save_state()
-                elif step % plan.only_valid_steps == 0:
-                    self.validate(save_step_checkpoint=False)
-                    self.save_state()
-                elif step % plan.state_steps == 0:
-                    self.save_state()
+            with stop:
+                self._run_steps(stop, bar, log_every, max_nonfinite)
         except KeyboardInterrupt:
             LOGGER.warning("interrupted at step %d: saving the training state", self.progress.step)
             self.save_state()
@@ -329,7 +339,50 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.progress.step % plan.valid_steps != 0:
+        self._finish()
+        return self.progress
+
+    def _run_steps(self, stop: StopRequest, bar, log_every: int, max_nonfinite: int) -> None:
+        plan = self.plan
+        window_clips, window_start = 0, time.perf_counter()
+        while self.progress.step < plan.total_steps:
+            out = self.train_step()
+            step = self.progress.step
+            window_clips += out["clips"]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+            if self.nonfinite_in_a_row >= max_nonfinite:
+                self.save_state()
+                raise TrainingStopped(
+                    f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"(last at step {step}); state saved in {self.ckpt_dir}. Lower the learning rate, "
+                    "use --bf16 1 instead of fp16, or check the data")
+            if step % log_every == 0 or step == plan.total_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                self.run_log.log(step, {
+                    "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                    "logit_scale": self.raw_model.logit_scale.item(), "epoch": self.stream.epoch,
+                    "clips_per_s": window_clips * self.env.world_size / elapsed,
+                    "skipped_samples": self.progress.skipped_samples,
+                    "nonfinite_steps": self.progress.nonfinite_steps,
+                    "scale_overflow_steps": self.progress.scale_overflow_steps,
+                    **{f"loss/{k}": v for k, v in self.loss_fn.last_terms.items()},
+                })
+                window_clips, window_start = 0, time.perf_counter()
+            if step % plan.valid_steps == 0:
+                self.validate(save_step_checkpoint=True)
+                self.save_state()
+            elif step % plan.only_valid_steps == 0:
+                self.validate(save_step_checkpoint=False)
+                self.save_state()
+            elif step % plan.state_steps == 0:
+                self.save_state()
+            if stop.anywhere(self.env.world_size, self.device):
+                raise KeyboardInterrupt  # saved by fit(), after this complete step
+
+    def _finish(self) -> None:
+        if self.progress.step % self.plan.valid_steps != 0:
             self.validate(save_step_checkpoint=True)
         self.save_state()
         if self.progress.skipped_samples:
@@ -337,4 +390,3 @@ class Trainer:
         LOGGER.info("done: %d steps; best text-to-video R@1 %.2f at step %d; %s",
                     self.progress.step, self.progress.best_r1, self.progress.best_step, asdict(self.progress))
         self.run_log.close()
-        return self.progress
