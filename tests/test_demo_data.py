@@ -98,3 +98,24 @@ def test_pair_field_needs_partners(make_cfg):
 
     with pytest.raises(ConfigError, match="train_pair_field"):
         LoaderStream(Plain(), make_cfg(train_pair_field="twin"), 0, 1, collate_fn=list)
+
+
+def test_gradient_backdrop_shows_position_and_keeps_twins_exact():
+    import dataclasses
+
+    import numpy as np
+
+    from clipvip.data.synthetic import BACKDROP_TINT, draw_test_specs, render_clip
+
+    specs = dict((s.clip_id, (s, t)) for s, t in draw_test_specs(20, seed=0, twin_fraction=0.7))
+    spec, twin_id = next(v for v in specs.values() if v[1] is not None)
+    grad = dataclasses.replace(spec, backdrop="gradient")
+    twin = dataclasses.replace(specs[twin_id][0], backdrop="gradient")
+    a, b = render_clip(grad, 32, 32, 8), render_clip(twin, 32, 32, 8)
+    assert np.array_equal(a, b[::-1]) and not np.array_equal(a, b)
+    plain = render_clip(spec, 32, 32, 8)
+    corner = a[0, -1, -1].astype(int) - plain[0, -1, -1].astype(int)  # bottom right: most tint
+    assert corner[0] > 0.9 * BACKDROP_TINT - 1 and corner[1] == 0 and corner[2] > 0.9 * BACKDROP_TINT - 1
+    assert (np.abs(a[0, 0, 0].astype(int) - plain[0, 0, 0]) <= 2).all()  # top left: almost none
+    with pytest.raises(ValueError, match="backdrop"):
+        render_clip(dataclasses.replace(spec, backdrop="stripes"), 32, 32, 8)

@@ -63,6 +63,12 @@ SIZES = {"small": 0.2, "large": 0.34}
 # the slow small shape moves about 1/3 of the frame, so 8 sampled frames show the direction.
 SPEEDS = {"slowly": 0.5, "quickly": 0.95}
 BACKGROUND_LEVELS = (12, 60)  # dark grey, uniform per clip
+# Backdrops: "plain" is the uniform grey; "gradient" adds a fixed tint that grows with x in the red
+# channel and with y in the blue channel (up to BACKDROP_TINT), so that every patch of a frame shows
+# where it is. A from-scratch vision tower then reads the shape's position (hence direction and
+# speed) from pixels instead of first having to learn it into its position embeddings.
+BACKDROPS = ("plain", "gradient")
+BACKDROP_TINT = 70
 MARGIN = 0.04                 # of the shorter side, kept free at the borders
 
 DIR_PHRASE = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
@@ -110,6 +116,7 @@ class ClipSpec:
     across: float     # position across the motion axis, 0..1 of the free range
     along: float      # where the track starts, 0..1 of the slack along the motion axis
     time_reversed: bool = False  # draw the OPPOSITE direction's clip and reverse its frames
+    backdrop: str = "plain"  # one of BACKDROPS
 
     @property
     def attrs(self) -> dict:
@@ -189,6 +196,18 @@ def _track(spec: ClipSpec, direction: str, height: int, width: int, frames: int)
     return (pos, fixed_arr) if dx != 0 else (fixed_arr, pos)
 
 
+def _backdrop(spec: ClipSpec, height: int, width: int) -> np.ndarray:
+    """The static background, float32 ``[H, W, 3]`` (the same in every frame)."""
+    base = np.full((height, width, 3), float(spec.background), dtype=np.float32)
+    if spec.backdrop == "plain":
+        return base
+    if spec.backdrop != "gradient":
+        raise ValueError(f"unknown backdrop {spec.backdrop!r}; valid: {BACKDROPS}")
+    base[..., 0] += BACKDROP_TINT * (np.arange(width, dtype=np.float32) + 0.5)[None, :] / width   # red: x
+    base[..., 2] += BACKDROP_TINT * (np.arange(height, dtype=np.float32) + 0.5)[:, None] / height  # blue: y
+    return base
+
+
 def render_clip(spec: ClipSpec, height: int, width: int, frames: int) -> np.ndarray:
     """The clip's frames as uint8 RGB ``[T, H, W, 3]`` (anti-aliased edges)."""
     if spec.time_reversed:
@@ -206,7 +225,7 @@ def render_clip(spec: ClipSpec, height: int, width: int, frames: int) -> np.ndar
     # Coverage of each pixel by the shape from the signed distance: a one-pixel ramp.
     alpha = np.clip(0.5 - _shape_sdf(spec.shape, dx, dy, r), 0.0, 1.0)[..., None]  # (T, H, W, 1)
     colour = np.asarray(COLOURS[spec.colour], dtype=np.float32)
-    img = spec.background * (1.0 - alpha) + colour * alpha          # (T, H, W, 3)
+    img = _backdrop(spec, height, width) * (1.0 - alpha) + colour * alpha  # (T, H, W, 3)
     return np.rint(img).astype(np.uint8)
 
 
@@ -399,10 +418,12 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
              size: Union[int, str, Sequence[int]] = 64, frames: int = 16, *, fps: int = 6,
              twin_fraction: float = 0.7, n_paraphrases: int = 5, n_pretrain_videos: int = 4,
              clips_per_video: int = 3, frame_folders: bool = True,
-             workers: Optional[int] = None) -> dict[str, str]:
+             workers: Optional[int] = None, backdrop: str = "plain") -> dict[str, str]:
     """Write the synthetic benchmark under ``out_dir``; returns the paths (see module docstring).
 
     ``size``: an int (square frames), ``(H, W)`` or ``"HxW"``, even and >= 16.
+    ``backdrop``: ``"plain"`` or ``"gradient"`` (see :data:`BACKDROPS`); the clips' attributes,
+    captions and twins are the same either way.
     ``workers``: processes drawing and encoding clips (default: all cores for large sets).
     """
     height, width = _parse_size(size)
@@ -412,6 +433,8 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
         raise ValueError(f"need at least 2 frames to show motion, got {frames}")
     if not 0.0 <= twin_fraction <= 1.0:
         raise ValueError(f"twin_fraction must be in [0, 1], got {twin_fraction}")
+    if backdrop not in BACKDROPS:
+        raise ValueError(f"unknown backdrop {backdrop!r}; valid: {', '.join(BACKDROPS)}")
 
     root = os.path.abspath(out_dir)
     paths = {
@@ -433,6 +456,10 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
     train = draw_train_specs(n_train, seed, twin_fraction)
     test = draw_test_specs(n_test, seed, twin_fraction)
     pretrain = draw_pretrain_specs(n_pretrain_videos, clips_per_video, seed)
+    if backdrop != "plain":  # after the draws: the random streams do not depend on it
+        train = [(dataclasses.replace(spec, backdrop=backdrop), twin) for spec, twin in train]
+        test = [(dataclasses.replace(spec, backdrop=backdrop), twin) for spec, twin in test]
+        pretrain = [dataclasses.replace(spec, backdrop=backdrop) for spec in pretrain]
     text_rng = np.random.default_rng([seed, 3])
 
     jobs = []
@@ -481,7 +508,7 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
         with open(paths["pretrain_captions_json"], "w", encoding="utf-8") as f:
             json.dump([{"image_id": k, "caption": v} for k, v in captions.items()], f)
     meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "height": height, "width": width,
-            "frames": frames, "fps": fps, "twin_fraction": twin_fraction,
+            "frames": frames, "fps": fps, "twin_fraction": twin_fraction, "backdrop": backdrop,
             "n_pretrain_clips": len(pretrain), "colours": list(COLOURS), "shapes": list(SHAPES),
             "directions": list(DIRECTIONS), "sizes": list(SIZES), "speeds": list(SPEEDS)}
     with open(paths["meta"], "w", encoding="utf-8") as f:
@@ -507,13 +534,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-frame-folders", action="store_true",
                         help="skip the JPEG frame folders of the test clips")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--backdrop", choices=BACKDROPS, default="plain",
+                        help="plain grey, or a fixed colour gradient that shows position")
     args = parser.parse_args(argv)
     try:
         paths = generate(args.out, args.n_train, args.n_test, args.seed, args.size, args.frames,
                          fps=args.fps, twin_fraction=args.twin_fraction,
                          n_pretrain_videos=args.n_pretrain_videos,
                          clips_per_video=args.clips_per_video,
-                         frame_folders=not args.no_frame_folders, workers=args.workers)
+                         frame_folders=not args.no_frame_folders, workers=args.workers,
+                         backdrop=args.backdrop)
     except ValueError as e:
         print(f"clipvip-synthetic: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,381 @@
+"""`make demo`: CLIP-ViP against the mean-pool CLIP baseline on the synthetic benchmark, end to end.
+
+    python -m clipvip.demo [--out demo_output] [--quick]
+
+1. draws the synthetic benchmark (:mod:`clipvip.data.synthetic`: moving shapes, 200 test clips
+   with unique captions, 140 of them in time-reversed twin pairs) into ``OUT/data``;
+2. writes a tiny CLIP architecture (HF layout, ``OUT/clip_config/config.json``, random init: no
+   CLIP weights exist offline);
+3. fine-tunes CLIP-ViP (``configs/demo/vip.json``) and the frame-wise mean-pool CLIP baseline
+   (``configs/demo/meanpool.json``, the same recipe with ``type`` "meanpool") with the same budget,
+   each through the retrieval app (``python -m clipvip.retrieval --config ... --is_train``), the two
+   side by side, one CPU thread each;
+4. evaluates both final checkpoints again through the library to rank every query, and reports
+   text-to-video R@1 on the *direction-sensitive* queries: those whose clip has its time-reversed
+   twin in the test set, which only frame order can tell apart;
+5. prints a table and writes ``OUT/results.json`` and ``OUT/curves.png``.
+
+``results.json``::
+
+    {"vip": <eval block>, "meanpool": <eval block>,
+     "direction_sensitive": {"vip": {"t2v_R1": x, ...}, "meanpool": {"t2v_R1": y, ...}},
+     "wall_seconds": s, ...}
+
+The eval blocks are the retrieval app's ``<run>/eval_results.json`` entries, unchanged.
+``--quick`` shrinks everything (data, model, steps) to a smoke test of well under a minute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .logging_utils import get_logger
+
+LOGGER = get_logger("demo")
+
+MODELS = ("vip", "meanpool")
+LABELS = {"vip": "CLIP-ViP", "meanpool": "mean-pool CLIP"}
+TEST_SET = "synthetic-test"  # the name of the evaluation set in configs/demo/*.json
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What the demo draws and builds; the training recipe itself is in ``configs/demo/*.json``."""
+
+    n_train: int
+    n_test: int
+    video_size: int  # frames are drawn at the model's input_res, so no resize is needed
+    video_frames: int
+    architecture: dict  # the tiny CLIP (HF CLIPConfig keyword arguments)
+    overrides: tuple[str, ...] = ()  # command-line overrides of the demo configs
+    seed: int = 0
+    twin_fraction: float = 0.7
+
+
+def _architecture(width: int, vision_layers: int, text_layers: int, heads: int, image_size: int,
+                  patch_size: int, max_positions: int) -> dict:
+    return {
+        "projection_dim": width,
+        # The real CLIP vocabulary: the demo uses the real CLIP BPE tokenizer.
+        "text_config": {"vocab_size": 49408, "hidden_size": width, "intermediate_size": 4 * width,
+                        "num_hidden_layers": text_layers, "num_attention_heads": heads,
+                        "max_position_embeddings": max_positions, "hidden_act": "quick_gelu",
+                        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
+        "vision_config": {"hidden_size": width, "intermediate_size": 4 * width,
+                          "num_hidden_layers": vision_layers, "num_attention_heads": heads,
+                          "image_size": image_size, "patch_size": patch_size, "hidden_act": "quick_gelu"},
+    }
+
+
+FULL = DemoSpec(n_train=2000, n_test=200, video_size=64, video_frames=16,
+                architecture=_architecture(128, 4, 3, 4, 64, 16, 32))
+# A smoke test: every stage runs, nothing is learned to speak of.
+QUICK = DemoSpec(n_train=48, n_test=24, video_size=32, video_frames=8,
+                 architecture=_architecture(32, 1, 1, 2, 32, 16, 24),
+                 overrides=("--num_train_epochs", "6", "--train_batch_size", "8", "--test_batch_size", "24",
+                            "--train_num_frms", "4", "--test_num_frms", "4", "--input_res", "32", "32",
+                            "--max_txt_len", "24", "--only_valid_steps", "12", "--log_interval", "6"))
+
+
+def find_config_dir() -> str:
+    """``configs/demo`` of this checkout (the current directory first, then the source tree)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(here))):
+        folder = os.path.join(root, "configs", "demo")
+        if os.path.isfile(os.path.join(folder, "vip.json")):
+            return folder
+    raise FileNotFoundError("configs/demo/vip.json not found: run the demo from the repository root")
+
+
+def write_clip_config(folder: str, architecture: dict) -> str:
+    """A HF CLIP folder holding only ``config.json`` (the architecture; the weights start random)."""
+    from transformers import CLIPConfig
+
+    os.makedirs(folder, exist_ok=True)
+    CLIPConfig(**architecture).to_json_file(os.path.join(folder, "config.json"))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# Training through the retrieval app
+# ------------------------------------------------------------------------------------------------
+def train_command(config: str, out: str, clip_config: str, overrides: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "clipvip.retrieval", "--config", config, "--is_train",
+            "--blob_mount_dir", out, "--clip_config", clip_config, *overrides]
+
+
+def _child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "TQDM_DISABLE": "1"})  # progress bars would fill the logs; the demo prints its own
+    return env
+
+
+def _last_metrics(path: str) -> dict:
+    """The latest training and validation values of a run's ``log/metrics.jsonl`` (for progress lines)."""
+    out: dict = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    out.update(json.loads(line))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def run_trainings(commands: dict[str, list[str]], run_dirs: dict[str, str], log_dir: str, parallel: bool,
+                  threads: int, progress_every: float = 30.0) -> None:
+    """Run the training commands (side by side when ``parallel``), printing progress; raise on failure."""
+    os.makedirs(log_dir, exist_ok=True)
+    pending = list(commands)
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    last_report = time.perf_counter()
+    try:
+        while pending or running:
+            while pending and (parallel or not running):
+                name = pending.pop(0)
+                log = open(os.path.join(log_dir, f"{name}.log"), "w", encoding="utf-8")
+                LOGGER.info("training %s: %s (log: %s)", LABELS[name], " ".join(commands[name][1:]), log.name)
+                running[name] = (subprocess.Popen(commands[name], stdout=log, stderr=subprocess.STDOUT,
+                                                  env=_child_env(threads)), log)
+            time.sleep(0.5)
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0:
+                    with open(log.name, encoding="utf-8", errors="replace") as f:
+                        tail = f.read()[-3000:]
+                    raise RuntimeError(f"training {name} failed (exit {proc.returncode}); end of {log.name}:\n{tail}")
+            if time.perf_counter() - last_report >= progress_every:
+                last_report = time.perf_counter()
+                for name in running:
+                    m = _last_metrics(os.path.join(run_dirs[name], "log", "metrics.jsonl"))
+                    if "step" in m:
+                        r1 = m.get(f"val/{TEST_SET}/t2v_R1")
+                        LOGGER.info("  %-14s step %5d  loss %.3f%s", LABELS[name], m["step"], m.get("loss", math.nan),
+                                    f"  last t2v R@1 {r1:.1f}" if r1 is not None else "")
+    finally:
+        for proc, log in running.values():  # an error or Ctrl-C: do not leave orphans behind
+            proc.kill()
+            proc.wait()
+            log.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation of the final checkpoints, query by query
+# ------------------------------------------------------------------------------------------------
+def final_checkpoint(run_dir: str) -> str:
+    """``ckpt/model_step_N.pt`` of the last step N: the weights the app's eval_results.json scored."""
+    ckpt_dir = os.path.join(run_dir, "ckpt")
+    steps = [int(n[len("model_step_"):-3]) for n in os.listdir(ckpt_dir)
+             if n.startswith("model_step_") and n.endswith(".pt")]
+    if not steps:
+        raise FileNotFoundError(f"no model_step_*.pt in {ckpt_dir}")
+    return os.path.join(ckpt_dir, f"model_step_{max(steps)}.pt")
+
+
+def query_ranks(run_dir: str) -> tuple[list[int], list[bool]]:
+    """Pessimistic text-to-video rank of every test caption under the run's final checkpoint, and
+    for each caption whether its clip's time-reversed twin is in the test set.
+
+    The model is rebuilt from the run's resolved ``config.json`` and scored with the evaluator's
+    own pieces (ordered loaders, the same precision and batch size, :func:`retrieval_ranks`), so
+    the ranks are those behind the app's eval block.
+    """
+    import torch
+
+    from .config import load_config
+    from .data.loader import build_eval_loader
+    from .data.retrieval import VideoRetrievalDataset
+    from .metrics import retrieval_ranks, similarity_chunked
+    from .model import build_model
+    from .tokenizer import build_tokenizer
+    from .train.evaluate import encode_in_order
+    from .train.precision import autocast, precision_from_config
+
+    cfg = load_config(os.path.join(run_dir, "config.json"), ["--e2e_weights_path", final_checkpoint(run_dir)])
+    device = torch.device("cpu")
+    precision = precision_from_config(cfg, device.type)
+    model = build_model(cfg).eval()
+    entry = next(e for e in cfg.inference_datasets if e.name == TEST_SET)
+    dataset = VideoRetrievalDataset(cfg, entry, build_tokenizer(cfg), training=False)
+    dataset.scan_readable()
+
+    def encode_videos(batch):
+        with autocast(precision, device.type):
+            return model.encode_video(batch["video"])
+
+    def encode_texts(batch):
+        with autocast(precision, device.type):
+            return model.encode_text(batch["text_input_ids"], batch["text_input_mask"])
+
+    with torch.no_grad():
+        videos = encode_in_order(encode_videos, build_eval_loader(dataset.video_view(), cfg, n_workers=0),
+                                 len(dataset.videos), device, "videos")
+        texts = encode_in_order(encode_texts, build_eval_loader(dataset.text_view(), cfg, n_workers=0),
+                                len(dataset.texts), device, "texts")
+    targets = dataset.text_to_video()
+    ranks = retrieval_ranks(similarity_chunked(texts, videos), targets)
+    present = set(dataset.videos)
+    has_twin = [dataset.records[v].extra.get("twin") in present for v in targets]
+    return [int(r) for r in ranks], has_twin
+
+
+def subset_r1(ranks: Sequence[int], keep: Sequence[bool]) -> float:
+    picked = [r for r, k in zip(ranks, keep) if k]
+    return 100.0 * sum(r == 1 for r in picked) / len(picked) if picked else math.nan
+
+
+def direction_sensitive(ranks: Sequence[int], has_twin: Sequence[bool]) -> dict:
+    """t2v R@1 on the queries whose clip has a time-reversed twin (and, for reference, the rest)."""
+    rest = [not t for t in has_twin]
+    return {"t2v_R1": subset_r1(ranks, has_twin), "n_queries": int(sum(has_twin)),
+            "other_t2v_R1": subset_r1(ranks, rest), "n_other_queries": int(sum(rest)),
+            "all_t2v_R1": subset_r1(ranks, [True] * len(ranks))}
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+def format_table(results: dict) -> str:
+    rows = [("t2v", "text-to-video"), ("v2t", "video-to-text"),
+            ("t2v_dsl", "text-to-video, DSL"), ("v2t_dsl", "video-to-text, DSL")]
+    header = f"{'model':<16}{'direction':<20}{'R@1':>7}{'R@5':>7}{'R@10':>7}"
+    lines = [header, "-" * len(header)]
+    for name in MODELS:
+        for i, (key, label) in enumerate(rows):
+            m = results[name][key]
+            lines.append(f"{LABELS[name] if i == 0 else '':<16}{label:<20}{m['R1']:7.1f}{m['R5']:7.1f}{m['R10']:7.1f}")
+    lines.append("-" * len(header))
+    ds = results["direction_sensitive"]
+    n = ds["vip"]["n_queries"]
+    lines.append(f"text-to-video R@1 on the {n} queries whose clip has its time-reversed twin in the test set:")
+    for name in MODELS:
+        lines.append(f"  {LABELS[name]:<16}{ds[name]['t2v_R1']:6.1f}   (other queries: {ds[name]['other_t2v_R1']:.1f})")
+    lines.append(f"wall time {results['wall_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(run_dirs: dict[str, str], path: str) -> str:
+    """Training loss and test t2v R@1 over steps for both models, from their ``log/metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run_dir in run_dirs.items():
+        records = read_metrics(os.path.join(run_dir, "log", "metrics.jsonl"))
+        train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+        val = [(r["step"], r[f"val/{TEST_SET}/t2v_R1"]) for r in records if f"val/{TEST_SET}/t2v_R1" in r]
+        if train:
+            ax_loss.plot(*zip(*train), label=LABELS[name])
+        if val:
+            ax_r1.plot(*zip(*val), marker="o", label=LABELS[name])
+    ax_loss.set(xlabel="step", ylabel="training loss", title="contrastive loss")
+    ax_r1.set(xlabel="step", ylabel="R@1 (%)", title="text-to-video R@1, 200 test clips", ylim=(0, 100))
+    for ax in (ax_loss, ax_r1):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo
+# ------------------------------------------------------------------------------------------------
+def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config_dir: str | None = None) -> dict:
+    start = time.perf_counter()
+    spec = QUICK if quick else FULL
+    out = os.path.abspath(out)
+    config_dir = config_dir or find_config_dir()
+    for stale in ("data", "clip_config", "logs", *MODELS):  # a rerun starts afresh, never resumes
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
+    os.makedirs(out, exist_ok=True)
+
+    from .data import synthetic
+
+    LOGGER.info("drawing the synthetic benchmark: %d training clips, %d test clips", spec.n_train, spec.n_test)
+    synthetic.generate(os.path.join(out, "data"), n_train=spec.n_train, n_test=spec.n_test, seed=spec.seed,
+                       size=spec.video_size, frames=spec.video_frames, twin_fraction=spec.twin_fraction,
+                       n_pretrain_videos=0, frame_folders=False)
+    clip_config = write_clip_config(os.path.join(out, "clip_config"), spec.architecture)
+
+    cpus = os.cpu_count() or 1
+    if parallel is None:
+        parallel = cpus >= 2
+    threads = max(1, cpus // 2) if parallel else cpus
+    run_dirs = {name: os.path.join(out, name) for name in MODELS}
+    commands = {name: train_command(os.path.join(config_dir, f"{name}.json"), out, clip_config,
+                                    [*spec.overrides, "--output_dir", name])
+                for name in MODELS}
+    run_trainings(commands, run_dirs, os.path.join(out, "logs"), parallel, threads)
+
+    import torch
+
+    torch.set_num_threads(cpus)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    results: dict = {}
+    ranks = {}
+    for name in MODELS:
+        with open(os.path.join(run_dirs[name], "eval_results.json"), encoding="utf-8") as f:
+            results[name] = json.load(f)[TEST_SET]
+        ranks[name] = query_ranks(run_dirs[name])
+    results["direction_sensitive"] = {name: direction_sensitive(*ranks[name]) for name in MODELS}
+    for name in MODELS:
+        again, reported = results["direction_sensitive"][name]["all_t2v_R1"], results[name]["t2v"]["R1"]
+        if abs(again - reported) > 1e-6:
+            LOGGER.warning("%s: re-evaluating the final checkpoint gives t2v R@1 %.2f, the run reported %.2f",
+                           name, again, reported)
+    plot_curves(run_dirs, os.path.join(out, "curves.png"))
+    results["wall_seconds"] = round(time.perf_counter() - start, 1)
+    results["setup"] = {"quick": quick, "parallel": parallel, "threads_per_run": threads, "cpus": cpus,
+                        "n_train": spec.n_train, "n_test": spec.n_test}
+    write_json(results, os.path.join(out, "results.json"))
+    print(format_table(results))
+    LOGGER.info("results: %s; curves: %s", os.path.join(out, "results.json"), os.path.join(out, "curves.png"))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipvip.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    parser.add_argument("--quick", action="store_true", help="tiny data, model and budget: a smoke test")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--parallel", dest="parallel", action="store_true", default=None,
+                       help="train both models at once, half the CPUs each (default with 2+ CPUs)")
+    order.add_argument("--sequential", dest="parallel", action="store_false", help="one model after the other")
+    args = parser.parse_args(argv)
+    run_demo(args.out, quick=args.quick, parallel=args.parallel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
