@@ -7,17 +7,15 @@ gradient convention of ``all_gather_with_grad`` and, with the averaging the trai
 of the global batch. Exits non-zero (an AssertionError) on the first mismatch.
 """
 import copy
-import math
 import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import clipvip.distributed as D
 from clipvip.loss import build_loss
 
-from dual_encoder import B, P, P_IN, WORLD, TinyDualEncoder, assert_close  # noqa: E402
+from dual_encoder import B, P, P_IN, WORLD, TinyDualEncoder, assert_close, check_gather_and_loss_gradient  # noqa: E402,E501
 
 
 def check_launcher(rank):
@@ -26,29 +24,6 @@ def check_launcher(rank):
     env = D.init_distributed()
     assert (env.rank, env.world_size, env.local_rank, env.backend) == (rank, WORLD, rank, "horovod"), env
     assert D.init_distributed() is env and D.is_main_process() == (rank == 0)
-
-
-def check_gather_and_loss_gradient(rank):
-    g = torch.Generator().manual_seed(0)
-    full_v, full_t = (torch.randn(WORLD * B, P, generator=g, dtype=torch.float64) for _ in range(2))
-    mine = slice(rank * B, (rank + 1) * B)
-    assert_close(D.all_gather_with_grad(full_v[mine].clone()), full_v, "gathered batch in rank order")
-
-    ref_v, ref_t = full_v.clone().requires_grad_(), full_t.clone().requires_grad_()
-    ref_scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
-    ref_loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 0})(
-        {"vis_features": F.normalize(ref_v, dim=-1), "text_features": F.normalize(ref_t, dim=-1)}, ref_scale)
-    ref_loss.backward()
-
-    v, t = full_v[mine].clone().requires_grad_(), full_t[mine].clone().requires_grad_()
-    scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
-    loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 1})(
-        {"vis_features": F.normalize(v, dim=-1), "text_features": F.normalize(t, dim=-1)}, scale)
-    loss.backward()
-    assert_close(loss, ref_loss, "gathered loss")
-    assert_close(v.grad / WORLD, ref_v.grad[mine], "video grad / world")
-    assert_close(t.grad / WORLD, ref_t.grad[mine], "text grad / world")
-    assert_close(scale.grad, ref_scale.grad, "logit_scale grad")
 
 
 def check_averaged_gradients_match_single_process(rank, loss_name):

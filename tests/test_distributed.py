@@ -7,7 +7,6 @@ gradient equals the single-process gradient on the whole batch.
 """
 import copy
 import gc
-import math
 import os
 import socket
 import subprocess
@@ -18,7 +17,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 import clipvip.distributed as D
@@ -95,33 +93,7 @@ def test_importing_does_not_import_horovod():
 # ----------------------------------------------------------------------------------------------
 # Two gloo processes
 # ----------------------------------------------------------------------------------------------
-from dual_encoder import B, P, P_IN, WORLD, TinyDualEncoder, assert_close  # noqa: E402
-
-
-def _check_gather_and_loss_gradient(rank):
-    g = torch.Generator().manual_seed(0)
-    full_v, full_t = (torch.randn(WORLD * B, P, generator=g, dtype=torch.float64) for _ in range(2))
-    mine = slice(rank * B, (rank + 1) * B)
-
-    gathered = D.all_gather_with_grad(full_v[mine].clone())
-    assert_close(gathered, full_v, "gathered batch in rank order")
-
-    # single-process reference on the global batch
-    ref_v, ref_t = full_v.clone().requires_grad_(), full_t.clone().requires_grad_()
-    ref_scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
-    ref_loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 0})(
-        {"vis_features": F.normalize(ref_v, dim=-1), "text_features": F.normalize(ref_t, dim=-1)}, ref_scale)
-    ref_loss.backward()
-
-    v, t = full_v[mine].clone().requires_grad_(), full_t[mine].clone().requires_grad_()
-    scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
-    loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 1})(
-        {"vis_features": F.normalize(v, dim=-1), "text_features": F.normalize(t, dim=-1)}, scale)
-    loss.backward()
-    assert_close(loss, ref_loss, "gathered loss")
-    assert_close(v.grad / WORLD, ref_v.grad[mine], "video grad / world")  # DDP's average divides by world
-    assert_close(t.grad / WORLD, ref_t.grad[mine], "text grad / world")
-    assert_close(scale.grad, ref_scale.grad, "logit_scale grad")  # full on every rank, so its average too
+from dual_encoder import B, P, P_IN, WORLD, TinyDualEncoder, assert_close, check_gather_and_loss_gradient  # noqa: E402,E501
 
 
 def _check_ddp_matches_single_process(rank, loss_name):
@@ -181,7 +153,7 @@ def _worker(rank, port):
         assert (env.rank, env.world_size, env.local_rank, env.backend) == (rank, WORLD, rank, "gloo")
         assert D.init_distributed() is env
         assert D.is_main_process() == (rank == 0)
-        _check_gather_and_loss_gradient(rank)
+        check_gather_and_loss_gradient(rank)
         _check_ddp_matches_single_process(rank, "NCELearnableTempLoss")
         _check_ddp_matches_single_process(rank, "NCELearnableTempLoss_vsc_fc")
         _check_uneven(rank)
