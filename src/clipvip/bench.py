@@ -489,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode == "data":
@@ -499,6 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 repeats=args.repeats, folder=args.dir)
     else:
         report = run_model_bench(args)
+    report["machine"]["load_average_1min_at_start"] = load_at_start
     print(json.dumps(report, indent=1))
     return 0
 
