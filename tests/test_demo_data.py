@@ -1,4 +1,5 @@
-"""The data options the demo relies on: in-memory clip cache, twin pairs sharing a batch."""
+"""Options the demo relies on: in-memory clip cache, twins sharing a batch, gradient backdrop,
+temporal embedding init."""
 import os
 
 import pytest
@@ -119,3 +120,19 @@ def test_gradient_backdrop_shows_position_and_keeps_twins_exact():
     assert (np.abs(a[0, 0, 0].astype(int) - plain[0, 0, 0]) <= 2).all()  # top left: almost none
     with pytest.raises(ValueError, match="backdrop"):
         render_clip(dataclasses.replace(spec, backdrop="stripes"), 32, 32, 8)
+
+
+def test_temporal_init_std(tmp_path):
+    from tiny_models import tiny_cfg, write_hf_clip
+
+    from clipvip.model import build_model
+
+    folder = str(tmp_path / "clip")
+    write_hf_clip(folder)
+    zeros = build_model(tiny_cfg(folder)).clipmodel.vision_model.embeddings.temporal_embedding
+    assert torch.count_nonzero(zeros) == 0  # the original: a CLIP-initialised model starts as image CLIP
+    model = build_model(tiny_cfg(folder, temporal_init_std=1.0))  # CLIP weights loaded, temporal fresh
+    embed = model.clipmodel.vision_model.embeddings.temporal_embedding
+    assert 0.7 < float(embed.std()) < 1.3
+    model.clipmodel.init_weights()
+    assert 0.7 < float(embed.std()) < 1.3 and not torch.equal(embed, zeros)

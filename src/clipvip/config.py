@@ -71,6 +71,7 @@ VISION_ADDITIONAL_DEFAULTS = {
     "if_use_temporal_embed": 1,  # add the temporal embedding to every patch of frame t
     "logit_scale_init_value": 4.60,  # log of the initial contrastive temperature scale
     "add_cls_num": 3,  # number of video proxy tokens besides CLS (M = 1 + add_cls_num)
+    "temporal_init_std": 0.0,  # temporal embedding init: 0 = zeros (the original), else normal(0, std)
 }
 
 LOSS_DEFAULTS = {

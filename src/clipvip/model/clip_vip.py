@@ -25,6 +25,7 @@ class VideoSettings:
     temporal_size: int = 12
     use_temporal_embed: bool = True
     logit_scale_init_value: float = 4.60
+    temporal_init_std: float = 0.0  # 0: zeros, as the original; > 0: normal(0, std)
 
     @classmethod
     def from_config(cls, extra: dict) -> "VideoSettings":
@@ -35,7 +36,23 @@ class VideoSettings:
             temporal_size=int(extra.get("temporal_size", 12)),
             use_temporal_embed=bool(extra.get("if_use_temporal_embed", 1)) and use_proxies,
             logit_scale_init_value=float(extra.get("logit_scale_init_value", 4.60)),
+            temporal_init_std=float(extra.get("temporal_init_std", 0.0)),
         )
+
+
+@torch.no_grad()
+def init_temporal_embedding(embedding: torch.Tensor, std: float) -> None:
+    """Zeros (the original: a CLIP-initialised model starts as image CLIP), or normal(0, std).
+
+    From scratch, zeros leave frame order invisible until the embedding has grown: the tokens of
+    frame t differ from those of frame t' only through it. An embedding about as large as the patch
+    features (std ~1 with the 0.02 random init) lets attention weigh frames differently from the
+    first step (docs/demo.md measures it).
+    """
+    if std > 0:
+        nn.init.normal_(embedding, std=std)
+    else:
+        nn.init.zeros_(embedding)
 
 
 class VideoEmbeddings(nn.Module):
@@ -62,6 +79,7 @@ class VideoEmbeddings(nn.Module):
         self.use_temporal_embed = video.use_temporal_embed
         if video.use_temporal_embed:
             self.temporal_embedding = nn.Parameter(torch.zeros(1, video.temporal_size, D))
+            init_temporal_embedding(self.temporal_embedding, video.temporal_init_std)
 
     def temporal_embed_for(self, num_frames: int) -> torch.Tensor:
         """(1, T, D): the temporal embedding, linearly interpolated along time when T differs."""
@@ -174,7 +192,7 @@ class CLIPViPModel(nn.Module):
         if hasattr(embeddings, "added_cls"):
             nn.init.normal_(embeddings.added_cls)
         if hasattr(embeddings, "temporal_embedding"):
-            nn.init.zeros_(embeddings.temporal_embedding)
+            init_temporal_embedding(embeddings.temporal_embedding, self.video.temporal_init_std)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text_model.encoder.gradient_checkpointing = enable
