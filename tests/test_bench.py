@@ -130,3 +130,9 @@ def test_shape_overrides_and_errors():
                        (["--res", "100"], "multiple of the patch")):
         with pytest.raises(bench.ConfigError, match=match):
             bench.bench_clip_config(bench.build_parser().parse_args(bad))
+
+
+def test_a_compile_failure_is_reported_and_the_run_goes_on():
+    report = run_bench("--mode", "encode", *TINY, "--attn", "sdpa", "--compile", "--compile-backend", "no-such-backend")
+    assert "no-such-backend" in report["errors"]["compile"]
+    check_variant(report["results"]["encode"]["sdpa"])

@@ -370,8 +370,10 @@ def run_model_bench(args) -> dict:
                 with PeakMemory(device) as mem:
                     call()
             except Exception as e:  # noqa: BLE001 - torch.compile / out-of-memory: report, go on
-                errors[f"{mode}/{attn}"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                if args.compile and device.type == "cuda":
+                hint = "torch.compile failed (rerun without --compile): " if args.compile else ""
+                errors[f"{mode}/{attn}"] = f"{hint}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
             variants[attn] = call
