@@ -142,7 +142,7 @@ DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.98],
     "learning_rate": 1e-6,
     "weight_decay": 0.2,
-    "lr_mul": 1,  # parameters whose name contains lr_mul_prefix get lr_mul x learning_rate
+    "lr_mul": 1.0,  # parameters whose name contains lr_mul_prefix get lr_mul x learning_rate
     "lr_mul_prefix": "",
     "loss_config": LOSS_DEFAULTS,
     "warmup_ratio": 0.01,
