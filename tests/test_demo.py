@@ -73,3 +73,25 @@ def test_table_and_curves_inputs(demo):
             records = [json.loads(line) for line in f if line.strip()]
         assert any("loss" in r for r in records)
         assert any("val/synthetic-test/t2v_R1" in r for r in records)
+
+
+def test_both_runs_start_from_the_same_written_clip(demo):
+    """The start CLIP is a real HF folder loaded through clip_weights by both runs; its vision
+    position embeddings are drawn at the demo's larger scale, everything else as the library inits."""
+    from safetensors.torch import load_file
+
+    from clipvip.demo import QUICK
+
+    starts = set()
+    for name in ("vip", "meanpool"):
+        with open(os.path.join(demo["out"], name, "config.json")) as f:
+            cfg = json.load(f)
+        assert cfg["clip_weights"] == cfg["clip_config"]
+        assert cfg["freeze_text_encoder"] == 1
+        starts.add(cfg["clip_weights"])
+    (start,) = starts
+    weights = load_file(os.path.join(start, "model.safetensors"))
+    positions = weights["vision_model.embeddings.position_embedding.weight"]
+    assert positions.std().item() == pytest.approx(QUICK.position_init_std, rel=0.3)
+    assert weights["text_model.embeddings.position_embedding.weight"].std().item() < 0.05
+    assert not any("added_cls" in k or "temporal_embedding" in k for k in weights)

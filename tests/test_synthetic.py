@@ -183,3 +183,28 @@ def test_spec_is_a_plain_value():
     spec = ClipSpec("a", "red", "cross", "up", "small", "slowly", 20, 0.5, 0.5)
     assert spec.attrs == {"colour": "red", "shape": "cross", "direction": "up", "size": "small",
                           "speed": "slowly"}
+
+
+def test_canonical_training_captions_leave_clips_and_subtitles_alone(data, tmp_path):
+    """n_paraphrases=0: each training clip gets its one canonical caption; nothing else changes."""
+    other = generate(str(tmp_path / "c"), n_train=6, n_test=8, seed=3, n_paraphrases=0, frame_folders=False, **KW)
+    train, train0 = _read_jsonl(data["train"]), _read_jsonl(other["train"])
+    assert [r["clip_id"] for r in train] == [r["clip_id"] for r in train0]
+    for rec in train0:
+        spec = ClipSpec(rec["clip_id"], background=0, across=0.0, along=0.0, **rec["attrs"])
+        assert rec["text"] == [synthetic.caption(spec)]
+    assert _read_jsonl(data["test"]) == _read_jsonl(other["test"])
+    assert _lmdb_items(data["pretrain_subtitles"]) == _lmdb_items(other["pretrain_subtitles"])
+    with pytest.raises(ValueError, match="n_paraphrases"):
+        generate(str(tmp_path / "d"), n_train=2, n_test=2, n_paraphrases=-1, **KW)
+
+
+def _lmdb_items(path):
+    import lmdb
+
+    env = lmdb.open(path, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return dict(txn.cursor())
+    finally:
+        env.close()

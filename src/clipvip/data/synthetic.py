@@ -424,6 +424,8 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
     ``size``: an int (square frames), ``(H, W)`` or ``"HxW"``, even and >= 16.
     ``backdrop``: ``"plain"`` or ``"gradient"`` (see :data:`BACKDROPS`); the clips' attributes,
     captions and twins are the same either way.
+    ``n_paraphrases``: training captions per clip, each a random paraphrase; 0 gives every training
+    clip its one canonical caption (the test sets' wording) instead.
     ``workers``: processes drawing and encoding clips (default: all cores for large sets).
     """
     height, width = _parse_size(size)
@@ -431,6 +433,8 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
         raise ValueError(f"frame size must be even and >= 16, got {height}x{width}")
     if frames < 2:
         raise ValueError(f"need at least 2 frames to show motion, got {frames}")
+    if n_paraphrases < 0:
+        raise ValueError(f"n_paraphrases must be >= 0, got {n_paraphrases}")
     if not 0.0 <= twin_fraction <= 1.0:
         raise ValueError(f"twin_fraction must be in [0, 1], got {twin_fraction}")
     if backdrop not in BACKDROPS:
@@ -461,12 +465,14 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
         test = [(dataclasses.replace(spec, backdrop=backdrop), twin) for spec, twin in test]
         pretrain = [dataclasses.replace(spec, backdrop=backdrop) for spec in pretrain]
     text_rng = np.random.default_rng([seed, 3])
+    subtitle_rng = np.random.default_rng([seed, 4])  # apart, so that n_paraphrases leaves subtitles as they are
 
     jobs = []
     video_of = lambda clip_id: os.path.join(paths["videos"], clip_id + ".mp4")  # noqa: E731
     train_records = []
     for spec, twin in train:
-        rec = {"clip_id": spec.clip_id, "text": paraphrases(spec, text_rng, n_paraphrases)}
+        texts = paraphrases(spec, text_rng, n_paraphrases) if n_paraphrases > 0 else [caption(spec)]
+        rec = {"clip_id": spec.clip_id, "text": texts}
         if twin:
             rec["twin"] = twin
         rec["attrs"] = spec.attrs
@@ -486,9 +492,9 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
         video = spec.clip_id.split(".")[0]
         jobs.append((spec, os.path.join(paths["pretrain_videos"], video, spec.clip_id), None,
                      height, width, frames, fps))
-        subtitles[spec.clip_id] = _choice(text_rng, SUBTITLE_TEMPLATES).format(
-            colour=spec.colour, shape=spec.shape, dir=_choice(text_rng, DIR_SYNONYMS[spec.direction]),
-            speed_adj=_choice(text_rng, SPEED_ADJ[spec.speed]))
+        subtitles[spec.clip_id] = _choice(subtitle_rng, SUBTITLE_TEMPLATES).format(
+            colour=spec.colour, shape=spec.shape, dir=_choice(subtitle_rng, DIR_SYNONYMS[spec.direction]),
+            speed_adj=_choice(subtitle_rng, SPEED_ADJ[spec.speed]))
         # A single frame shows no motion: the "middle frame caption" names appearance only.
         captions[spec.clip_id] = f"a {spec.size} {spec.colour} {spec.shape} on a dark background"
 
@@ -529,6 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--fps", type=int, default=6)
     parser.add_argument("--twin-fraction", type=float, default=0.7,
                         help="fraction of clips in time-reversed twin pairs")
+    parser.add_argument("--n-paraphrases", type=int, default=5,
+                        help="training captions per clip (0: the canonical caption only)")
     parser.add_argument("--n-pretrain-videos", type=int, default=4)
     parser.add_argument("--clips-per-video", type=int, default=3)
     parser.add_argument("--no-frame-folders", action="store_true",
@@ -539,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = generate(args.out, args.n_train, args.n_test, args.seed, args.size, args.frames,
-                         fps=args.fps, twin_fraction=args.twin_fraction,
+                         fps=args.fps, twin_fraction=args.twin_fraction, n_paraphrases=args.n_paraphrases,
                          n_pretrain_videos=args.n_pretrain_videos,
                          clips_per_video=args.clips_per_video,
                          frame_folders=not args.no_frame_folders, workers=args.workers,
