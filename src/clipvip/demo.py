@@ -327,14 +327,6 @@ def plot_curves(run_dirs: dict[str, str], path: str) -> str:
     return path
 
 
-def write_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # The demo
 # ------------------------------------------------------------------------------------------------
@@ -368,6 +360,8 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
 
     import torch
 
+    from .train.evaluate import write_results
+
     torch.set_num_threads(cpus)
     os.environ.setdefault("TQDM_DISABLE", "1")
     results: dict = {}
@@ -386,7 +380,7 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["setup"] = {"quick": quick, "parallel": parallel, "threads_per_run": threads, "cpus": cpus,
                         "n_train": spec.n_train, "n_test": spec.n_test}
-    write_json(results, os.path.join(out, "results.json"))
+    write_results(results, out, "results.json")
     print(format_table(results))
     LOGGER.info("results: %s; curves: %s", os.path.join(out, "results.json"), os.path.join(out, "curves.png"))
     return results
