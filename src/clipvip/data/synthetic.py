@@ -515,6 +515,7 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
             json.dump([{"image_id": k, "caption": v} for k, v in captions.items()], f)
     meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "height": height, "width": width,
             "frames": frames, "fps": fps, "twin_fraction": twin_fraction, "backdrop": backdrop,
+            "n_paraphrases": n_paraphrases,
             "n_pretrain_clips": len(pretrain), "colours": list(COLOURS), "shapes": list(SHAPES),
             "directions": list(DIRECTIONS), "sizes": list(SIZES), "speeds": list(SPEEDS)}
     with open(paths["meta"], "w", encoding="utf-8") as f:
