@@ -108,7 +108,7 @@ class ClipReader:
 
         if self.cache is not None:
             every = self.cache.get(path)
-            if every is None:  # (F, h, w, 3) uint8; indices past the decodable end clamp as below
+            if every is None:  # (F, h, w, 3) uint8; index_fn then sees the same frame count as when decoding
                 every = self.cache[path] = load_sampled_frames(path, lambda n: list(range(n)), backend=self.backend)[0]
             frames = every[index_fn(every.shape[0])]
         else:

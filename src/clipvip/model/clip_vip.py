@@ -45,9 +45,9 @@ def init_temporal_embedding(embedding: torch.Tensor, std: float) -> None:
     """Zeros (the original: a CLIP-initialised model starts as image CLIP), or normal(0, std).
 
     From scratch, zeros leave frame order invisible until the embedding has grown: the tokens of
-    frame t differ from those of frame t' only through it. An embedding about as large as the patch
-    features (std ~1 with the 0.02 random init) lets attention weigh frames differently from the
-    first step (docs/demo.md measures it).
+    frame t differ from those of frame t' only through it. An embedding of the order of the patch
+    features (std about 0.5 at patch 16 with the 0.02 random init) lets attention weigh frames
+    differently from the first step (the demo uses 0.5; docs/demo.md).
     """
     if std > 0:
         nn.init.normal_(embedding, std=std)
