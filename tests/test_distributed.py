@@ -136,6 +136,31 @@ def _check_uneven(rank):
         assert_close(got, full[: sum(sizes)], f"all_gather_variable {sizes}")
 
 
+def _check_equal_sizes(rank):
+    """The training path: no size exchange (no host sync), the same rows and gradient as the general one."""
+    full = torch.randn(WORLD * B, P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
+    mine = slice(rank * B, (rank + 1) * B)
+    general = full[mine].clone().requires_grad_()
+    (D.all_gather_with_grad(general) * weights).sum().backward()
+
+    real_gather_sizes = D._gather_sizes
+
+    def no_size_exchange(*args):
+        raise AssertionError("equal_sizes=True exchanged batch sizes")
+
+    D._gather_sizes = no_size_exchange
+    try:
+        fast = full[mine].clone().requires_grad_()
+        gathered = D.all_gather_with_grad(fast, equal_sizes=True)
+        assert_close(gathered, full, "equal-size gather")
+        (gathered * weights).sum().backward()
+    finally:
+        D._gather_sizes = real_gather_sizes
+    assert_close(fast.grad, general.grad, "equal-size gather gradient (reduce-scatter)")
+    assert_close(fast.grad, WORLD * weights[mine], "equal-size gather gradient")
+
+
 def _check_objects(rank):
     assert D.all_reduce_mean(torch.tensor([rank + 1.0])).item() == 1.5
     assert D.all_reduce_mean(float(rank)) == 0.5
@@ -157,6 +182,7 @@ def _worker(rank, port):
         _check_ddp_matches_single_process(rank, "NCELearnableTempLoss")
         _check_ddp_matches_single_process(rank, "NCELearnableTempLoss_vsc_fc")
         _check_uneven(rank)
+        _check_equal_sizes(rank)
         _check_objects(rank)
     finally:
         D.cleanup()

@@ -222,7 +222,7 @@ def _all_reduce_sum(x: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 def _gather_sizes(n: int, device: torch.device, backend: str) -> list[int]:
-    """First-dim size of every rank, in rank order."""
+    """First-dim size of every rank, in rank order (a collective, and a host sync to read it)."""
     size = torch.tensor([n], dtype=torch.long, device=device)
     if backend == "horovod":
         return [int(s) for s in _hvd().allgather(size)]
@@ -231,15 +231,34 @@ def _gather_sizes(n: int, device: torch.device, backend: str) -> list[int]:
     return [int(s.item()) for s in sizes]
 
 
-def _all_gather_cat(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate ``x`` [n_r, ...] of every rank along dim 0 in rank order; n_r may differ."""
+# torch >= 2.12 names the single-tensor collectives *_single; older releases *_into_tensor / *_tensor.
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_gather_cat(x: torch.Tensor, backend: str, equal_sizes: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate ``x`` [n_r, ...] of every rank along dim 0 in rank order.
+
+    ``equal_sizes``: the caller guarantees the same n on every rank (training batches), so the
+    sizes are not exchanged: one collective into one buffer and no host sync. Otherwise n_r may
+    differ and the sizes travel first.
+    """
+    x = x.detach().contiguous()
+    if equal_sizes:
+        world = get_env().world_size
+        sizes = [x.shape[0]] * world
+        if backend == "horovod":
+            return _hvd().allgather(x), sizes
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        _ALL_GATHER_SINGLE(out, x)
+        return out, sizes
     sizes = _gather_sizes(x.shape[0], x.device, backend)
     if backend == "horovod":
-        return _hvd().allgather(x.detach()), sizes  # horovod takes uneven first dims itself
+        return _hvd().allgather(x), sizes  # horovod takes uneven first dims itself
     # torch's all_gather wants equal shapes: pad every rank to the largest, gather, trim.
     longest = max(max(sizes), 1)  # an empty collective is a corner some backends trip on
-    padded = x.detach().new_zeros((longest, *x.shape[1:]))
-    padded[: x.shape[0]] = x.detach()
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0), sizes
@@ -249,33 +268,44 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums the gathered gradient over ranks and keeps this rank's rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, backend: str) -> torch.Tensor:
-        gathered, sizes = _all_gather_cat(x, backend)  # [sum(n_r), ...]
+    def forward(ctx, x: torch.Tensor, backend: str, equal_sizes: bool) -> torch.Tensor:
+        gathered, sizes = _all_gather_cat(x, backend, equal_sizes)  # [sum(n_r), ...]
         rank = get_env().rank
         ctx.start, ctx.stop, ctx.backend = sum(sizes[:rank]), sum(sizes[: rank + 1]), backend
+        ctx.equal_sizes = equal_sizes
         return gathered
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # Every rank's loss depends on every rank's rows: the gradient of our rows is the sum of
         # what all ranks computed for them (see the module docstring for the scaling this implies).
+        if ctx.equal_sizes and ctx.backend != "horovod":
+            # The sum of our rows only: half the traffic of an all-reduce of the whole gradient.
+            grad = grad.contiguous()
+            mine = grad.new_empty((ctx.stop - ctx.start, *grad.shape[1:]))
+            _REDUCE_SCATTER_SINGLE(mine, grad)
+            return mine, None, None
         grad = _all_reduce_sum(grad, ctx.backend)
-        return grad[ctx.start: ctx.stop], None
+        return grad[ctx.start: ctx.stop], None, None
 
 
 # ----------------------------------------------------------------------------------------------
 # Public collectives
 # ----------------------------------------------------------------------------------------------
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, equal_sizes: bool = False) -> torch.Tensor:
     """[B_r, ...] on each rank -> [sum_r B_r, ...] on every rank, in rank order, with gradient.
 
-    Uneven batch sizes are fine. Every rank must backpropagate through the result (the backward
-    is a collective). Gradient convention: module docstring. Identity in a single process.
+    Uneven batch sizes are fine: the sizes are exchanged first (a collective and a host sync).
+    ``equal_sizes=True`` promises the same B on every rank (what training batches are) and skips
+    that: one all-gather forward, one reduce-scatter backward, no host sync. A broken promise is
+    an error or a hang in the collective, so pass it only where the sampler guarantees it. Every
+    rank must backpropagate through the result (the backward is a collective). Gradient
+    convention: module docstring. Identity in a single process.
     """
     backend = _active_backend()
     if backend is None:
         return x
-    return _AllGatherWithGrad.apply(x, backend)
+    return _AllGatherWithGrad.apply(x, backend, bool(equal_sizes))
 
 
 @torch.no_grad()

@@ -18,7 +18,10 @@ frame). Term names read "query2candidates": ``"v2s"`` is each video against all 
 With ``gather=True`` every feature is first gathered from all processes with
 :func:`clipvip.distributed.all_gather_with_grad`, so each process computes the loss of the global
 batch; see that module for the gradient scaling (the DDP-averaged gradient equals the
-single-process gradient on the global batch).
+single-process gradient on the global batch). The gather assumes every process holds the same
+number of rows (``equal_batches``, default True: training batches are full batches on every rank,
+:class:`clipvip.data.loader.ResumableSampler`), which spares it a size exchange and a host sync per
+feature; pass ``equal_batches=False`` for batches that may differ.
 """
 from __future__ import annotations
 
@@ -56,9 +59,10 @@ class ContrastiveLoss(nn.Module):
 
     features: tuple[str, ...] = (VIDEO, TEXT)
 
-    def __init__(self, gather: bool = True):
+    def __init__(self, gather: bool = True, equal_batches: bool = True):
         super().__init__()
         self.gather = bool(gather)
+        self.equal_batches = bool(equal_batches)
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def _terms(self, feats: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,7 +75,8 @@ class ContrastiveLoss(nn.Module):
             raise KeyError(f"{type(self).__name__} needs features {list(self.features)}; missing {missing}")
         feats = {key: outputs[key] for key in self.features}
         if self.gather:
-            feats = {key: all_gather_with_grad(value) for key, value in feats.items()}  # [world*B, P]
+            feats = {key: all_gather_with_grad(value, equal_sizes=self.equal_batches)  # [world*B, P]
+                     for key, value in feats.items()}
         return self._terms(feats, logit_scale.exp())
 
     def forward(self, outputs: Mapping[str, torch.Tensor], logit_scale: torch.Tensor) -> torch.Tensor:
@@ -81,7 +86,7 @@ class ContrastiveLoss(nn.Module):
         return torch.stack(list(terms.values())).sum()
 
     def extra_repr(self) -> str:
-        return f"gather={self.gather}"
+        return f"gather={self.gather}, equal_batches={self.equal_batches}"
 
 
 class NCELearnableTempLoss(ContrastiveLoss):
