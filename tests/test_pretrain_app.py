@@ -36,6 +36,9 @@ def pretrained(tmp_path_factory):
         "learning_rate": 2e-3, "weight_decay": 0.01, "warmup_ratio": 0.05, "num_train_epochs": 20,
         "num_valid": 2, "only_valid_steps": 1000, "save_steps_ratio": 0.5, "log_interval": 5, "seed": 0,
         "grad_norm": 5.0,
+        # what CUDA runs get by default: non-finite steps skipped on the device, counts read (and
+        # the stop flag combined over the processes) at logging and state steps only
+        "nonfinite_check": "deferred",
     }
     path = str(root / "pretrain.json")
     with open(path, "w") as f:

@@ -207,7 +207,9 @@ def test_mismatched_checkpoint_is_one_clear_line(bench, trained, tmp_path):
     assert "added_cls: (1, 32) vs (3, 32)" in result.stderr
 
 
-def test_non_finite_losses_stop_the_run_with_a_state(bench, tmp_path, monkeypatch):
+@pytest.mark.parametrize("check, stop_step", [("step", 3), ("deferred", 4)])
+def test_non_finite_losses_stop_the_run_with_a_state(bench, tmp_path, monkeypatch, check, stop_step):
+    """On the host the stop comes at the 3rd NaN step; deferred, at the next read (log_interval 2)."""
     import clipvip
     from clipvip import retrieval
     from clipvip.train import TrainingStopped, runner
@@ -222,11 +224,12 @@ def test_non_finite_losses_stop_the_run_with_a_state(bench, tmp_path, monkeypatc
     monkeypatch.setattr(runner, "build_loss", nan_loss)
     out = str(tmp_path / "nan")
     cfg = clipvip.load_config(bench["config"], ["--is_train", "--output_dir", out, "--max_nonfinite_steps", "3",
-                                                "--num_train_epochs", "2"])
-    with pytest.raises(TrainingStopped, match="3 steps in a row"):
+                                                "--num_train_epochs", "2", "--nonfinite_check", check,
+                                                "--log_interval", "2", "--save_steps_ratio", "0.5"])
+    with pytest.raises(TrainingStopped, match=f"{stop_step} steps in a row"):
         retrieval.run(cfg)
     state = torch.load(os.path.join(out, "ckpt", "train_state.pt"), weights_only=True)
-    assert state["progress"]["nonfinite_steps"] == 3 and state["progress"]["step"] == 3
+    assert state["progress"]["nonfinite_steps"] == stop_step and state["progress"]["step"] == stop_step
     runner.seed_everything(cfg.seed)  # as run() does before building the model
     reference = clipvip.build_model(cfg).state_dict()
     for key, value in state["model"].items():  # skipped steps leave the weights untouched

@@ -242,3 +242,103 @@ def test_fp16_scale_overflow_is_skipped_not_counted_as_nan(tmp_path):
     assert trainer.scaler.get_scale() < 65536.0  # the scale went down
     after = trainer.raw_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "logit_scale" not in k)
+
+
+# ----------------------------------------------------------------------------------------------
+# nonfinite_check: on the host every step, or deferred to the device (train/guard.py)
+# ----------------------------------------------------------------------------------------------
+def _deferred_trainer(tmp_path, precision="fp32"):
+    trainer, batches = _tiny_trainer(tmp_path, "--nonfinite_check", "deferred", precision=precision)
+    if not trainer.update.deferred:
+        pytest.skip("no fused AdamW for CPU in this torch")
+    return trainer, batches
+
+
+def test_deferred_check_gives_the_same_weights_as_the_host_check(tmp_path):
+    host, _ = _tiny_trainer(tmp_path / "host", "--nonfinite_check", "step")
+    deferred, _ = _deferred_trainer(tmp_path / "deferred")
+    assert not host.update.deferred
+    for trainer in (host, deferred):
+        for _ in range(3):
+            out = trainer.train_step()
+    assert out["loss"] is None  # deferred: nothing read on the host
+    assert deferred.settle()["finite"] and deferred.progress.nonfinite_steps == 0
+    for (name, a), b in zip(host.raw_model.state_dict().items(), deferred.raw_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_deferred_check_skips_nonfinite_steps_on_the_device_and_counts_them_when_read(tmp_path):
+    trainer, _ = _deferred_trainer(tmp_path)
+    real_loss = trainer.loss_fn.forward
+    trainer.train_step()  # a finite step first: the optimizer has state to protect
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    moments = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+    trainer.loss_fn.forward = lambda outputs, scale: real_loss(outputs, scale) * float("nan")
+    for _ in range(2):
+        trainer.train_step()
+    assert trainer.progress.nonfinite_steps == 0  # not read yet
+    after = trainer.raw_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for key, value in trainer.optimizer.state_dict()["state"][0].items():  # step count and moments too
+        assert torch.equal(value, moments[key]), key
+    read = trainer.settle()
+    assert read["finite"] is False and math.isnan(read["loss"])
+    assert trainer.progress.nonfinite_steps == 3 - 1 and trainer.nonfinite_in_a_row == 2
+    assert trainer.longest_nonfinite_run == 2
+    assert trainer.settle() == {}  # nothing new since
+    trainer.loss_fn.forward = real_loss
+    trainer.train_step()
+    assert trainer.settle()["finite"] and trainer.nonfinite_in_a_row == 0
+    assert trainer.progress.nonfinite_steps == 2
+    assert not all(torch.equal(before[k], v) for k, v in trainer.raw_model.state_dict().items())
+
+
+def test_deferred_fp16_overflow_is_skipped_not_counted_as_nan(tmp_path):
+    trainer, _ = _deferred_trainer(tmp_path, precision="fp16")
+    real_loss = trainer.loss_fn.forward
+    trainer.loss_fn.forward = lambda outputs, scale: real_loss(outputs, scale) * 1e34  # finite, huge
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    trainer.train_step()
+    assert trainer.scaler.get_scale() < 65536.0  # the scale went down
+    assert trainer.settle()["finite"] is False
+    assert trainer.progress.scale_overflow_steps == 1 and trainer.progress.nonfinite_steps == 0
+    after = trainer.raw_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "logit_scale" not in k)
+
+
+def test_nonfinite_check_is_resolved_by_device_and_optimizer(tmp_path):
+    from clipvip.errors import ConfigError
+    from clipvip.train.guard import resolve_nonfinite_check
+
+    fused = torch.optim.AdamW([nn.Parameter(torch.ones(2))], fused=True)
+    plain = torch.optim.Adamax([nn.Parameter(torch.ones(2))])
+    assert resolve_nonfinite_check("auto", "cuda", fused) == "deferred"
+    assert resolve_nonfinite_check("auto", "cpu", fused) == "step"
+    assert resolve_nonfinite_check("auto", "cuda", plain) == "step"
+    assert resolve_nonfinite_check("deferred", "cpu", fused) == "deferred"
+    assert resolve_nonfinite_check("deferred", "cuda", plain) == "step"  # with a warning
+    with pytest.raises(ConfigError, match="nonfinite_check 'sometimes'"):
+        resolve_nonfinite_check("sometimes", "cpu", fused)
+
+
+def test_a_deferred_step_reads_no_tensor_on_the_host(tmp_path, monkeypatch):
+    """What would be a host-device sync on a GPU (item, tolist, bool/int/float of a tensor) does
+    not happen inside a deferred step, model and loss included; settle() is where it happens."""
+    trainer, _ = _deferred_trainer(tmp_path)
+    trainer.train_step()  # first step: optimizer state created
+    reads = []
+
+    def recording(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, recording(name))
+    trainer.train_step()
+    assert reads == []
+    trainer.settle()
+    assert reads  # the check: the reading happens here

@@ -8,10 +8,12 @@ What it does per optimizer step (DESIGN §4):
    only). With ``accum_feature_cache`` the micro-batches are first encoded without gradient and
    each is then recomputed with gradient against the cached features of the others, so every
    loss sees the whole accumulated batch of negatives (open_clip's scheme);
-3. unscale (fp16), clip at ``grad_norm``, and check that loss and gradient are finite: a
-   non-finite step is skipped and counted; ``max_nonfinite_steps`` in a row stop the run with a
-   checkpoint. This is the one host-device synchronisation of a step;
-4. optimizer step, then clamp ``logit_scale`` to ``[0, ln 200]``.
+3. unscale (fp16), clip at ``grad_norm``, and step the optimizer only if loss and gradient are
+   finite: a non-finite step is skipped and counted; ``max_nonfinite_steps`` in a row stop the run
+   with a checkpoint. ``nonfinite_check`` decides where (:mod:`clipvip.train.guard`): on the host
+   every step (the step's one host-device sync), or on the device, read at the loop's sync points
+   only (logging, validation and state steps; the default on CUDA);
+4. clamp ``logit_scale`` to ``[0, ln 200]``.
 
 Validation runs at step 0 (zero-shot), every ``valid_steps`` (with ``ckpt/model_step_N.pt``),
 every ``only_valid_steps`` and at the end (with the last ``model_step``), keeping
@@ -37,6 +39,7 @@ from ..errors import CheckpointError, ClipvipError
 from ..logging_utils import get_logger
 from ..model.weights import save_checkpoint
 from .logger import RunLogger
+from .guard import GuardedUpdate, UpdateReport, resolve_nonfinite_check
 from .optim import build_optimizer, learning_rate_at, set_learning_rate
 from .precision import autocast, grad_scaler
 from .state import Progress, load_training_state, restore_rng, save_training_state
@@ -107,16 +110,17 @@ class StopRequest:
     them each step, so every process stops after the same step.
     """
 
-    def __init__(self):
+    def __init__(self, when: str = "after this step"):
         self.requested = False
+        self.when = when  # where the loop looks at the flag, for the message
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        LOGGER.warning("%s: stopping after this step and saving the training state (Ctrl-C again to stop now)",
-                       signal.Signals(signum).name)
+        LOGGER.warning("%s: stopping %s and saving the training state (Ctrl-C again to stop now)",
+                       signal.Signals(signum).name, self.when)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -160,15 +164,19 @@ class Trainer:
                 broadcast_buffers=False)
         self.optimizer = build_optimizer(self.raw_model, cfg)
         self.scaler = grad_scaler(precision, self.device_type)
+        check = resolve_nonfinite_check(str(cfg.get("nonfinite_check", "auto")), self.device_type, self.optimizer)
+        self.update = GuardedUpdate(self.optimizer, self.scaler, precision, check)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.progress = Progress()
         self.nonfinite_in_a_row = 0
+        self.longest_nonfinite_run = 0  # in the steps of the last report (deferred: since the last read)
         self.last_results: dict = {}
         self.ckpt_dir = os.path.join(cfg.output_dir, "ckpt")
         self.fingerprint = {"world_size": plan.world_size, "train_batch_size": plan.per_device_batch,
                             "gradient_accumulation_steps": plan.accumulation, "total_steps": plan.total_steps,
                             "seed": int(cfg.seed)}
         self.resumed = self._resume()
+        self._unreported_from = self.progress.step + 1  # the first step not yet in a report
         self.run_log = RunLogger(cfg, env.is_main, resume_step=self.progress.step)
         self.accum_feature_cache = bool(cfg.get("accum_feature_cache")) and plan.accumulation > 1
 
@@ -196,6 +204,7 @@ class Trainer:
         return True
 
     def save_state(self) -> None:
+        self.settle()  # the counts of deferred steps belong in the saved progress
         if self.env.is_main:
             save_training_state(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, self.progress,
                                 self.fingerprint, data=self.stream.state_dict())
@@ -262,27 +271,41 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = float(self.cfg.grad_norm) if self.cfg.grad_norm and self.cfg.grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        loss_value, norm_value = torch.stack([loss, grad_norm.to(loss.device)]).tolist()  # the step's one sync
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.nonfinite_in_a_row = 0
-        elif math.isfinite(loss_value) and self.precision == "fp16":
-            # fp16 loss-scale overflow: GradScaler lowers the scale and the step is skipped. Normal
-            # while the scale settles, so it does not count towards max_nonfinite_steps.
-            self.progress.scale_overflow_steps += 1
-            LOGGER.debug("step %d: fp16 gradient overflow; loss scale lowered, step skipped", step)
-        else:
-            self.progress.nonfinite_steps += 1
-            self.nonfinite_in_a_row += 1
-            LOGGER.warning("step %d: non-finite loss %s / gradient norm %s; step skipped (%d in a row)",
-                           step, loss_value, norm_value, self.nonfinite_in_a_row)
-        self.scaler.update()
+        report = self.update(loss, grad_norm)  # None when the check is deferred (see settle())
         self.optimizer.zero_grad(set_to_none=True)
         self.raw_model.clamp_logit_scale()
         self.progress.step = step
-        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "finite": finite,
-                "clips": sum(int(b["video"].shape[0]) for b in batches if "video" in b)}
+        out = {"lr": lr, "clips": sum(int(b["video"].shape[0]) for b in batches if "video" in b),
+               "loss": None, "grad_norm": None, "finite": None}
+        if report is not None:
+            out.update(self._account(report))
+        return out
+
+    def settle(self) -> dict:
+        """Deferred check: read the device's counts of the steps since the last read (a host sync).
+
+        Returns the last step's ``loss``/``grad_norm``/``finite`` ({} when nothing was pending).
+        """
+        report = self.update.read()
+        return self._account(report) if report is not None else {}
+
+    def _account(self, report: UpdateReport) -> dict:
+        """Add a report's counts to the progress and say what was skipped."""
+        first, step = self._unreported_from, self.progress.step
+        self._unreported_from = step + 1
+        self.progress.nonfinite_steps += report.nonfinite
+        self.progress.scale_overflow_steps += report.overflows
+        self.nonfinite_in_a_row, self.longest_nonfinite_run = report.in_a_row, report.longest_in_a_row
+        steps = f"step {step}" if first == step else f"steps {first}-{step}"
+        if report.nonfinite:
+            LOGGER.warning("%s: %d non-finite step(s) skipped (last loss %s, gradient norm %s; %d in a row)",
+                           steps, report.nonfinite, report.loss, report.grad_norm, report.in_a_row)
+        if report.overflows:
+            # fp16 loss-scale overflow: GradScaler lowered the scale and the step was skipped. Normal
+            # while the scale settles, so it does not count towards max_nonfinite_steps.
+            LOGGER.debug("%s: %d fp16 gradient overflow(s); loss scale lowered, step(s) skipped",
+                         steps, report.overflows)
+        return {"loss": report.loss, "grad_norm": report.grad_norm, "finite": report.finite}
 
     # ------------------------------------------------------------------------------------------
     # Validation
@@ -328,10 +351,13 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=plan.total_steps, initial=self.progress.step, desc="train", dynamic_ncols=True)
-        stop = StopRequest()
+        # With several processes, reading the stop flag is a collective and a host sync: a deferred
+        # check looks at it only where the loop syncs anyway.
+        stop_everywhere = self.env.world_size <= 1 or not self.update.deferred
+        stop = StopRequest("after this step" if stop_everywhere else "at the next logging step")
         try:
             with stop:
-                self._run_steps(stop, bar, log_every, max_nonfinite)
+                self._run_steps(stop, bar, log_every, max_nonfinite, stop_everywhere)
         except KeyboardInterrupt:
             LOGGER.warning("interrupted at step %d: saving the training state", self.progress.step)
             self.save_state()
@@ -342,21 +368,26 @@ class Trainer:
         self._finish()
         return self.progress
 
-    def _run_steps(self, stop: StopRequest, bar, log_every: int, max_nonfinite: int) -> None:
+    def _run_steps(self, stop: StopRequest, bar, log_every: int, max_nonfinite: int, stop_everywhere: bool) -> None:
         plan = self.plan
         window_clips, window_start = 0, time.perf_counter()
         while self.progress.step < plan.total_steps:
             out = self.train_step()
             step = self.progress.step
             window_clips += out["clips"]
+            sync_point = (step % log_every == 0 or step == plan.total_steps or step % plan.valid_steps == 0
+                          or step % plan.only_valid_steps == 0 or step % plan.state_steps == 0)
+            if out["loss"] is None and sync_point:
+                out.update(self.settle())
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
-            if self.nonfinite_in_a_row >= max_nonfinite:
+                if out["loss"] is not None:
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
+            if self.longest_nonfinite_run >= max_nonfinite:
                 self.save_state()
                 raise TrainingStopped(
-                    f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                    f"(last at step {step}); state saved in {self.ckpt_dir}. Lower the learning rate, "
+                    f"{self.longest_nonfinite_run} steps in a row had a non-finite loss or gradient "
+                    f"(seen at step {step}); state saved in {self.ckpt_dir}. Lower the learning rate, "
                     "use --bf16 1 instead of fp16, or check the data")
             if step % log_every == 0 or step == plan.total_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -378,7 +409,7 @@ class Trainer:
                 self.save_state()
             elif step % plan.state_steps == 0:
                 self.save_state()
-            if stop.anywhere(self.env.world_size, self.device):
+            if (stop_everywhere or sync_point) and stop.anywhere(self.env.world_size, self.device):
                 raise KeyboardInterrupt  # saved by fit(), after this complete step
 
     def _finish(self) -> None:
