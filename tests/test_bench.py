@@ -48,14 +48,16 @@ def test_encode_and_train_side_by_side():
         assert block["speedup_sdpa_vs_eager"] == pytest.approx(
             block["eager"]["ms_per_batch"] / block["sdpa"]["ms_per_batch"], rel=1e-2)
     assert isinstance(report["results"]["train"]["fused_optimizer"], bool)
+    assert report["results"]["train"]["nonfinite_check"] == "step"  # auto on a CPU
     assert "errors" not in report
 
 
 def test_one_variant_with_checkpointing_and_bf16():
     report = run_bench("--mode", "train", *TINY, "--attn", "sdpa", "--grad-checkpointing", "--precision", "bf16",
-                       "--step-sync", "none")
+                       "--nonfinite-check", "deferred")
     assert set(report["results"]) == {"train"}
     block = report["results"]["train"]
+    assert block["nonfinite_check"] == ("deferred" if block["fused_optimizer"] else "step")
     check_variant(block["sdpa"])
     assert "eager" not in block and "speedup_sdpa_vs_eager" not in block
     assert report["settings"]["grad_checkpointing"] and report["settings"]["precision"] == "bf16"

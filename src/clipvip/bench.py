@@ -220,12 +220,14 @@ def _inputs(arch: dict, batch: int, frames: int, text_len: int, device: torch.de
 
 
 class TrainStep:
-    """One optimizer step as :meth:`clipvip.train.loop.Trainer.train_step` runs it, its host sync
-    (reading loss and gradient norm to skip non-finite steps) included unless ``host_sync=False``."""
+    """One optimizer step as :meth:`clipvip.train.loop.Trainer.train_step` runs it, with the same
+    non-finite guard (:mod:`clipvip.train.guard`): ``nonfinite_check`` ``auto`` (deferred to the
+    device on CUDA), ``step`` (the host reads loss and gradient norm every step) or ``deferred``."""
 
-    def __init__(self, model, precision: str, device: torch.device, lr: float = 1e-5, host_sync: bool = True):
+    def __init__(self, model, precision: str, device: torch.device, lr: float = 1e-5, nonfinite_check: str = "auto"):
         from .config import load_config
         from .loss import build_loss
+        from .train.guard import GuardedUpdate, resolve_nonfinite_check
         from .train.optim import build_optimizer
         from .train.precision import grad_scaler
 
@@ -234,10 +236,11 @@ class TrainStep:
         self.optimizer = build_optimizer(model, cfg)
         self.fused = bool(self.optimizer.defaults.get("fused"))
         self.scaler = grad_scaler(precision, device.type)
+        self.nonfinite_check = resolve_nonfinite_check(nonfinite_check, device.type, self.optimizer)
+        self.update = GuardedUpdate(self.optimizer, self.scaler, precision, self.nonfinite_check)
         self.loss_fn = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 0})
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grad_norm = float(cfg.grad_norm)
-        self.host_sync = host_sync
 
     def __call__(self, video, ids, mask) -> torch.Tensor:
         from .train.precision import autocast
@@ -248,10 +251,7 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_norm)
-        if self.host_sync:  # the Trainer's one host-device sync per step (non-finite check)
-            torch.stack([loss.detach(), norm.to(loss.device)]).tolist()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.update(loss, norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.model.clamp_logit_scale()
         return loss.detach()
@@ -352,7 +352,7 @@ def run_model_bench(args) -> dict:
     for mode in modes:
         variants: dict[str, Callable[[], None]] = {}
         memory: dict[str, dict] = {}
-        step = TrainStep(model, args.precision, device, host_sync=args.step_sync == "loop") if mode == "train" else None
+        step = TrainStep(model, args.precision, device, nonfinite_check=args.nonfinite_check) if mode == "train" else None
         for attn in args.attn:
             def call(attn=attn):
                 model.set_attention(attn)
@@ -401,6 +401,7 @@ def run_model_bench(args) -> dict:
             block["speedup_sdpa_vs_eager_paired"] = round(statistics.median(per_round), 3)
         if step is not None:
             block["fused_optimizer"] = step.fused
+            block["nonfinite_check"] = step.nonfinite_check
         results[mode] = block
         del step
     report = {
@@ -410,7 +411,7 @@ def run_model_bench(args) -> dict:
             "batch": args.batch, "frames": args.frames, "res": args.res, "text_len": args.text_len,
             "threads": torch.get_num_threads(), "attn": list(args.attn),
             "compile": args.compile_backend if args.compile else False,
-            "grad_checkpointing": bool(args.grad_checkpointing), "step_sync": args.step_sync,
+            "grad_checkpointing": bool(args.grad_checkpointing), "nonfinite_check": args.nonfinite_check,
             "onednn_fp32_matmuls": bool(layers.ONEDNN_LINEAR and device.type == "cpu"),
             "steps": args.steps, "rounds": args.rounds,
             "warmup": args.warmup,
@@ -467,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
     m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
     m.add_argument("--grad-checkpointing", action="store_true")
-    m.add_argument("--step-sync", choices=("loop", "none"), default="loop",
-                   help="train: read loss and gradient norm on the host every step as the Trainer does, or not")
+    m.add_argument("--nonfinite-check", choices=("auto", "step", "deferred"), default="auto",
+                   help="train: as the config key: skip non-finite steps deciding on the host every step (a "
+                        "host-device sync) or on the device; auto = deferred on CUDA, as the Trainer")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     m.add_argument("--peak-tflops", type=float,
                    help="peak TFLOP/s for MFU (default: H100/H200 989 bf16/fp16, 67 fp32; A100 312)")
