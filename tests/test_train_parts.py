@@ -342,3 +342,64 @@ def test_a_deferred_step_reads_no_tensor_on_the_host(tmp_path, monkeypatch):
     assert reads == []
     trainer.settle()
     assert reads  # the check: the reading happens here
+
+
+def test_device_prefetcher_copies_one_batch_ahead_and_keeps_the_resume_position(monkeypatch):
+    """The CUDA path's order and bookkeeping, with the CUDA stream calls replaced by a recorder."""
+    import contextlib
+
+    from clipvip.data.loader import DevicePrefetcher
+
+    events = []
+
+    class RecordingStream(ListStream):
+        def __next__(self):
+            events.append(f"fetch {self.taken}")
+            return super().__next__()
+
+    class ComputeStream:
+        def wait_stream(self, other):
+            events.append("wait")
+
+    batches = [{"video": torch.full((1,), float(i)), "num_skipped": torch.tensor(0)} for i in range(10)]
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ComputeStream())
+    inner = RecordingStream(batches)
+    prefetcher = DevicePrefetcher(inner, "cpu", ("video",))
+    prefetcher.copy_stream = object()  # take the prefetching path without a GPU
+    got = [next(prefetcher)["video"].item() for _ in range(3)]
+    assert got == [0.0, 1.0, 2.0]
+    # each batch's copy is waited for before the next one is queued, one batch ahead
+    assert events == ["fetch 0", "wait", "fetch 1", "wait", "fetch 2", "wait", "fetch 3"]
+    assert inner.taken == 4 and prefetcher.state_dict() == {"taken": 3}  # the one in flight is not counted
+    prefetcher.load_state_dict(prefetcher.state_dict())  # resume: batch 3 is read again
+    assert next(prefetcher)["video"].item() == 3.0
+    assert prefetcher.state_dict() == {"taken": 4}
+
+
+def test_device_prefetcher_hands_out_the_last_batch_of_a_finite_loader(monkeypatch):
+    import contextlib
+
+    from clipvip.data.loader import DevicePrefetcher
+
+    class ComputeStream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ComputeStream())
+    for n in (0, 1, 3):
+        prefetcher = DevicePrefetcher([{"video": torch.full((1,), float(i))} for i in range(n)], "cpu", ("video",))
+        prefetcher.copy_stream = object()
+        assert [b["video"].item() for b in prefetcher] == [float(i) for i in range(n)]
+        with pytest.raises(StopIteration):
+            next(prefetcher)
+
+
+def test_device_prefetcher_on_a_cpu_moves_when_handed_out():
+    from clipvip.data.loader import DevicePrefetcher
+
+    inner = ListStream([{"video": torch.ones(1)}, {"video": torch.zeros(1)}])
+    prefetcher = DevicePrefetcher(inner, "cpu", ("video",))
+    assert prefetcher.copy_stream is None
+    assert next(prefetcher)["video"].item() == 1.0 and prefetcher.state_dict() == {"taken": 1}

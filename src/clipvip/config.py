@@ -117,6 +117,7 @@ DEFAULTS: dict[str, Any] = {
     "max_n_example_per_group": 1,
     "n_workers": 4,
     "pin_mem": 1,
+    "prefetch_to_device": 1,  # CUDA: copy the next batch to the GPU on a side stream during the step
     "dummy_data": 0,
     "cache_clips": 0,  # keep every decoded clip in memory (per process/worker): small sets decode once
     # --- model ---

@@ -224,13 +224,12 @@ def query_ranks(run_dir: str) -> tuple[list[int], list[bool]]:
     import torch
 
     from .config import load_config
-    from .data.loader import build_eval_loader
     from .data.retrieval import VideoRetrievalDataset
     from .metrics import retrieval_ranks, similarity_chunked
     from .model import build_model
     from .tokenizer import build_tokenizer
-    from .train.evaluate import encode_in_order
-    from .train.precision import autocast, precision_from_config
+    from .train.evaluate import encode_retrieval_set
+    from .train.precision import precision_from_config
 
     cfg = load_config(os.path.join(run_dir, "config.json"), ["--e2e_weights_path", final_checkpoint(run_dir)])
     device = torch.device("cpu")
@@ -240,19 +239,7 @@ def query_ranks(run_dir: str) -> tuple[list[int], list[bool]]:
     dataset = VideoRetrievalDataset(cfg, entry, build_tokenizer(cfg), training=False)
     dataset.scan_readable()
 
-    def encode_videos(batch):
-        with autocast(precision, device.type):
-            return model.encode_video(batch["video"])
-
-    def encode_texts(batch):
-        with autocast(precision, device.type):
-            return model.encode_text(batch["text_input_ids"], batch["text_input_mask"])
-
-    with torch.no_grad():
-        videos = encode_in_order(encode_videos, build_eval_loader(dataset.video_view(), cfg, n_workers=0),
-                                 len(dataset.videos), device, "videos")
-        texts = encode_in_order(encode_texts, build_eval_loader(dataset.text_view(), cfg, n_workers=0),
-                                len(dataset.texts), device, "texts")
+    videos, texts = encode_retrieval_set(model, dataset, cfg, precision, device, video_workers=0)
     targets = dataset.text_to_video()
     ranks = retrieval_ranks(similarity_chunked(texts, videos), targets)
     present = set(dataset.videos)

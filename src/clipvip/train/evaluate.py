@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .. import distributed
-from ..data.loader import build_eval_loader
+from ..data.loader import DevicePrefetcher, build_eval_loader
 from ..logging_utils import get_logger
 from ..metrics import evaluate_retrieval
 from .precision import autocast
@@ -22,6 +22,7 @@ from .precision import autocast
 LOGGER = get_logger("evaluate")
 PROTOCOL = "multi-caption: every caption is a query, its video the target"
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
+ENCODER_INPUTS = ("video", "text_input_ids", "text_input_mask")
 
 
 @torch.no_grad()
@@ -32,11 +33,14 @@ def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: in
     show = distributed.get_env().is_main
     from tqdm.auto import tqdm
 
-    for batch in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+    # The next batch's inputs travel to the GPU while this one is encoded; the indices stay on the
+    # host (reading a device tensor there would wait for the encoding) and travel once at the end.
+    batches = DevicePrefetcher(loader, device, ENCODER_INPUTS)
+    for batch in tqdm(batches, total=len(loader), desc=desc, disable=not show, leave=False, dynamic_ncols=True):
         feats.append(encode(batch).float())
-        indices.append(batch["indices"].to(device))
+        indices.append(batch["indices"])
     local = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
-    local_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=device)
+    local_indices = (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)).to(device)
     gathered_indices = distributed.all_gather_variable(local_indices)
     # A rank with an empty block (more ranks than items) has no feature width: learn it from the others.
     width = int(distributed.all_gather_variable(torch.tensor([local.shape[1]], device=device)).max())
@@ -48,22 +52,32 @@ def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: in
     return gathered
 
 
-def evaluate_retrieval_set(model, dataset, cfg, precision: str, device: torch.device) -> dict:
-    """The eval block of one retrieval dataset (see :func:`evaluate_all`)."""
+def encode_retrieval_set(model, dataset, cfg, precision: str, device: torch.device,
+                         video_workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(videos [n_videos, P], texts [n_texts, P])``: every video and caption of ``dataset``, in order.
+
+    ``video_workers``: loader workers for the videos (default the config's ``n_workers``).
+    """
     device_type = device.type
 
-    def encode_videos(batch):
+    def encode_videos(batch):  # inputs already on the device (encode_in_order)
         with autocast(precision, device_type):
-            return model.encode_video(batch["video"].to(device, non_blocking=True))
+            return model.encode_video(batch["video"])
 
     def encode_texts(batch):
         with autocast(precision, device_type):
-            return model.encode_text(batch["text_input_ids"].to(device), batch["text_input_mask"].to(device))
+            return model.encode_text(batch["text_input_ids"], batch["text_input_mask"])
 
-    videos = encode_in_order(encode_videos, build_eval_loader(dataset.video_view(), cfg, persistent_workers=False),
-                             len(dataset.videos), device, f"{dataset.name} videos")
+    video_loader = build_eval_loader(dataset.video_view(), cfg, n_workers=video_workers, persistent_workers=False)
+    videos = encode_in_order(encode_videos, video_loader, len(dataset.videos), device, f"{dataset.name} videos")
     texts = encode_in_order(encode_texts, build_eval_loader(dataset.text_view(), cfg, n_workers=0),
                             len(dataset.texts), device, f"{dataset.name} texts")
+    return videos, texts
+
+
+def evaluate_retrieval_set(model, dataset, cfg, precision: str, device: torch.device) -> dict:
+    """The eval block of one retrieval dataset (see :func:`evaluate_all`)."""
+    videos, texts = encode_retrieval_set(model, dataset, cfg, precision, device)
     metrics = evaluate_retrieval(texts, videos, dataset.text_to_video())
     return {"protocol": PROTOCOL, "n_videos": len(dataset.videos), "n_texts": len(dataset.texts),
             "skipped_videos": list(dataset.skipped_clip_ids), **{d: metrics[d] for d in DIRECTIONS}}

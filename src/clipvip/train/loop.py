@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..data.loader import DevicePrefetcher
 from ..errors import CheckpointError, ClipvipError
 from ..logging_utils import get_logger
 from ..model.weights import save_checkpoint
@@ -151,9 +152,12 @@ class Trainer:
     def __init__(self, cfg, model: nn.Module, loss_fn: nn.Module, stream, plan: TrainPlan, evaluate,
                  env: distributed.DistEnv, precision: str):
         self.cfg, self.plan, self.env, self.precision = cfg, plan, env, precision
-        self.stream, self.evaluate, self.loss_fn = stream, evaluate, loss_fn
+        self.evaluate, self.loss_fn = evaluate, loss_fn
         self.device = torch.device(env.device)
         self.device_type = self.device.type
+        if self.device_type == "cuda" and cfg.get("prefetch_to_device", 1):
+            stream = DevicePrefetcher(stream, self.device, MODEL_INPUTS)
+        self.stream = stream
         self.raw_model = model.to(self.device)
         if cfg.get("freeze_text_encoder"):
             model.freeze_text_encoder(bool(cfg.get("freeze_text_proj")))
