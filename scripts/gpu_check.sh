@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/performance.md, one script, under 5 minutes on one H100/H200:
 #
+#   0. tests/test_cuda.py: the loop's CUDA-only paths (deferred non-finite check without a host
+#      sync, fused AdamW's found_inf, fp16 scaling, the side-stream prefetcher and its resume);
 #   1. B/32, 12 frames, batch 32, training step: eager vs sdpa in fp16 (target: sdpa >= 1.5x),
 #      sdpa in bf16 with the non-finite check deferred to the device (the CUDA default) and on the
 #      host every step (its one host sync), MFU (target >= 45 %);
@@ -10,9 +12,9 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # default: $OUT if set, else gpu_check_results/
 #
-# Each check is one `python -m clipvip.bench` run writing a JSON file, under its own time limit
-# (the limits add up to 295 s); a summary with the
-# targets is printed at the end (and written to summary.json). PEAK_TFLOPS overrides the peak
+# Each check is one `python -m clipvip.bench` run writing a JSON file (the tests: pytest's log),
+# under its own time limit (the limits add up to 300 s); a summary with the targets is printed at
+# the end (and written to summary.json). PEAK_TFLOPS overrides the peak
 # used for MFU (default: from the device name, 989 TF/s bf16/fp16 for H100 SXM and H200).
 # SMOKE=1 runs the same steps on tiny shapes (any device; checks the script, not the numbers).
 set -uo pipefail
@@ -20,7 +22,9 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check_results}}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python}"
+command -v "$PY" >/dev/null || PY=python3  # GPU images often have python3 only
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, installed or not
 PEAK=()
 [ -n "${PEAK_TFLOPS:-}" ] && PEAK=(--peak-tflops "$PEAK_TFLOPS")
 
@@ -48,13 +52,19 @@ run() {  # run NAME TIMEOUT_S ARGS...: one bench run, JSON to $OUT_DIR/NAME.json
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT_DIR/gpu.txt"
-run b32_train_fp16  55 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision "$FP16" --attn eager sdpa
-run b32_train_bf16  30 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa
-run b32_train_bf16_hostcheck 30 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --nonfinite-check step
-run b16_train_bf16_ckpt 50 --mode train "${B16[@]}" "${SHAPE[@]}" --warmup 1 --steps 2 --rounds 1 "${PEAK[@]}" --precision bf16 --attn sdpa --grad-checkpointing
-run b32_encode_fp16 25 --mode encode "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
-run b16_encode_fp16 25 --mode encode "${B16[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
-run b32_train_bf16_compile 80 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --compile
+start=$SECONDS
+if HF_HUB_OFFLINE=1 timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$OUT_DIR/test_cuda.log" 2>&1; then
+  echo "ok      test_cuda ($((SECONDS - start)) s): $(tail -1 "$OUT_DIR/test_cuda.log")"
+else
+  echo "FAILED  test_cuda ($((SECONDS - start)) s): see $OUT_DIR/test_cuda.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT_DIR/test_cuda.log" | head -8
+fi
+run b32_train_fp16  45 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision "$FP16" --attn eager sdpa
+run b32_train_bf16  25 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa
+run b32_train_bf16_hostcheck 25 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --nonfinite-check step
+run b16_train_bf16_ckpt 40 --mode train "${B16[@]}" "${SHAPE[@]}" --warmup 1 --steps 2 --rounds 1 "${PEAK[@]}" --precision bf16 --attn sdpa --grad-checkpointing
+run b32_encode_fp16 20 --mode encode "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
+run b16_encode_fp16 20 --mode encode "${B16[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
+run b32_train_bf16_compile 65 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --compile
 
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, os, sys
@@ -78,6 +88,11 @@ def pick(report, mode, attn, key):
 
 
 summary = {}
+try:
+    with open(os.path.join(out, "test_cuda.log")) as f:
+        summary["test_cuda"] = f.read().strip().splitlines()[-1]
+except (OSError, IndexError):
+    summary["test_cuda"] = None
 r = load("b32_train_fp16")
 summary["b32_train_fp16_speedup_sdpa_vs_eager"] = (r or {}).get("results", {}).get("train", {}).get("speedup_sdpa_vs_eager")
 summary["b32_train_fp16_sdpa_clips_per_s"] = pick(r, "train", "sdpa", "clips_per_s")
