@@ -28,7 +28,11 @@ ENCODER_INPUTS = ("video", "text_input_ids", "text_input_mask")
 @torch.no_grad()
 def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: int, device: torch.device,
                     desc: str) -> torch.Tensor:
-    """Features [expected, P] of the whole dataset behind ``loader`` (every rank's block), in order."""
+    """Features [expected, P] of the whole dataset behind ``loader`` (every rank's block), in order.
+
+    ``encode(batch)`` gets each batch with its model inputs (``ENCODER_INPUTS``) already on
+    ``device``; the batches carry their dataset ``indices``.
+    """
     feats, indices = [], []
     show = distributed.get_env().is_main
     from tqdm.auto import tqdm
@@ -36,7 +40,8 @@ def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: in
     # The next batch's inputs travel to the GPU while this one is encoded; the indices stay on the
     # host (reading a device tensor there would wait for the encoding) and travel once at the end.
     batches = DevicePrefetcher(loader, device, ENCODER_INPUTS)
-    for batch in tqdm(batches, total=len(loader), desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
         feats.append(encode(batch).float())
         indices.append(batch["indices"])
     local = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
