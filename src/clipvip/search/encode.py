@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config, load_config
+from ..data.loader import DevicePrefetcher
 from ..data.retrieval import BAD_SAMPLE_ERRORS, ClipReader, tokenize
 from ..errors import DataError
 from ..logging_utils import get_logger
@@ -302,11 +303,13 @@ class Encoder:
         if not items:
             return
         loader = DataLoader(_VideoFiles(items, self.reader), batch_size=max(1, int(batch_size or self.batch_size)),
-                            shuffle=False, num_workers=max(0, int(workers)), collate_fn=_collate)
+                            shuffle=False, num_workers=max(0, int(workers)), collate_fn=_collate,
+                            pin_memory=self.device.type == "cuda")
         from tqdm.auto import tqdm
 
         with tqdm(total=len(items), desc="videos", unit="clip", disable=None, leave=False) as bar:
-            for batch in loader:
+            # On a GPU the next batch is copied on a side stream while this one is encoded.
+            for batch in DevicePrefetcher(loader, self.device, ("video",)):
                 feats = (self.encode_video_tensor(batch["video"]) if batch["video"] is not None
                          else np.zeros((0, self.dim), np.float32))
                 failed = [(items[i], reason) for i, reason in batch["failed"]]
