@@ -59,7 +59,7 @@ else
   echo "FAILED  test_cuda ($((SECONDS - start)) s): see $OUT_DIR/test_cuda.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT_DIR/test_cuda.log" | head -8
 fi
 run b32_train_fp16  45 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision "$FP16" --attn eager sdpa
-run b32_train_bf16  25 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa
+run b32_train_bf16  25 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --profile 20
 run b32_train_bf16_hostcheck 25 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --nonfinite-check step
 run b16_train_bf16_ckpt 40 --mode train "${B16[@]}" "${SHAPE[@]}" --warmup 1 --steps 2 --rounds 1 "${PEAK[@]}" --precision bf16 --attn sdpa --grad-checkpointing
 run b32_encode_fp16 20 --mode encode "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
@@ -103,6 +103,8 @@ for name in ("b32_train_bf16", "b32_train_bf16_hostcheck", "b32_train_bf16_compi
     summary[name + "_mfu"] = pick(r, "train", "sdpa", "mfu")
     if r and r.get("errors"):
         summary[name + "_errors"] = r["errors"]
+profile = pick(load("b32_train_bf16"), "train", "sdpa", "profile") or {}
+summary["b32_train_bf16_profile_top"] = [f'{row["op"]}: {row["share"] or 0:.1%}' for row in profile.get("top", [])[:10]]
 r = load("b16_train_bf16_ckpt")
 mem = pick(r, "train", "sdpa", "memory") or {}
 summary["b16_b32batch_ckpt_peak_gib"] = round(mem["peak_bytes"] / 2 ** 30, 2) if mem.get("peak_bytes") else None

@@ -64,6 +64,15 @@ def test_one_variant_with_checkpointing_and_bf16():
     assert report["peak_tflops"] is None  # CPU: no table entry and no --measure-peak
 
 
+def test_profile_lists_the_costliest_operators():
+    report = run_bench("--mode", "train", *TINY, "--attn", "sdpa", "--profile", "5")
+    profile = report["results"]["train"]["sdpa"]["profile"]
+    assert profile["clock"] == "cpu" and len(profile["top"]) == 5
+    shares = [row["share"] for row in profile["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    assert all(row["calls"] >= 1 and row["self_ms"] >= 0 for row in profile["top"])
+
+
 def test_compile_path():
     """The capture-only backend keeps this quick; a compile failure would be reported in "errors"."""
     report = run_bench("--mode", "encode", *TINY, "--attn", "sdpa", "--compile", "--compile-backend", "aot_eager")

@@ -309,6 +309,30 @@ def _timed_rounds(variants: dict[str, Callable[[], None]], device: torch.device,
     return times
 
 
+def profile_call(fn: Callable[[], None], device: torch.device, top: int) -> dict:
+    """One call of ``fn`` under torch.profiler: the ``top`` operators by self time on the device
+    (CUDA kernels' time on a GPU, CPU time elsewhere), and what they add up to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+
+    def self_us(event) -> float:
+        if not on_gpu:
+            return event.self_cpu_time_total
+        # torch >= 2.4 says "device"; older releases "cuda"
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events)
+    return {"clock": "device (CUDA kernels)" if on_gpu else "cpu", "total_self_ms": round(total / 1e3, 3),
+            "top": [{"op": e.key, "calls": e.count, "self_ms": round(self_us(e) / 1e3, 3),
+                     "share": round(self_us(e) / total, 4) if total else None} for e in events[:top]]}
+
+
 def _chunks(values: list, size: int) -> list[list]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
@@ -389,6 +413,8 @@ def run_model_bench(args) -> dict:
             entry["model_tflops_per_s"] = round(tflops, 3)
             if peak:
                 entry["mfu"] = round(tflops / peak, 4)
+            if args.profile:
+                entry["profile"] = profile_call(variants[attn], device, args.profile)
             block[attn] = entry
         if "eager" in block and "sdpa" in block:
             block["speedup_sdpa_vs_eager"] = round(block["eager"]["ms_per_batch"] / block["sdpa"]["ms_per_batch"], 3)
@@ -472,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: as the config key: skip non-finite steps deciding on the host every step (a "
                         "host-device sync) or on the device; auto = deferred on CUDA, as the Trainer")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    m.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one more call of each variant and report its N costliest operators")
     m.add_argument("--peak-tflops", type=float,
                    help="peak TFLOP/s for MFU (default: H100/H200 989 bf16/fp16, 67 fp32; A100 312)")
     m.add_argument("--measure-peak", action="store_true",
