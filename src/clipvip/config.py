@@ -155,7 +155,7 @@ DEFAULTS: dict[str, Any] = {
     "only_valid_steps": 100,
     "save_steps_ratio": 0.9,  # write the training state (for resuming) every this fraction of the run
     "max_nonfinite_steps": 5,  # stop (with a saved state) after this many non-finite steps in a row
-    "nonfinite_check": "auto",  # checked on the host each step, deferred to the device, or auto (deferred on CUDA)
+    "nonfinite_check": "auto",  # step: host, every step; deferred: device, read when logging; auto: deferred on CUDA
     # --- logging ---
     "log_interval": 10,  # steps between lines of log/metrics.jsonl
     "if_tb_log": 0,
