@@ -104,6 +104,22 @@ def test_checkpoint_evaluates_to_the_same_numbers(bench, trained):
     assert again == final
 
 
+def test_deferred_nonfinite_check_trains_the_same_run(bench, trained):
+    """The CUDA default (non-finite check on the device, read at logging steps) through the whole
+    app: the same weights, logged losses and results as the per-step host check."""
+    out = str(bench["root"] / "deferred")
+    run_cli("--config", bench["config"], "--is_train", "--output_dir", out, "--nonfinite_check", "deferred")
+    a = torch.load(os.path.join(trained, "ckpt", f"model_step_{TOTAL_STEPS}.pt"), weights_only=True)
+    b = torch.load(os.path.join(out, "ckpt", f"model_step_{TOTAL_STEPS}.pt"), weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    logged = [[(r["step"], r["loss"], r["nonfinite_steps"]) for r in read_jsonl(os.path.join(run, "log", "metrics.jsonl"))
+               if "loss" in r] for run in (trained, out)]
+    assert logged[0] == logged[1]
+    with open(os.path.join(trained, "eval_results.json")) as f, open(os.path.join(out, "eval_results.json")) as g:
+        assert json.load(f) == json.load(g)
+
+
 def test_two_processes_evaluate_identically(bench, trained):
     ckpt = os.path.join(trained, "ckpt", "model_best.pt")
     outs = []
