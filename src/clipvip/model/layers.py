@@ -234,30 +234,29 @@ class CLIPAttention(nn.Module):
         B, S, D = x.shape
         dropout_p = self.dropout if self.training else 0.0
         proxies = layout is not None and layout.num_frames > 1
-        if self.attn_implementation == "eager":
+        eager = self.attn_implementation == "eager"
+        if eager:
             split = lambda t: t.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
             q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))  # (B, H, S, hd)
+        else:
+            q, k, v = self._qkv_fused(x)  # (B, H, S, hd)
+        # bf16 on a CPU: torch's CPU SDPA kernel is 2.5-3x slower than bmm + softmax for these short
+        # sequences (forward and backward; docs/performance.md), so the fast path uses bmm there too.
+        use_bmm = eager or (q.device.type == "cpu" and q.dtype != torch.float32)
+        if use_bmm:
             if proxies:
                 out = eager_proxy_guided_attention(q, k, v, layout, dropout_p)
             else:
                 out = eager_attention(q, k, v, attn_mask, dropout_p)
+        elif proxies:
+            out = proxy_guided_attention(q, k, v, layout, dropout_p)
         else:
-            q, k, v = self._qkv_fused(x)  # (B, H, S, hd)
-            if q.device.type == "cpu" and q.dtype != torch.float32:
-                # bf16 on a CPU: torch's CPU SDPA kernel is 2.5-3x slower than bmm + softmax for
-                # these short sequences (forward and backward; docs/performance.md), so the
-                # bmm formulation is the fast one there.
-                if proxies:
-                    out = eager_proxy_guided_attention(q, k, v, layout, dropout_p)
-                else:
-                    out = eager_attention(q, k, v, attn_mask, dropout_p)
-            elif proxies:
-                out = proxy_guided_attention(q, k, v, layout, dropout_p)
-            else:
-                # One frame (or text): every token may attend to every other, up to attn_mask.
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-            return linear(out.transpose(1, 2).reshape(B, S, D), self.out_proj.weight, self.out_proj.bias)
-        return self.out_proj(out.transpose(1, 2).reshape(B, S, D))
+            # One frame (or text): every token may attend to every other, up to attn_mask.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(B, S, D)
+        if eager:
+            return self.out_proj(out)
+        return linear(out, self.out_proj.weight, self.out_proj.bias)
 
 
 QUICK_GELU_ALPHA = 1.702
