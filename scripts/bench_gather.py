@@ -37,7 +37,8 @@ def main() -> None:
 
     times: dict = {"general": [], "equal": []}
     for _ in range(10):  # warm-up: connections, allocator
-        step(False), step(True)
+        step(False)
+        step(True)
     for _ in range(args.repeats):
         for name, equal in (("general", False), ("equal", True)):  # alternating: load falls on both
             D.barrier()

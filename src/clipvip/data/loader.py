@@ -40,6 +40,9 @@ from ..logging_utils import get_logger
 
 LOGGER = get_logger(__name__)
 
+# The batch entries the model reads (retrieval and pretraining); the rest stays on the host.
+MODEL_INPUTS = ("video", "text_input_ids", "text_input_mask", "image", "caption_ids", "caption_masks")
+
 
 def _rank_world(dist_env=None, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """Rank and world size: explicit arguments, else ``dist_env``, else ``clipvip.distributed``."""
@@ -324,7 +327,7 @@ class DevicePrefetcher:
     prefetched: the tensors are moved when handed out.
     """
 
-    def __init__(self, batches, device: torch.device | str, keys: tuple[str, ...]):
+    def __init__(self, batches, device: torch.device | str, keys: tuple[str, ...] = MODEL_INPUTS):
         # A stream is its own iterator (and keeps its position); a DataLoader gives a new one.
         self.stream = batches if hasattr(batches, "__next__") else iter(batches)
         self.device, self.keys = torch.device(device), tuple(keys)

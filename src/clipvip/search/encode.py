@@ -309,7 +309,7 @@ class Encoder:
 
         with tqdm(total=len(items), desc="videos", unit="clip", disable=None, leave=False) as bar:
             # On a GPU the next batch is copied on a side stream while this one is encoded.
-            for batch in DevicePrefetcher(loader, self.device, ("video",)):
+            for batch in DevicePrefetcher(loader, self.device):
                 feats = (self.encode_video_tensor(batch["video"]) if batch["video"] is not None
                          else np.zeros((0, self.dim), np.float32))
                 failed = [(items[i], reason) for i, reason in batch["failed"]]

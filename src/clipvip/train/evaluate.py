@@ -22,7 +22,6 @@ from .precision import autocast
 LOGGER = get_logger("evaluate")
 PROTOCOL = "multi-caption: every caption is a query, its video the target"
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
-ENCODER_INPUTS = ("video", "text_input_ids", "text_input_mask")
 
 
 @torch.no_grad()
@@ -30,8 +29,9 @@ def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: in
                     desc: str) -> torch.Tensor:
     """Features [expected, P] of the whole dataset behind ``loader`` (every rank's block), in order.
 
-    ``encode(batch)`` gets each batch with its model inputs (``ENCODER_INPUTS``) already on
-    ``device``; the batches carry their dataset ``indices``.
+    ``encode(batch)`` gets each batch with its model inputs
+    (:data:`clipvip.data.loader.MODEL_INPUTS`) already on ``device``; the batches carry their
+    dataset ``indices``.
     """
     feats, indices = [], []
     show = distributed.get_env().is_main
@@ -39,7 +39,7 @@ def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: in
 
     # The next batch's inputs travel to the GPU while this one is encoded; the indices stay on the
     # host (reading a device tensor there would wait for the encoding) and travel once at the end.
-    batches = DevicePrefetcher(loader, device, ENCODER_INPUTS)
+    batches = DevicePrefetcher(loader, device)
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
         feats.append(encode(batch).float())

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..data.loader import DevicePrefetcher
+from ..data.loader import MODEL_INPUTS, DevicePrefetcher
 from ..errors import CheckpointError, ClipvipError
 from ..logging_utils import get_logger
 from ..model.weights import save_checkpoint
@@ -46,8 +46,6 @@ from .precision import autocast, grad_scaler
 from .state import Progress, load_training_state, restore_rng, save_training_state
 
 LOGGER = get_logger("train")
-
-MODEL_INPUTS = ("video", "text_input_ids", "text_input_mask", "image", "caption_ids", "caption_masks")
 
 
 class TrainingStopped(ClipvipError):
@@ -156,7 +154,7 @@ class Trainer:
         self.device = torch.device(env.device)
         self.device_type = self.device.type
         if self.device_type == "cuda" and cfg.get("prefetch_to_device", 1):
-            stream = DevicePrefetcher(stream, self.device, MODEL_INPUTS)
+            stream = DevicePrefetcher(stream, self.device)
         self.stream = stream
         self.raw_model = model.to(self.device)
         if cfg.get("freeze_text_encoder"):
