@@ -112,6 +112,7 @@ DEFAULTS: dict[str, Any] = {
     "sample_jitter": 1,  # random start/end jitter of uniform sampling at train time
     "video_res": [240, 320],  # (H, W) the videos were preprocessed to
     "input_res": [224, 224],  # (H, W) fed to the model (bicubic resize, aspect not kept)
+    "resize_antialias": 0,  # 0: bicubic without antialiasing, the kernel the released checkpoints saw (torchvision 0.9); 1: antialiased (PIL-like)
     "max_txt_len": 50,
     "video_backend": "decord",  # decord | pyav (pyav is used where decord is not installed)
     "max_n_example_per_group": 1,

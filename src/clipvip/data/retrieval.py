@@ -69,6 +69,8 @@ class ClipReader:
     training: bool
     jitter: bool
     backend: str
+    # False: the released checkpoints' resize kernel (torchvision 0.9, no antialiasing); data/transforms.py.
+    antialias: bool = False
     # ``cache_clips``: every frame of a clip, decoded once (uint8 [F, h, w, 3], by path); frames are
     # then sampled and transformed from memory, giving exactly what decoding would give.
     cache: dict | None = field(default=None, repr=False)
@@ -85,6 +87,7 @@ class ClipReader:
             # Jitter is a training-time augmentation only.
             jitter=training and bool(cfg.get("sample_jitter", 1)),
             backend=resolve_backend(cfg.get("video_backend")),
+            antialias=bool(cfg["resize_antialias"]),
             cache={} if cfg.get("cache_clips") else None,
         )
 
@@ -113,7 +116,7 @@ class ClipReader:
             frames = every[index_fn(every.shape[0])]
         else:
             frames, _ = load_sampled_frames(path, index_fn, backend=self.backend)  # (T[+1], h, w, 3) uint8
-        x = frames_to_model_input(frames, self.input_res)  # (T[+1], 3, H, W)
+        x = frames_to_model_input(frames, self.input_res, self.antialias)  # (T[+1], 3, H, W)
         if with_middle:
             return x[:-1], x[-1]
         return x, None
@@ -128,7 +131,7 @@ class ClipReader:
             frames = every[self.indices(num_frame, rng)]
         else:
             frames = load_frame_folder(root, clip_id, self.indices(num_frame, rng))  # (T, h, w, 3) uint8
-        return frames_to_model_input(frames, self.input_res)
+        return frames_to_model_input(frames, self.input_res, self.antialias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,13 @@ The official configs use the same transform for training and evaluation (the ori
 ``init_transform_dict_simple``): scale to [0, 1], bicubic resize of every frame to exactly
 ``input_res`` (the aspect ratio is not kept), a center crop of that same size (a no-op, kept so
 the pipeline reads like the original), and CLIP's normalisation.
+
+The resize is, by default, the kernel the released checkpoints were trained and evaluated with:
+the original's Docker image pins torchvision 0.9.0, whose tensor ``Resize`` is
+``F.interpolate(mode="bicubic", align_corners=False)`` without antialiasing (a = -0.75, a fixed
+4-tap support). ``antialias=True`` (config ``resize_antialias``) is torchvision >= 0.17's default
+instead: PIL's kernel (a = -0.5, support widened by the downscale factor), another function even
+when upscaling. docs/fidelity.md.
 """
 from __future__ import annotations
 
@@ -25,17 +32,20 @@ def _hw(size: Size) -> tuple[int, int]:
     return h, w
 
 
-def resize(x: torch.Tensor, size: Size) -> torch.Tensor:
+def resize(x: torch.Tensor, size: Size, antialias: bool = False) -> torch.Tensor:
     """Bicubic resize of float images ``[N, C, H, W]`` to exactly ``size`` (h, w).
 
-    ``antialias=True`` as torchvision's tensor Resize does by default, so downscaling filters
-    out detail instead of aliasing it. Values are not clamped (bicubic overshoots slightly
-    at edges), as in torchvision for float input.
+    ``antialias=False`` (default): torchvision 0.9's tensor Resize, the released checkpoints'
+    input. ``antialias=True``: the antialiased kernel of torchvision >= 0.17 / PIL, which filters
+    detail out when downscaling instead of aliasing it. Values are not clamped (bicubic
+    overshoots slightly at edges), as in torchvision for float input.
     """
     h, w = _hw(size)
     if tuple(x.shape[-2:]) == (h, w):
-        return x  # torchvision returns the input unchanged too
-    return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        # Both kernels are the identity at scale 1 (torchvision 0.9 interpolates anyway; its
+        # output equals the input exactly, since every sample falls on a source pixel centre).
+        return x
+    return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=antialias)
 
 
 def center_crop(x: torch.Tensor, size: Size) -> torch.Tensor:
@@ -62,14 +72,15 @@ _SCALE = tuple(1.0 / (255.0 * s) for s in CLIP_STD)
 _SHIFT = tuple(-m / s for m, s in zip(CLIP_MEAN, CLIP_STD))
 
 
-def frames_to_model_input(frames: torch.Tensor, input_res: Size = (224, 224)) -> torch.Tensor:
+def frames_to_model_input(frames: torch.Tensor, input_res: Size = (224, 224),
+                          antialias: bool = False) -> torch.Tensor:
     """uint8 RGB frames ``[N, H, W, 3]`` to normalised float32 ``[N, 3, h, w]``.
 
-    Computes ``normalize(center_crop(resize(frames / 255)))``, arranged for speed (a DataLoader
-    worker does this for every clip; docs/performance.md): the frames go to channels-first
-    memory before the resize (torch's antialiased bicubic kernel is about 1.5x faster on NCHW
-    than on the channels-last view ``permute`` gives), and the division by 255 moves after the
-    resize, where it joins the normalisation in one multiply-add. Resize and crop are linear, so
+    Computes ``normalize(center_crop(resize(frames / 255, antialias)))``, arranged for speed (a
+    DataLoader worker does this for every clip; docs/performance.md): the frames go to
+    channels-first memory before the resize (torch's antialiased bicubic kernel is about 1.5x
+    faster on NCHW than on the channels-last view ``permute`` gives), and the division by 255
+    moves after the resize, where it joins the normalisation in one multiply-add. Resize and crop are linear, so
     this is the same function up to float rounding (about 1e-6).
     """
     if frames.dtype != torch.uint8:
@@ -77,7 +88,7 @@ def frames_to_model_input(frames: torch.Tensor, input_res: Size = (224, 224)) ->
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [N, H, W, 3], got {tuple(frames.shape)}")
     x = frames.permute(0, 3, 1, 2).contiguous().float()  # (N, 3, H, W) in [0, 255], NCHW memory
-    x = resize(x, input_res)                              # (N, 3, h, w)
+    x = resize(x, input_res, antialias)                   # (N, 3, h, w)
     x = center_crop(x, input_res)                         # (N, 3, h, w), unchanged
     scale = torch.tensor(_SCALE, dtype=x.dtype).view(1, 3, 1, 1)
     shift = torch.tensor(_SHIFT, dtype=x.dtype).view(1, 3, 1, 1)

@@ -46,7 +46,8 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".m
                     ".ogv", ".3gp", ".ts")
 # Config keys that change what a feature means, beyond the weights themselves.
 # logit_scale_init_value only sets the initial temperature: it never changes a feature.
-FINGERPRINT_KEYS = ("test_n_clips", "test_num_frms", "sample_rate", "input_res", "max_txt_len")
+FINGERPRINT_KEYS = ("test_n_clips", "test_num_frms", "sample_rate", "input_res", "resize_antialias",
+                    "max_txt_len")
 # Config keys holding local paths, made absolute before a config is stored with an index.
 PATH_KEYS = ("clip_config", "clip_weights", "e2e_weights_path")
 
