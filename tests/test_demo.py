@@ -95,3 +95,47 @@ def test_both_runs_start_from_the_same_written_clip(demo):
     assert positions.std().item() == pytest.approx(QUICK.position_init_std, rel=0.3)
     assert weights["text_model.embeddings.position_embedding.weight"].std().item() < 0.05
     assert not any("added_cls" in k or "temporal_embedding" in k for k in weights)
+
+
+def test_plan_epochs_fits_the_budget_and_never_exceeds_the_config():
+    from clipvip.demo import plan_epochs
+
+    # 2000 clips in batches of 32: 62.5 steps an epoch. 0.15 s a step in 480 s: 3200 steps = 51 epochs,
+    # capped at the config's 40; 0.3 s a step: 1600 steps = 25 epochs (1563 steps, 469 s).
+    assert plan_epochs(0.15, 480, 2000, 32, 40) == 40
+    assert plan_epochs(0.3, 480, 2000, 32, 40) == 25
+    assert 25 * 62.5 * 0.3 <= 480 < 26 * 62.5 * 0.3
+    assert plan_epochs(100.0, 480, 2000, 32, 40) == 1  # never zero epochs
+    with pytest.raises(ValueError):
+        plan_epochs(0.0, 480, 2000, 32, 40)
+
+
+def test_measure_step_seconds_times_the_runs_own_model(tmp_path, monkeypatch):
+    """The timing builds the model the run would (start weights from the written CLIP, text tower
+    frozen) and really steps it: the weights move, the frozen tower does not."""
+    import torch
+
+    from clipvip import demo
+    from clipvip.config import load_config
+    from clipvip.model import build_model
+
+    spec = demo.QUICK
+    clip = demo.write_start_clip(str(tmp_path / "clip_config"), spec.architecture, 0, spec.position_init_std)
+    cfg = load_config(os.path.join(demo.find_config_dir(), "vip.json"),
+                      [*demo.train_overrides(str(tmp_path), clip), *spec.overrides])
+    seconds = demo.measure_step_seconds(cfg, threads=1, steps=2, warmup=1)
+    assert 0 < seconds < 30
+    calls = []
+    real_build = build_model
+
+    def spy(c):
+        model = real_build(c)
+        calls.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr("clipvip.model.build_model", spy)
+    demo.measure_step_seconds(cfg, threads=1, steps=1, warmup=0)
+    (model, before), = calls
+    after = model.state_dict()
+    assert not torch.equal(before["clipmodel.vision_model.embeddings.added_cls"], after["clipmodel.vision_model.embeddings.added_cls"])
+    assert torch.equal(before["clipmodel.text_model.final_layer_norm.weight"], after["clipmodel.text_model.final_layer_norm.weight"])

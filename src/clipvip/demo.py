@@ -71,6 +71,12 @@ class DemoSpec:
     # here (docs/demo.md): with 0.02 the 4x4-patch tower trained from scratch did not learn motion
     # even with direct supervision in 600 steps; with 0.5 it did (direction 96%).
     position_init_std: float = 0.5
+    # Seconds the two side-by-side trainings may take (None: the configs' epochs as they are). The
+    # configs' 40 epochs take about 370 s on an AVX-512 EPYC but about 790 s on an AVX2-only one
+    # (docs/demo.md), so the demo times a few training steps first and trains for as many whole
+    # epochs as fit, at most the configs' (:func:`plan_epochs`). The rest of the demo's 600 s:
+    # data, start CLIP, timing, app start-up, validations, re-scoring, plot (about 60 s measured).
+    train_budget_s: float | None = 480.0
 
 
 def _architecture(width: int, vision_layers: int, text_layers: int, heads: int, image_size: int,
@@ -92,7 +98,7 @@ FULL = DemoSpec(n_train=2000, n_test=200, video_size=64, video_frames=16,
                 architecture=_architecture(128, 4, 3, 4, 64, 16, 32))
 # A smoke test: every stage runs, nothing is learned to speak of.
 QUICK = DemoSpec(n_train=48, n_test=24, video_size=32, video_frames=8,
-                 architecture=_architecture(32, 1, 1, 2, 32, 16, 24),
+                 architecture=_architecture(32, 1, 1, 2, 32, 16, 24), train_budget_s=None,
                  overrides=("--num_train_epochs", "6", "--train_batch_size", "8", "--test_batch_size", "24",
                             "--train_num_frms", "4", "--test_num_frms", "4", "--input_res", "32", "32",
                             "--max_txt_len", "24", "--only_valid_steps", "12", "--log_interval", "6"))
@@ -134,9 +140,61 @@ def write_start_clip(folder: str, architecture: dict, seed: int, position_init_s
 # ------------------------------------------------------------------------------------------------
 # Training through the retrieval app
 # ------------------------------------------------------------------------------------------------
+def train_overrides(out: str, clip_config: str) -> list[str]:
+    """What every demo run adds to its config: paths under ``out`` and the written start CLIP."""
+    return ["--blob_mount_dir", out, "--clip_config", clip_config, "--clip_weights", clip_config]
+
+
 def train_command(config: str, out: str, clip_config: str, overrides: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "clipvip.retrieval", "--config", config, "--is_train",
-            "--blob_mount_dir", out, "--clip_config", clip_config, "--clip_weights", clip_config, *overrides]
+            *train_overrides(out, clip_config), *overrides]
+
+
+def measure_step_seconds(cfg, threads: int, steps: int = 8, warmup: int = 3) -> float:
+    """Seconds of one training step of the run ``cfg`` describes, on ``threads`` CPU threads.
+
+    The model the run builds (its start weights, its frozen text tower), a batch of the run's
+    shape (``train_batch_size`` clips of ``train_num_frms`` frames at ``input_res``, captions of
+    ``max_txt_len`` tokens) and the optimizer step of ``python -m clipvip.bench``; the best of
+    ``steps`` timed steps, since a busy neighbour only ever makes a step slower.
+    """
+    import torch
+
+    from .bench import TrainStep
+    from .config import load_config
+    from .model import build_model
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build_model(cfg).train()
+        if cfg.freeze_text_encoder:
+            model.freeze_text_encoder(bool(cfg.freeze_text_proj))
+        step = TrainStep(model, "fp32", torch.device("cpu"), lr=float(cfg.learning_rate))
+        g = torch.Generator().manual_seed(0)
+        batch, frames, (height, width) = int(cfg.train_batch_size), int(cfg.train_num_frms), cfg.input_res
+        video = torch.randn(batch, frames, 3, height, width, generator=g)  # (B, T, 3, H, W)
+        ids = torch.randint(1, 49405, (batch, int(cfg.max_txt_len)), generator=g)  # (B, L)
+        ids[:, 0], ids[:, -1] = 49406, 49407  # BOS ... EOS, the largest id, as the tokenizer writes
+        mask = torch.ones_like(ids)
+        best = math.inf
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            step(video, ids, mask)
+            if i >= warmup:
+                best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def plan_epochs(step_seconds: float, budget_s: float, n_train: int, batch: int, max_epochs: int) -> int:
+    """Whole epochs of ``n_train`` clips in batches of ``batch`` that fit in ``budget_s`` at
+    ``step_seconds`` a step: at least 1, at most ``max_epochs`` (the config's own count)."""
+    if step_seconds <= 0 or budget_s <= 0:
+        raise ValueError(f"step_seconds and budget_s must be > 0, got {step_seconds} and {budget_s}")
+    affordable_steps = budget_s / step_seconds
+    return max(1, min(int(max_epochs), int(affordable_steps * batch // n_train)))
 
 
 def _child_env(threads: int) -> dict:
@@ -317,6 +375,25 @@ def plot_curves(run_dirs: dict[str, str], path: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # The demo
 # ------------------------------------------------------------------------------------------------
+def fit_budget(vip_config: str, out: str, clip_config: str, spec: DemoSpec, parallel: bool, threads: int) -> dict:
+    """The epochs both runs get: as many of the config's as fit in ``spec.train_budget_s``.
+
+    Timed on CLIP-ViP, the slower of the two models (its proxies see every frame's patches); with
+    the runs one after the other, each gets half the budget.
+    """
+    from .config import load_config
+
+    cfg = load_config(vip_config, [*train_overrides(out, clip_config), *spec.overrides])
+    step_s = measure_step_seconds(cfg, threads)
+    per_run = spec.train_budget_s if parallel else spec.train_budget_s / 2
+    epochs = plan_epochs(step_s, per_run, spec.n_train, int(cfg.train_batch_size), int(cfg.num_train_epochs))
+    steps = math.ceil(epochs * spec.n_train / int(cfg.train_batch_size))
+    LOGGER.info("a CLIP-ViP training step takes %.0f ms here: %d of the config's %d epochs (%d steps) fit in "
+                "the %.0f s training budget", 1000 * step_s, epochs, int(cfg.num_train_epochs), steps, per_run)
+    return {"step_ms": round(1000 * step_s, 1), "train_budget_s": per_run, "epochs": epochs,
+            "config_epochs": int(cfg.num_train_epochs), "steps": steps}
+
+
 def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config_dir: str | None = None) -> dict:
     start = time.perf_counter()
     spec = QUICK if quick else FULL
@@ -340,8 +417,13 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
         parallel = cpus >= 2
     threads = max(1, cpus // 2) if parallel else cpus
     run_dirs = {name: os.path.join(out, name) for name in MODELS}
+    overrides = list(spec.overrides)
+    budget = None
+    if spec.train_budget_s is not None:
+        budget = fit_budget(os.path.join(config_dir, "vip.json"), out, clip_config, spec, parallel, threads)
+        overrides += ["--num_train_epochs", str(budget["epochs"])]
     commands = {name: train_command(os.path.join(config_dir, f"{name}.json"), out, clip_config,
-                                    [*spec.overrides, "--output_dir", name])
+                                    [*overrides, "--output_dir", name])
                 for name in MODELS}
     run_trainings(commands, run_dirs, os.path.join(out, "logs"), parallel, threads)
 
@@ -366,7 +448,7 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
     plot_curves(run_dirs, os.path.join(out, "curves.png"))
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["setup"] = {"quick": quick, "parallel": parallel, "threads_per_run": threads, "cpus": cpus,
-                        "n_train": spec.n_train, "n_test": spec.n_test}
+                        "n_train": spec.n_train, "n_test": spec.n_test, "budget": budget}
     write_results(results, out, "results.json")
     print(format_table(results))
     LOGGER.info("results: %s; curves: %s", os.path.join(out, "results.json"), os.path.join(out, "curves.png"))
