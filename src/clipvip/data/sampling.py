@@ -26,7 +26,7 @@ from typing import Union
 
 import numpy as np
 
-RNG = Union[random.Random, np.random.Generator, None]
+RNG = Union[random.Random, np.random.Generator, np.random.RandomState, None]
 
 
 def _randint(rng: RNG, low: int, high: int) -> int:
@@ -35,12 +35,21 @@ def _randint(rng: RNG, low: int, high: int) -> int:
         raise ValueError(f"empty range [{low}, {high}]")
     if isinstance(rng, np.random.Generator):
         return int(rng.integers(low, high + 1))
+    if isinstance(rng, np.random.RandomState):
+        # NumPy's legacy RNG, what the original drew from (``np.random.randint``): its ``high`` is
+        # exclusive, unlike ``random.randint``'s, so it must not fall through to the line below.
+        return int(rng.randint(low, high + 1))
     # None: the global `random` module, which torch's DataLoader reseeds in every worker
     # (numpy's global RNG would give every worker the same draws).
     return (rng or random).randint(low, high)
 
 
 def _randints(rng: RNG, high_exclusive: int, size: int) -> np.ndarray:
+    """``size`` uniform integers in ``[0, high_exclusive)``."""
+    if isinstance(rng, np.random.RandomState):
+        # One vector draw, as the original's ``np.random.randint(high, size=size)``, so a
+        # RandomState seeded like the original's global RNG gives its indices exactly.
+        return rng.randint(high_exclusive, size=size).astype(np.int64)
     return np.array([_randint(rng, 0, high_exclusive - 1) for _ in range(size)], dtype=np.int64)
 
 
@@ -103,8 +112,10 @@ def sample_frame_indices(num_total: int, n_clips: int, num_frms: int, sample_rat
                          training: bool = False, jitter: bool = False, rng: RNG = None) -> list[int]:
     """``n_clips * num_frms`` frame indices in ``[0, num_total)``, clip after clip.
 
-    ``rng``: a ``random.Random``, a ``numpy.random.Generator``, or None for the global
-    ``random`` module. Evaluation (``training=False``) never draws from it.
+    ``rng``: a ``random.Random``, a ``numpy.random.Generator``, a ``numpy.random.RandomState``
+    (NumPy's legacy RNG: the same draws, in the same order, as the original's global
+    ``np.random``), or None for the global ``random`` module. Evaluation (``training=False``)
+    never draws from it.
     Clips shorter than ``n`` frames repeat frames; ``num_total == 1`` gives all zeros.
     """
     _check(num_total, n_clips, num_frms, sample_rate)
