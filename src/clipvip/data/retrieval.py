@@ -18,8 +18,12 @@ Bad input (DESIGN §2): at training time a clip that cannot be read (missing, em
 undecodable video, no usable caption) is logged once with its path and replaced by a random
 other clip, at most ``MAX_TRIES`` times in a row before a :class:`DataError`; every item says how
 many clips were skipped to produce it (``num_skipped``; the collator sums it per batch). At
-evaluation time nothing is replaced: :meth:`VideoRetrievalDataset.scan_readable` drops
-unreadable videos, with their captions, before the run, and a failure later is an error.
+evaluation time nothing is replaced: an unreadable video is dropped with all its captions
+(:meth:`VideoRetrievalDataset.drop_videos`), and ``skipped_clip_ids`` / ``skip_reasons`` say
+which and why. :meth:`VideoRetrievalDataset.scan_readable` drops what a cheap check finds before
+the run; a file that passes it and fails while being decoded (frame data cut behind an intact
+header) comes out of ``video_view(mark_unreadable=True)`` as a marker item, not an exception,
+and the evaluator drops it the same way.
 """
 from __future__ import annotations
 
@@ -238,6 +242,7 @@ class VideoRetrievalDataset(SubstitutingDataset):
         if not records:
             raise DataError(f"{dataset_cfg['txt']}: the annotation file lists no clips")
         self.skipped_clip_ids: list[str] = []
+        self.skip_reasons: dict[str, str] = {}  # clip id -> why it is not evaluated (evaluation only)
         if self.training:
             self.records: list[ClipRecord] = records
             self.videos = [r.clip_id for r in records]
@@ -264,6 +269,7 @@ class VideoRetrievalDataset(SubstitutingDataset):
             LOGGER.warning("[%s] %d clips have no non-empty caption and are left out: %s",
                            self.name, len(empty), _preview(empty))
             self.skipped_clip_ids.extend(empty)
+            self.skip_reasons.update((cid, "no non-empty caption") for cid in empty)
         kept = [cid for cid in order if captions[cid]]
         self.records = [by_id[cid] for cid in kept]
         self.videos = kept
@@ -277,10 +283,11 @@ class VideoRetrievalDataset(SubstitutingDataset):
         ``self.skipped_clip_ids``). By default the check is cheap (the container opens and
         reports frames; the frame folder holds frames), which misses a file whose header is
         intact but whose frame data is cut: ``decode=True`` also decodes the frames evaluation
-        will read (about the cost of one evaluation pass over the videos).
+        will read (about the cost of one evaluation pass over the videos). Without it such a
+        file is dropped when the evaluator fails to decode it (``video_view(mark_unreadable=True)``).
+        No readable video at all is a :class:`DataError` (see :meth:`drop_videos`).
         """
-        bad: list[str] = []
-        keep: list[int] = []
+        bad: dict[int, str] = {}
         for i, record in enumerate(self.records):
             try:
                 if record.is_frame_folder:
@@ -292,18 +299,46 @@ class VideoRetrievalDataset(SubstitutingDataset):
                 if decode:
                     self.load_video(i)
             except BAD_SAMPLE_ERRORS as e:
-                LOGGER.warning("[%s] unreadable video %s: %s", self.name, record.path, e)
-                bad.append(record.clip_id)
-            else:
-                keep.append(i)
-        if bad:
-            new_index = {old: new for new, old in enumerate(keep)}
-            self.records = [self.records[i] for i in keep]
-            self.videos = [r.clip_id for r in self.records]
-            self.texts = [(t, new_index[v]) for t, v in self.texts if v in new_index]
-            self.skipped_clip_ids.extend(bad)
+                bad[i] = unreadable_reason(e)
+        return self.drop_videos(bad)
+
+    def drop_videos(self, reasons: Mapping[int, str], log: bool = True) -> list[str]:
+        """Remove the videos at these indices, with all their captions; returns their clip ids.
+
+        ``reasons``: video index (into the current ``self.videos``) -> why it cannot be used. The
+        remaining videos keep their order and the captions' video indices are renumbered, so
+        ``text_to_video()`` stays consistent with features encoded in ``self.videos`` order.
+        ``log``: one warning line per video (path and reason) and a summary; an evaluator on
+        several processes logs on one. Dropping every video is a :class:`DataError`: nothing
+        would be left to score.
+        """
+        if not reasons:
+            return []
+        n_videos = len(self.records)
+        if len(reasons) >= n_videos:
+            first = min(reasons)
+            raise DataError(f"[{self.name}] none of the {n_videos} test videos can be read (first: "
+                            f"{_naming(self.records[first].path, reasons[first])}); check the dataset's 'vis' path")
+        keep = [i for i in range(n_videos) if i not in reasons]
+        new_index = {old: new for new, old in enumerate(keep)}
+        bad = [self.records[i].clip_id for i in sorted(reasons)]
+        if log:
+            n_captions = {i: 0 for i in reasons}
+            for _, v in self.texts:
+                if v in n_captions:
+                    n_captions[v] += 1
+            for i in sorted(reasons):
+                LOGGER.warning("[%s] unreadable video left out of evaluation with its %d captions: %s", self.name,
+                               n_captions[i], _naming(self.records[i].path, reasons[i]))
+        for i in reasons:
+            self.skip_reasons[self.records[i].clip_id] = reasons[i]
+        self.records = [self.records[i] for i in keep]
+        self.videos = [r.clip_id for r in self.records]
+        self.texts = [(t, new_index[v]) for t, v in self.texts if v in new_index]
+        self.skipped_clip_ids.extend(bad)
+        if log:
             LOGGER.warning("[%s] %d of %d videos cannot be read and are left out of evaluation "
-                           "with their captions: %s", self.name, len(bad), len(bad) + len(keep), _preview(bad))
+                           "with their captions: %s", self.name, len(bad), n_videos, _preview(bad))
         return bad
 
     # -- items -------------------------------------------------------------------------------
@@ -341,8 +376,9 @@ class VideoRetrievalDataset(SubstitutingDataset):
                 for r in self.records]
 
     # -- views for the evaluator -------------------------------------------------------------
-    def video_view(self) -> "VideoOnlyView":
-        return VideoOnlyView(self)
+    def video_view(self, mark_unreadable: bool = False) -> "VideoOnlyView":
+        """The videos, one item each (``mark_unreadable``: a marker item instead of a raise; see the view)."""
+        return VideoOnlyView(self, mark_unreadable)
 
     def text_view(self) -> "TextOnlyView":
         return TextOnlyView(self)
@@ -353,26 +389,66 @@ class VideoRetrievalDataset(SubstitutingDataset):
 
 
 class VideoOnlyView(Dataset):
-    """Every video of a retrieval set once, in ``dataset.videos`` order (no text, no substitution)."""
+    """Every video of a retrieval set once, in ``dataset.videos`` order (no text, no substitution).
 
-    def __init__(self, dataset: VideoRetrievalDataset):
+    A video that cannot be read raises a :class:`DataError` naming its path; with
+    ``mark_unreadable=True`` (what the evaluator uses) its item is a marker instead,
+    ``{"clip_id", "index", "num_skipped": 0, "failed": reason}`` without ``"video"``. An exception
+    in a DataLoader worker ends the whole loader, and so the whole evaluation, for one clip;
+    a marker travels back like any item. The view's ``collator`` then leaves markers out of the
+    stack and lists them in the batch's ``failed`` entry, ``[(index, reason), ...]``
+    (:class:`MarkedVideoCollator`).
+    """
+
+    def __init__(self, dataset: VideoRetrievalDataset, mark_unreadable: bool = False):
         self.dataset = dataset
+        self.mark_unreadable = bool(mark_unreadable)
 
     def __len__(self) -> int:
         return len(self.dataset.records)
 
+    @property
+    def collator(self):
+        """The dataset's collator (or a tokenizer-free one: videos need none); marker-aware if marking."""
+        inner = self.dataset.collator if self.dataset.collator is not None else RetrievalCollator(None)
+        return MarkedVideoCollator(inner) if self.mark_unreadable else inner
+
     def __getitem__(self, index: int) -> dict:
         ds = self.dataset
+        item = {"clip_id": ds.records[index].clip_id, "index": index, "num_skipped": 0}
         try:
-            video = ds.load_video(index)
-        except DataError:
-            raise
+            item["video"] = ds.load_video(index)
         except BAD_SAMPLE_ERRORS as e:
-            raise DataError(f"{ds.records[index].path}: {type(e).__name__}: {e}") from e
-        return {"video": video, "clip_id": ds.records[index].clip_id, "index": index, "num_skipped": 0}
+            if not self.mark_unreadable:
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"{ds.records[index].path}: {type(e).__name__}: {e}") from e
+            item["failed"] = unreadable_reason(e)
+        return item
 
     def init_worker(self, worker_id: int, seed: int) -> None:
         self.dataset.init_worker(worker_id, seed)
+
+
+class MarkedVideoCollator:
+    """Items of a marking :class:`VideoOnlyView` -> a batch of the readable ones plus ``failed``.
+
+    The readable items go through ``inner`` (``video`` [b, T, 3, H, W], ``indices`` [b], ...,
+    b <= B); ``failed`` is ``[(index, reason), ...]`` of the others. A batch of markers only has
+    no ``video`` and empty ``indices`` [0].
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, items: list[dict]) -> dict:
+        ok = [it for it in items if "failed" not in it]
+        if ok:
+            batch = self.inner(ok)
+        else:
+            batch = {"clip_ids": [], "indices": torch.zeros(0, dtype=torch.long), "num_skipped": 0}
+        batch["failed"] = [(it["index"], it["failed"]) for it in items if "failed" in it]
+        return batch
 
 
 class TextOnlyView(Dataset):
@@ -394,6 +470,17 @@ def scan_readable(dataset, decode: bool = False) -> list[str]:
     if isinstance(dataset, (VideoOnlyView, TextOnlyView)):
         dataset = dataset.dataset
     return dataset.scan_readable(decode=decode)
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """One line saying why a clip cannot be read (our errors already name the file and the cause)."""
+    text = str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())  # decoder messages may span lines; logs and results keep one
+
+
+def _naming(path: str, reason: str) -> str:
+    """``reason``, led by ``path`` unless it names the file already (our decode errors do)."""
+    return reason if path in reason else f"{path}: {reason}"
 
 
 def _preview(ids: Sequence[str], n: int = 10) -> str:
