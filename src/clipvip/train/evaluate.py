@@ -4,6 +4,12 @@ Each process encodes its contiguous block of the videos and of the captions (no 
 duplicates); the blocks are gathered in rank order, which is dataset order, and checked against
 the batches' dataset indices. Metrics are computed on the gathered features (identically on
 every process) with the multi-caption protocol: every caption is a query, its video the target.
+
+A video that passes the up-front scan but cannot be decoded (frame data cut behind an intact
+header) does not stop the evaluation: the loader hands it back as a marker, every rank learns
+every rank's failures, and each drops the same videos, with their captions, from its copy of the
+dataset before the captions are encoded. The metrics then score exactly what the dataset without
+those clips would score, and the results block lists them (``skipped_videos``, ``skip_reasons``).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 
 from .. import distributed
 from ..data.loader import DevicePrefetcher, build_eval_loader
+from ..errors import DataError
 from ..logging_utils import get_logger
 from ..metrics import evaluate_retrieval
 from .precision import autocast
@@ -31,9 +38,28 @@ def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: in
 
     ``encode(batch)`` gets each batch with its model inputs
     (:data:`clipvip.data.loader.MODEL_INPUTS`) already on ``device``; the batches carry their
-    dataset ``indices``.
+    dataset ``indices``. An item that could not be read (a batch's ``failed`` entry) is an error
+    here; :func:`encode_readable_in_order` leaves such items out instead.
     """
-    feats, indices = [], []
+    features, failed = encode_readable_in_order(encode, loader, expected, device, desc)
+    if failed:
+        index, reason = failed[0]
+        raise DataError(f"{desc}: {len(failed)} of {expected} items could not be read (first: #{index}: {reason})")
+    return features
+
+
+@torch.no_grad()
+def encode_readable_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: int, device: torch.device,
+                             desc: str) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """``(features [expected - F, P], failed)`` of the dataset behind ``loader``, in dataset order.
+
+    Batches may list items that could not be read, ``failed = [(index, reason), ...]``
+    (:class:`clipvip.data.retrieval.MarkedVideoCollator`); they are not encoded. ``failed`` comes
+    back with every rank's F failures in dataset order, the same list on every rank, and the
+    features are those of the other items in dataset order, so dropping the failed indices from
+    the dataset leaves both aligned. A batch of failures only (no ``indices``) is not encoded.
+    """
+    feats, indices, failed = [], [], []
     show = distributed.get_env().is_main
     from tqdm.auto import tqdm
 
@@ -42,26 +68,41 @@ def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: in
     batches = DevicePrefetcher(loader, device)
     total = len(loader) if hasattr(loader, "__len__") else None
     for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+        failed.extend((int(i), str(reason)) for i, reason in batch.get("failed", ()))
+        if len(batch["indices"]) == 0:
+            continue
         feats.append(encode(batch).float())
         indices.append(batch["indices"])
     local = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
     local_indices = (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)).to(device)
     gathered_indices = distributed.all_gather_variable(local_indices)
-    # A rank with an empty block (more ranks than items) has no feature width: learn it from the others.
+    # A rank with an empty block (more ranks than items, or every item failed) has no feature
+    # width: learn it from the others.
     width = int(distributed.all_gather_variable(torch.tensor([local.shape[1]], device=device)).max())
     if local.shape[1] != width:
         local = local.new_zeros((0, width))
     gathered = distributed.all_gather_variable(local)
-    if gathered.shape[0] != expected or not torch.equal(gathered_indices.cpu(), torch.arange(expected)):
-        raise RuntimeError(f"{desc}: gathered {gathered.shape[0]} features for {expected} items out of order")
-    return gathered
+    # A few (index, reason) pairs: the object collective's pickling costs nothing here. Rank
+    # order is dataset order, as for the features.
+    failed = [f for part in distributed.gather_objects(sorted(failed)) for f in part]
+    dropped = {i for i, _ in failed}
+    readable = torch.tensor([i for i in range(expected) if i not in dropped], dtype=torch.long)
+    if (len(dropped) != len(failed) or gathered.shape[0] != readable.numel()
+            or not torch.equal(gathered_indices.cpu(), readable)):
+        raise RuntimeError(f"{desc}: gathered {gathered.shape[0]} features and {len(failed)} failures "
+                           f"for {expected} items out of order")
+    return gathered, failed
 
 
 def encode_retrieval_set(model, dataset, cfg, precision: str, device: torch.device,
                          video_workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(videos [n_videos, P], texts [n_texts, P])``: every video and caption of ``dataset``, in order.
 
-    ``video_workers``: loader workers for the videos (default the config's ``n_workers``).
+    A video that cannot be decoded is dropped from ``dataset`` with its captions
+    (:meth:`~clipvip.data.retrieval.VideoRetrievalDataset.drop_videos`, the same on every rank)
+    before the captions are encoded, so ``n_videos``, ``n_texts`` and ``dataset.text_to_video()``
+    describe what comes back. ``video_workers``: loader workers for the videos (default the
+    config's ``n_workers``).
     """
     device_type = device.type
 
@@ -73,19 +114,30 @@ def encode_retrieval_set(model, dataset, cfg, precision: str, device: torch.devi
         with autocast(precision, device_type):
             return model.encode_text(batch["text_input_ids"], batch["text_input_mask"])
 
-    video_loader = build_eval_loader(dataset.video_view(), cfg, n_workers=video_workers, persistent_workers=False)
-    videos = encode_in_order(encode_videos, video_loader, len(dataset.videos), device, f"{dataset.name} videos")
+    # Marker items instead of exceptions: a DataLoader worker that raised would end the evaluation.
+    video_loader = build_eval_loader(dataset.video_view(mark_unreadable=True), cfg, n_workers=video_workers,
+                                     persistent_workers=False)
+    videos, failed = encode_readable_in_order(encode_videos, video_loader, len(dataset.videos), device,
+                                              f"{dataset.name} videos")
+    if failed:  # every rank holds the same list: every rank's copy of the dataset shrinks alike
+        dataset.drop_videos(dict(failed), log=distributed.get_env().is_main)
     texts = encode_in_order(encode_texts, build_eval_loader(dataset.text_view(), cfg, n_workers=0),
                             len(dataset.texts), device, f"{dataset.name} texts")
     return videos, texts
 
 
 def evaluate_retrieval_set(model, dataset, cfg, precision: str, device: torch.device) -> dict:
-    """The eval block of one retrieval dataset (see :func:`evaluate_all`)."""
+    """The eval block of one retrieval dataset (see :func:`evaluate_all`).
+
+    ``n_videos``/``n_texts`` count what was scored; ``skipped_videos`` lists the clip ids left out
+    (no caption, unreadable up front or while encoding) and ``skip_reasons`` says why, per id.
+    """
     videos, texts = encode_retrieval_set(model, dataset, cfg, precision, device)
     metrics = evaluate_retrieval(texts, videos, dataset.text_to_video())
+    skipped = list(dataset.skipped_clip_ids)
     return {"protocol": PROTOCOL, "n_videos": len(dataset.videos), "n_texts": len(dataset.texts),
-            "skipped_videos": list(dataset.skipped_clip_ids), **{d: metrics[d] for d in DIRECTIONS}}
+            "skipped_videos": skipped, "skip_reasons": {c: dataset.skip_reasons.get(c, "") for c in skipped},
+            **{d: metrics[d] for d in DIRECTIONS}}
 
 
 def evaluate_all(model, datasets: list, cfg, precision: str, device: torch.device) -> dict:
