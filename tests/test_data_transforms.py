@@ -28,15 +28,20 @@ def test_same_size_is_scale_and_normalise_only():
     torch.testing.assert_close(out, expected)
 
 
-def test_resize_is_antialiased_bicubic_to_exact_size():
+@pytest.mark.parametrize("antialias", [False, True])
+def test_resize_is_bicubic_to_exact_size(antialias):
+    """Default: torchvision 0.9's tensor Resize (no antialiasing), what the released checkpoints
+    saw; ``antialias=True`` (config ``resize_antialias``): torchvision >= 0.17's default."""
     frames = _frames(h=40, w=60)
-    out = frames_to_model_input(frames, (24, 18))  # aspect ratio not kept
+    out = frames_to_model_input(frames, (24, 18), **({"antialias": True} if antialias else {}))  # aspect not kept
     x = frames.permute(0, 3, 1, 2).float() / 255.0
-    x = F.interpolate(x, size=(24, 18), mode="bicubic", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(24, 18), mode="bicubic", align_corners=False, antialias=antialias)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     assert out.shape == (2, 3, 24, 18)
     torch.testing.assert_close(out, (x - mean) / std)
+    other = frames_to_model_input(frames, (24, 18), antialias=not antialias)
+    assert (other - out).abs().max() > 0.05  # the two kernels really differ
     # An int input_res means a square.
     assert frames_to_model_input(frames, 12).shape == (2, 3, 12, 12)
 
@@ -49,14 +54,14 @@ def test_constant_frame_stays_constant():
         assert torch.allclose(out[0, c], torch.full_like(out[0, c], expected), atol=1e-5)
 
 
-def test_downscale_matches_pil_bicubic():
-    # torchvision's tensor Resize (antialias) follows PIL's bicubic; so must we, within rounding.
+def test_antialiased_downscale_matches_pil_bicubic():
+    # torchvision's antialiased tensor Resize follows PIL's bicubic; so must ours, within rounding.
     from PIL import Image
 
     img = np.asarray(_frames(n=1, h=64, w=80, seed=3)[0])
     pil = np.asarray(Image.fromarray(img).resize((32, 24), Image.BICUBIC), dtype=np.float32)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
-    ours = resize(x, (24, 32))[0].permute(1, 2, 0).clamp(0, 255).numpy()
+    ours = resize(x, (24, 32), antialias=True)[0].permute(1, 2, 0).clamp(0, 255).numpy()
     assert np.abs(ours - pil).mean() < 1.0
 
 
