@@ -128,8 +128,8 @@ def test_clip_failing_while_encoded_is_dropped_with_its_captions(bench, n_worker
     # Features in dataset order, the failed ones out: the clean dataset's features.
     assert torch.allclose(videos, ref_videos, atol=1e-5) and torch.allclose(texts, ref_texts, atol=1e-5)
     lines = [r.getMessage() for r in clipvip_log.records if "left out of evaluation with its" in r.getMessage()]
-    assert len(lines) == 2 and "half2.mp4" in lines[0] and "its 1 captions" in lines[0]
-    assert "half3.mp4" in lines[1] and "its 2 captions" in lines[1]
+    assert len(lines) == 2 and "half2.mp4" in lines[0] and "its 1 caption:" in lines[0]
+    assert "half3.mp4" in lines[1] and "its 2 captions:" in lines[1]
 
 
 def test_every_clip_failing_is_one_clear_error(bench):

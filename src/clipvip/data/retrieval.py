@@ -328,8 +328,9 @@ class VideoRetrievalDataset(SubstitutingDataset):
                 if v in n_captions:
                     n_captions[v] += 1
             for i in sorted(reasons):
-                LOGGER.warning("[%s] unreadable video left out of evaluation with its %d captions: %s", self.name,
-                               n_captions[i], _naming(self.records[i].path, reasons[i]))
+                n = n_captions[i]
+                LOGGER.warning("[%s] unreadable video left out of evaluation with its %d caption%s: %s", self.name,
+                               n, "" if n == 1 else "s", _naming(self.records[i].path, reasons[i]))
         for i in reasons:
             self.skip_reasons[self.records[i].clip_id] = reasons[i]
         self.records = [self.records[i] for i in keep]
