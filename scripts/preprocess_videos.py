@@ -2,19 +2,34 @@
 """Re-encode raw videos at a fixed frame rate and size, or dump them as frame folders.
 
 The original CLIP-ViP trained on pre-processed copies of the datasets (MSR-VTT at 6 fps; the
-configs' ``video_res`` is 240x320); decoding a short low-resolution clip is what keeps a data
-loader ahead of the GPU. Two outputs:
+configs' ``video_res`` is 240x320), made with the ffmpeg command line; decoding a short
+low-resolution clip is what keeps a data loader ahead of the GPU. This script does the same job
+in-process through PyAV (no ffmpeg binary needed). Two outputs:
 
-* videos (default): ``{out}/{relative path}.mp4``, H.264 yuv420p, no audio;
+* videos (default): ``{out}/{relative path}.mp4``, H.264 yuv420p, no audio, constant frame rate:
+  frame k has timestamp k / fps, so every player and both of our decoders (decord, PyAV) agree on
+  which frame is frame k;
 * ``--frames`` (ActivityNet, ``vis_format: "frame"``): ``{out}/{clip_id}/{clip_id}_{i:03d}.jpg``
   numbered from 0, the layout ``clipvip.data.video.load_frame_folder`` reads, plus
   ``{out}/frames.jsonl`` with ``{"clip_id", "num_frame"}`` for the annotations.
 
-Runs are idempotent: an output that exists and decodes is skipped, outputs are written under a
-temporary name and renamed when complete, and inputs that cannot be read are listed in
-``{out}/failed.txt`` (path, tab, reason) instead of stopping the run.
+Frame rate: for each output time k / fps the decoded source frame nearest in time is kept (frames
+are dropped or repeated), as ffmpeg's ``fps`` filter does; ``--fps 0`` keeps every frame and
+re-times it at the source's average rate.
 
-Everything goes through PyAV (the decoder the tests use), so no ffmpeg binary is needed.
+Resizing: every frame is scaled to exactly ``--size`` (the aspect ratio is not kept, as the model's
+own transform does not keep it) by libswscale, the scaler inside ffmpeg, called through PyAV. The
+kernel is ``--resize-kernel``, bicubic by default: that is the ffmpeg command line's default for its
+``scale`` filter (swscale's cubic with B=0, C=0.6, its support widened by the scale factor when
+shrinking, so downscaling is antialiased), so the frames match what the original's preprocessing
+with ffmpeg produced, give or take the encoder's own losses. Videos are scaled in YUV 4:2:0
+before encoding; frame folders are scaled and converted to RGB in the same swscale call, then
+written as JPEG by Pillow.
+
+Runs are idempotent: an output that exists, decodes, and has the requested frame rate and size and
+valid timestamps is skipped (so outputs of an older, broken version of this script are redone),
+outputs are written under a temporary name and renamed when complete, and inputs that cannot be
+read are listed in ``{out}/failed.txt`` (path, tab, reason) instead of stopping the run.
 
     python scripts/preprocess_videos.py raw/msrvtt/videos data/msrvtt/videos_6fps --fps 6
     python scripts/preprocess_videos.py raw/anet data/anet/frames --frames --fps 1 --workers 8
@@ -31,6 +46,11 @@ from fractions import Fraction
 from typing import Iterator, Optional, Sequence
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".wmv")
+
+# --resize-kernel: ffmpeg's names for its scaler flags -> PyAV's names for the same swscale flags.
+RESIZE_KERNELS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "area": "AREA",
+                  "lanczos": "LANCZOS", "neighbor": "POINT"}
+DEFAULT_KERNEL = "bicubic"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,8 +104,12 @@ def _output_size(frame, height: int, width: int) -> tuple[int, int]:
     return h - h % 2, w - w % 2  # yuv420p needs even sizes
 
 
+def _output_rate(src: str, fps: float) -> Fraction:
+    return Fraction(fps).limit_denominator(1001) if fps > 0 else _source_rate(src)
+
+
 def _encode_video(src: str, dst: str, fps: float, height: int, width: int, crf: int,
-                  single_thread: bool) -> int:
+                  single_thread: bool, kernel: str = DEFAULT_KERNEL) -> int:
     import av
 
     tmp = dst + ".tmp.mp4"
@@ -97,14 +121,20 @@ def _encode_video(src: str, dst: str, fps: float, height: int, width: int, crf: 
             for frame in _resampled_frames(src, fps, single_thread):
                 if stream is None:
                     h, w = _output_size(frame, height, width)
-                    rate = Fraction(fps).limit_denominator(1001) if fps > 0 else _source_rate(src)
+                    rate = _output_rate(src, fps)
                     stream = out.add_stream("libx264", rate=rate)
                     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                    stream.codec_context.time_base = 1 / Fraction(rate)
+                    time_base = stream.codec_context.time_base = 1 / rate
                     stream.options = {"crf": str(crf), "preset": "fast",
                                       **({"threads": "1"} if single_thread else {})}
-                image = frame.reformat(width=w, height=h, format="yuv420p", interpolation="BICUBIC")
+                image = frame.reformat(width=w, height=h, format="yuv420p",
+                                       interpolation=RESIZE_KERNELS[kernel])
+                # Output frame n is shown at n / rate. The time base must be set with the pts:
+                # the reformatted frame keeps the source's (e.g. 1/12800) and the encoder rescales
+                # pts from the frame's time base into its own, which turned n/12800 s into pts 0
+                # for every frame (broken files that decord then read at the wrong positions).
                 image.pts = n
+                image.time_base = time_base
                 for packet in stream.encode(image):
                     out.mux(packet)
                 n += 1
@@ -120,7 +150,7 @@ def _encode_video(src: str, dst: str, fps: float, height: int, width: int, crf: 
 
 
 def _dump_frames(src: str, clip_dir: str, clip_id: str, fps: float, height: int, width: int,
-                 quality: int, single_thread: bool) -> int:
+                 quality: int, single_thread: bool, kernel: str = DEFAULT_KERNEL) -> int:
     from PIL import Image
 
     parent = os.path.dirname(clip_dir) or "."
@@ -131,7 +161,8 @@ def _dump_frames(src: str, clip_dir: str, clip_id: str, fps: float, height: int,
     try:
         for frame in _resampled_frames(src, fps, single_thread):
             h, w = _output_size(frame, height, width)
-            rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BICUBIC")
+            rgb = frame.to_ndarray(width=w, height=h, format="rgb24",
+                                   interpolation=RESIZE_KERNELS[kernel])  # (h, w, 3) uint8
             Image.fromarray(rgb).save(os.path.join(tmp, f"{clip_id}_{n:03d}.jpg"), quality=quality)
             n += 1
         if n == 0:
@@ -146,8 +177,14 @@ def _dump_frames(src: str, clip_dir: str, clip_id: str, fps: float, height: int,
 # ---------------------------------------------------------------------------------------------
 # Skipping finished outputs
 # ---------------------------------------------------------------------------------------------
-def _video_ok(path: str) -> Optional[int]:
-    """Frame count of a finished output video, or None if it is missing or does not decode."""
+def _video_ok(path: str, fps: float = 0.0, height: int = 0, width: int = 0) -> Optional[int]:
+    """Frame count of a finished output video, or None if it must be (re)done.
+
+    None when the file is missing or does not decode, when its size or frame rate is not the
+    requested one, or when its frames do not all carry distinct timestamps (what the version of
+    this script before the timestamp fix wrote: every pts 0). Only packets are read for that, no
+    frame but the first is decoded.
+    """
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
     try:
@@ -155,8 +192,17 @@ def _video_ok(path: str) -> Optional[int]:
 
         with av.open(path) as c:
             stream = c.streams.video[0]
+            n = int(stream.frames)
+            if height > 0 and (stream.codec_context.height, stream.codec_context.width) != (height, width):
+                return None
+            if fps > 0 and abs(float(stream.average_rate or 0) - fps) > 1e-3 * fps:
+                return None
+            pts = [p.pts for p in c.demux(stream) if p.size > 0]
+            if n <= 0 or len(pts) != n or None in pts or len(set(pts)) != n:
+                return None
+            c.seek(0)
             next(iter(c.decode(stream)))
-            return int(stream.frames) or None
+            return n
     except Exception:  # noqa: BLE001 - anything unreadable gets redone
         return None
 
@@ -186,7 +232,7 @@ def _job(args) -> tuple[str, str, str, int, str]:
         if opts["frames"]:
             done = _frames_ok(dst, clip_id)
         else:
-            done = _video_ok(dst)
+            done = _video_ok(dst, opts["fps"], opts["height"], opts["width"])
         if done:
             return src, clip_id, "skipped", done, ""
         if not os.path.isfile(src):
@@ -195,10 +241,10 @@ def _job(args) -> tuple[str, str, str, int, str]:
             raise ValueError("empty file")
         if opts["frames"]:
             n = _dump_frames(src, dst, clip_id, opts["fps"], opts["height"], opts["width"],
-                             opts["quality"], opts["single_thread"])
+                             opts["quality"], opts["single_thread"], opts["kernel"])
         else:
             n = _encode_video(src, dst, opts["fps"], opts["height"], opts["width"], opts["crf"],
-                              opts["single_thread"])
+                              opts["single_thread"], opts["kernel"])
         return src, clip_id, "ok", n, ""
     except Exception as e:  # noqa: BLE001 - one broken input never stops the run
         reason = f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
@@ -229,15 +275,23 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # The whole docstring: what is done to the frames (rate, resize kernel) belongs in --help.
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="folder of raw videos (searched recursively)")
     p.add_argument("output", help="output folder")
     p.add_argument("--list", help="text file of input paths (relative to INPUT) instead of a search")
-    p.add_argument("--fps", type=float, default=6.0, help="output frame rate; 0 keeps every frame (6)")
+    p.add_argument("--fps", type=float, default=6.0,
+                   help="output frame rate: the nearest source frame is kept for each output time; "
+                        "0 keeps every frame, re-timed at the source's average rate (6)")
     p.add_argument("--size", type=_parse_size, default=(240, 320),
                    help="output HxW, scaled without keeping the aspect ratio, as the model's "
                         "transform does; 0 keeps the source size (240x320: the configs' video_res)")
+    p.add_argument("--resize-kernel", choices=sorted(RESIZE_KERNELS), default=DEFAULT_KERNEL,
+                   help="libswscale (ffmpeg's scaler, through PyAV) kernel for --size; the default "
+                        "bicubic (B=0, C=0.6, antialiased when shrinking) is the default of "
+                        "ffmpeg's scale filter, the original's preprocessing tool "
+                        f"({DEFAULT_KERNEL})")
     p.add_argument("--frames", action="store_true", help="write frame folders instead of videos")
     p.add_argument("--crf", type=int, default=23, help="x264 quality for videos (23)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for --frames (95)")
@@ -249,7 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     inputs = find_inputs(args.input, args.list)
     os.makedirs(args.output, exist_ok=True)
     opts = {"frames": args.frames, "fps": args.fps, "height": args.size[0], "width": args.size[1],
-            "crf": args.crf, "quality": args.quality, "single_thread": args.workers > 1}
+            "crf": args.crf, "quality": args.quality, "single_thread": args.workers > 1,
+            "kernel": args.resize_kernel}
     jobs = []
     for src in inputs:
         rel = os.path.relpath(src, args.input)
