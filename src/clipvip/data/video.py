@@ -8,12 +8,20 @@ the cheap checks (the file exists, is a file, is not empty) run before any decod
 Frame indices are 0-based positions in presentation order. Indices past the last frame that
 can really be decoded are clamped to it, because container metadata (and ``num_frame`` in
 annotations) can promise more frames than a file holds.
+
+The decoders' own diagnostics ("moov atom not found", decord's ``video_reader.cc:83: ERROR
+opening``) are kept off stderr, where they would repeat the one-line error of the same file in a
+foreign format; they are logged at DEBUG on the ``clipvip.data.video`` logger instead. Set
+``CLIPVIP_NATIVE_STDERR=1`` to let them through untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Callable, Sequence
+import tempfile
+import threading
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +36,7 @@ DEFAULT_BACKEND = "decord"
 # PyAV has wheels everywhere (decord has x86_64 Linux/Windows wheels only).
 _BACKEND_ORDER = ("decord", "pyav")
 _BACKEND_ENV = "CLIPVIP_VIDEO_BACKEND"
+_NATIVE_STDERR_ENV = "CLIPVIP_NATIVE_STDERR"
 
 
 class VideoDecodeError(DataError):
@@ -87,6 +96,129 @@ def resolve_backend(backend: str | None) -> str:
             _warned_fallback = True
         return "pyav"
     raise ImportError(f"video backend {name!r} is not installed (available: {available_backends()})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Native diagnostics
+# ---------------------------------------------------------------------------------------------
+# decord writes to file descriptor 2 from C++: its bundled ffmpeg's av_log lines and its dmlc
+# LOG(...) lines. decord.logging.set_level only reaches the former, so the descriptor itself is
+# pointed at a temporary file while decord works (_decord_stderr_to_debug). Readers in several
+# threads share one redirection (a count under a lock: a second dup2 nested inside the first and
+# undone out of order would leave stderr pointing at a dead temporary file for good), and what was
+# caught is sorted afterwards: decoder lines go to DEBUG, anything else (another thread's output in
+# the meantime) is written back to stderr, late but not lost. DataLoader workers are processes,
+# each with its own descriptor table; a fork in the middle of a redirection is undone in the child.
+_NATIVE_LINE = re.compile(
+    rb"^(\[[^\]\n]* @ (0x)?[0-9a-fA-F]+\] "   # av_log with a context: "[mov,mp4,... @ 0x55..] "
+    rb"|\[\d\d:\d\d:\d\d\] \S+:\d+: "      # dmlc LOG: "[04:18:47] .../video_reader.cc:83: "
+    rb"|\s*Last message repeated \d+ times)"  # av_log's own repeat counter
+)
+_redirect_lock = threading.Lock()
+_redirect_depth = 0
+_saved_stderr_fd: int | None = None
+_capture_file = None
+_fork_generation = 0  # bumped in a forked child, whose inherited redirections are void
+
+
+def _sort_native_output(data: bytes) -> None:
+    """Log decoder lines of ``data`` at DEBUG; write every other line back to stderr."""
+    passthrough = []
+    for line in data.splitlines(keepends=True):
+        if _NATIVE_LINE.match(line):
+            logger.debug("decord: %s", line.decode("utf-8", "replace").rstrip())
+        else:
+            passthrough.append(line)
+    if passthrough:
+        os.write(2, b"".join(passthrough))
+
+
+@contextlib.contextmanager
+def _decord_stderr_to_debug() -> Iterator[None]:
+    """Keep what native code writes to fd 2 inside this block off the terminal (see above)."""
+    global _redirect_depth, _saved_stderr_fd, _capture_file
+    if os.environ.get(_NATIVE_STDERR_ENV, "") not in ("", "0") or not _fd2_is_open():
+        yield
+        return
+    with _redirect_lock:
+        generation = _fork_generation
+        if _redirect_depth == 0:
+            _flush_python_stderr()
+            capture = tempfile.TemporaryFile()
+            saved = os.dup(2)
+            os.dup2(capture.fileno(), 2)
+            _saved_stderr_fd, _capture_file = saved, capture
+        _redirect_depth += 1
+    try:
+        yield
+    finally:
+        caught = b""
+        with _redirect_lock:
+            # A block entered before a fork and left in the child has nothing left to undo.
+            inherited = generation != _fork_generation
+            if not inherited:
+                _redirect_depth -= 1
+            if not inherited and _redirect_depth == 0:
+                _flush_python_stderr()  # Python text written meanwhile belongs to the capture
+                os.dup2(_saved_stderr_fd, 2)
+                os.close(_saved_stderr_fd)
+                _capture_file.seek(0)
+                caught = _capture_file.read()
+                _capture_file.close()
+                _saved_stderr_fd = _capture_file = None
+        if caught:
+            _sort_native_output(caught)
+
+
+def _fd2_is_open() -> bool:
+    try:
+        os.fstat(2)
+    except OSError:  # a daemon without stderr: nothing to keep clean
+        return False
+    return True
+
+
+def _flush_python_stderr() -> None:
+    import sys
+
+    try:
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - a closed or replaced stream must not break decoding
+        pass
+
+
+def _undo_redirect_in_child() -> None:
+    # A fork taken while another thread was inside a redirection: the child starts with fd 2 on
+    # the parent's capture file and a lock no thread of its own will release.
+    global _redirect_lock, _redirect_depth, _saved_stderr_fd, _capture_file, _fork_generation
+    _fork_generation += 1
+    if _saved_stderr_fd is not None:
+        os.dup2(_saved_stderr_fd, 2)
+        os.close(_saved_stderr_fd)
+    _redirect_lock = threading.Lock()
+    _redirect_depth, _saved_stderr_fd, _capture_file = 0, None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_undo_redirect_in_child)
+
+
+@contextlib.contextmanager
+def _pyav_log_to_debug() -> Iterator[None]:
+    """Keep libav messages of this thread's PyAV calls out of the ``libav`` Python logger.
+
+    PyAV >= 13 drops them unless asked (``av.logging.set_level``); older PyAV, and code that
+    asked, routes them to Python logging at WARNING, i.e. to stderr. Captured per thread, logged
+    at DEBUG here.
+    """
+    import av.logging
+
+    try:
+        with av.logging.Capture(local=True) as logs:
+            yield
+    finally:  # also (above all) when the file could not be read
+        for level, name, message in logs:
+            logger.debug("libav %s (level %s): %s", name, level, message.strip())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,24 +347,35 @@ def _with_reader(path, backend: str | None, fn: Callable):
     except VideoDecodeError:
         raise
     except Exception as first:  # noqa: BLE001 - decoders raise anything (RuntimeError, av.error.*)
-        reason = f"{name}: {type(first).__name__}: {first}".strip()
+        reason = f"{name}: {type(first).__name__}: {_one_line(first)}"
         if name == "decord" and _is_importable("pyav"):
             try:
                 result = _run_reader("pyav", path, fn)
             except Exception as second:  # noqa: BLE001
-                reason += f"; pyav: {type(second).__name__}: {second}"
+                reason += f"; pyav: {type(second).__name__}: {_one_line(second)}"
             else:
-                logger.warning("decord could not read %s (%s); read it with PyAV", path, first)
+                logger.warning("decord could not read %s (%s); read it with PyAV", path, _one_line(first))
                 return result
         raise VideoDecodeError(path, reason) from first
 
 
+def _one_line(exc: BaseException) -> str:
+    # decord's errors are dmlc log lines ("[04:18:47] src/video/video_reader.cc:486: Error: ..."),
+    # sometimes followed by a native stack trace: the first line, without the log prefix.
+    text = str(exc).strip().split("\n", 1)[0]
+    return _NATIVE_LINE.sub(b"", text.encode("utf-8", "replace")).decode("utf-8", "replace").strip()
+
+
 def _run_reader(name: str, path: str, fn: Callable):
-    reader = _READERS[name](path)
-    try:
-        return fn(reader)
-    finally:
-        reader.close()
+    # The whole life of the reader: decord indexes the file when it opens it and decodes on
+    # its own thread, and both print (open errors, "frames corrupted and recovered").
+    quiet = _decord_stderr_to_debug if name == "decord" else _pyav_log_to_debug
+    with quiet():
+        reader = _READERS[name](path)
+        try:
+            return fn(reader)
+        finally:
+            reader.close()
 
 
 def _gather(reader, indices: list[int]) -> torch.Tensor:
