@@ -25,7 +25,7 @@ class RunLogger:
     TensorBoard (``if_tb_log``) and Weights & Biases (``wandb_project``; offline unless
     ``WANDB_MODE`` says otherwise, so it needs neither network nor account)."""
 
-    def __init__(self, cfg, enabled: bool, resume_step: int = 0):
+    def __init__(self, cfg, enabled: bool):
         self.enabled = enabled
         self.tb = None
         self.wandb_run = None
@@ -36,7 +36,6 @@ class RunLogger:
         if cfg.get("if_log2file", 1):
             self._file_handler = add_log_file(os.path.join(log_dir, "log.txt"))
         self.metrics_path = os.path.join(log_dir, "metrics.jsonl")
-        self._drop_entries_after(resume_step)
         if cfg.get("if_tb_log"):
             from torch.utils.tensorboard import SummaryWriter
 
@@ -47,9 +46,13 @@ class RunLogger:
             self.wandb_run = wandb.init(project=cfg.wandb_project, dir=log_dir, config=cfg.to_dict(),
                                         mode=os.environ.get("WANDB_MODE", "offline"), resume="allow")
 
-    def _drop_entries_after(self, step: int) -> None:
-        """A resumed run repeats the steps after its last saved state: forget their old lines."""
-        if not os.path.isfile(self.metrics_path):
+    def forget_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its last saved state: forget their old lines.
+
+        Separate from the constructor so that the log file is open before the trainer resumes
+        (and its "resumed from" line lands in ``log/log.txt``) while ``step`` is only known after.
+        """
+        if not self.enabled or not os.path.isfile(self.metrics_path):
             return
         with open(self.metrics_path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]

@@ -17,9 +17,20 @@ What it does per optimizer step (DESIGN §4):
 
 Validation runs at step 0 (zero-shot), every ``valid_steps`` (with ``ckpt/model_step_N.pt``),
 every ``only_valid_steps`` and at the end (with the last ``model_step``), keeping
-``ckpt/model_best.pt`` for the best text-to-video R@1 — the original's cadence. The training state
-(``ckpt/train_state.pt``) is written every ``save_steps_ratio`` of the run, at each validation, at the
-end and on Ctrl-C; rerunning the same command resumes from it.
+``ckpt/model_best.pt`` for the best text-to-video R@1 — the original's cadence. Of validations
+with equal R@1 the later one wins (the original kept the first: a run whose validations only tie
+the zero-shot score kept the untrained step-0 model as its "best"); the log line says so when a
+tie moves ``model_best.pt``. The training state (``ckpt/train_state.pt``) is written every
+``save_steps_ratio`` of the run, at each validation, at the end and on Ctrl-C; rerunning the same
+command resumes from it.
+
+Epochs, as the logs count them: the ``epoch`` of a metrics line and of the last line is the number
+of epochs of data trained on so far, ``step * global_batch / examples`` (0 before the first step,
+``num_train_epochs`` at the end, a little more when the total was rounded up). ``total_steps`` is
+the original's ``ceil(num_train_epochs * examples / global_batch)``: 100 examples in batches of 8
+are 12.5 steps per epoch, so 2 epochs are 25 steps, not 2 x 13. The loader's own passes over the
+shuffled set are a little shorter (full batches only: 12 of 8, each pass leaving out 4 clips of its
+shuffle), so a pass boundary need not fall on a whole epoch.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -66,6 +77,8 @@ class TrainPlan:
     valid_steps: int
     only_valid_steps: int
     state_steps: int
+    epochs: float  # num_train_epochs
+    epoch_steps: float  # optimizer steps one epoch of data takes: examples / global_batch (not rounded)
 
     @classmethod
     def from_config(cls, cfg, num_examples: int, world_size: int) -> "TrainPlan":
@@ -77,17 +90,26 @@ class TrainPlan:
         return cls(
             world_size=world_size, per_device_batch=cfg.train_batch_size, accumulation=accumulation,
             global_batch=global_batch, num_examples=num_examples,
+            # The original's n_steps_in_epoch (rounded up); the plan line prints epoch_steps.
             steps_per_epoch=int(math.ceil(examples / global_batch)), total_steps=total,
             valid_steps=max(valid, 1), only_valid_steps=max(int(cfg.only_valid_steps), 1),
             state_steps=max(int(cfg.save_steps_ratio * total), 1),
+            epochs=float(cfg.num_train_epochs), epoch_steps=examples / global_batch,
         )
 
+    def epochs_at(self, step: int) -> float:
+        """Epochs of data trained on after ``step`` optimizer steps (the ``epoch`` of the logs)."""
+        return step / self.epoch_steps
+
     def describe(self) -> str:
+        exact = self.epochs * self.epoch_steps
+        # Say where the total comes from, so that "12.5 steps per epoch, 2 epochs" reads as 25.
+        rounded = "" if math.isclose(exact, self.total_steps, rel_tol=1e-9) else f" ({exact:g} rounded up)"
         return (f"world size {self.world_size}, per-device batch {self.per_device_batch}, accumulation "
-                f"{self.accumulation}, global batch {self.global_batch}; {self.num_examples} examples, "
-                f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all; validate+save every "
-                f"{self.valid_steps}, validate every {self.only_valid_steps}, training state every "
-                f"{self.state_steps}")
+                f"{self.accumulation}, global batch {self.global_batch}; {self.num_examples} examples: "
+                f"{self.epoch_steps:g} steps per epoch, {self.epochs:g} epochs = {self.total_steps} steps"
+                f"{rounded}; validate+save every {self.valid_steps}, validate every {self.only_valid_steps}, "
+                f"training state every {self.state_steps}")
 
 
 def _model_inputs(batch: dict, device: torch.device) -> dict:
@@ -177,9 +199,15 @@ class Trainer:
         self.fingerprint = {"world_size": plan.world_size, "train_batch_size": plan.per_device_batch,
                             "gradient_accumulation_steps": plan.accumulation, "total_steps": plan.total_steps,
                             "seed": int(cfg.seed)}
-        self.resumed = self._resume()
+        # The run's log file first, so that it holds the resume message too.
+        self.run_log = RunLogger(cfg, env.is_main)
+        try:
+            self.resumed = self._resume()
+        except BaseException:
+            self.run_log.close()
+            raise
+        self.run_log.forget_after(self.progress.step)
         self._unreported_from = self.progress.step + 1  # the first step not yet in a report
-        self.run_log = RunLogger(cfg, env.is_main, resume_step=self.progress.step)
         self.accum_feature_cache = bool(cfg.get("accum_feature_cache")) and plan.accumulation > 1
 
     # ------------------------------------------------------------------------------------------
@@ -328,12 +356,25 @@ class Trainer:
         if save_step_checkpoint:
             self.save_model(f"model_step_{step}.pt")
         if results:
-            r1 = next(iter(results.values()))["t2v"]["R1"]
-            if r1 > self.progress.best_r1:
-                self.progress.best_r1, self.progress.best_step = r1, step
-                self.save_model("model_best.pt")
-                LOGGER.info("step %d: new best text-to-video R@1 %.2f", step, r1)
+            self._keep_best(next(iter(results.values()))["t2v"]["R1"], step)
         distributed.barrier()
+
+    def _keep_best(self, r1: float, step: int) -> None:
+        """``model_best.pt`` := this step if its R@1 is the best so far; of equals, the later step."""
+        best, best_step = self.progress.best_r1, self.progress.best_step
+        if r1 < best:
+            return
+        self.progress.best_r1, self.progress.best_step = r1, step
+        self.save_model("model_best.pt")
+        saved = ": ckpt/model_best.pt" if self.cfg.get("if_model_saver", 1) else ""
+        if best_step < 0:
+            LOGGER.info("step %d: text-to-video R@1 %.2f, the best so far%s", step, r1, saved)
+        elif r1 > best:
+            LOGGER.info("step %d: new best text-to-video R@1 %.2f (was %.2f at step %d)%s",
+                        step, r1, best, best_step, saved)
+        else:
+            LOGGER.info("step %d: text-to-video R@1 %.2f ties step %d; ties go to the later step%s",
+                        step, r1, best_step, saved)
 
     # ------------------------------------------------------------------------------------------
     # The run
@@ -395,7 +436,7 @@ class Trainer:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 self.run_log.log(step, {
                     "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
-                    "logit_scale": self.raw_model.logit_scale.item(), "epoch": self.stream.epoch,
+                    "logit_scale": self.raw_model.logit_scale.item(), "epoch": round(plan.epochs_at(step), 4),
                     "clips_per_s": window_clips * self.env.world_size / elapsed,
                     "skipped_samples": self.progress.skipped_samples,
                     "nonfinite_steps": self.progress.nonfinite_steps,
@@ -420,6 +461,15 @@ class Trainer:
         self.save_state()
         if self.progress.skipped_samples:
             LOGGER.warning("%d unreadable training samples were replaced by others", self.progress.skipped_samples)
-        LOGGER.info("done: %d steps; best text-to-video R@1 %.2f at step %d; %s",
-                    self.progress.step, self.progress.best_r1, self.progress.best_step, asdict(self.progress))
+        LOGGER.info("done: %s", self.summary())
         self.run_log.close()
+
+    def summary(self) -> str:
+        """The last line of a run, e.g. ``25 steps (2 epochs); best text-to-video R@1 62.50 at
+        step 20; 0 non-finite steps skipped, 0 fp16 overflow steps, 0 unreadable clips replaced``."""
+        p = self.progress
+        best = (f"best text-to-video R@1 {p.best_r1:.2f} at step {p.best_step}" if p.best_step >= 0
+                else "no validation results")
+        return (f"{p.step} steps ({self.plan.epochs_at(p.step):.4g} epochs); {best}; {p.nonfinite_steps} non-finite "
+                f"steps skipped, {p.scale_overflow_steps} fp16 overflow steps, {p.skipped_samples} unreadable "
+                "clips replaced")

@@ -15,15 +15,24 @@ LOGGER = get_logger("precision")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def precision_from_config(cfg, device_type: str) -> str:
-    """fp32 | fp16 | bf16 from the config's ``fp16`` / ``bf16`` switches and the device."""
+def precision_from_config(cfg, device_type: str, purpose: str = "inference") -> str:
+    """fp32 | fp16 | bf16 from the config's ``fp16`` / ``bf16`` switches and the device.
+
+    ``fp16`` is CUDA-only here (fp16 matmuls on a CPU are emulated and slow), so elsewhere it
+    falls back to fp32. The official configs all say ``fp16: 1``, and the search apps read the
+    config of every index, so only ``purpose="training"`` warns about it (mixed precision
+    training asked for and not given); inference (encoding, evaluation, search) just runs in fp32
+    and says so at DEBUG level.
+    """
     if cfg.get("bf16"):
         return "bf16"
     if cfg.get("fp16"):
         if device_type != "cuda":
-            # fp16 matmuls on a CPU are emulated and slow; the official configs all say fp16.
-            LOGGER.warning("fp16 was asked for on %s: training in fp32 (use --bf16 1 for mixed precision)",
-                           device_type)
+            if purpose == "training":
+                LOGGER.warning("fp16 was asked for on %s: training in fp32 (use --bf16 1 for mixed precision)",
+                               device_type)
+            else:
+                LOGGER.debug("fp16 is for CUDA: %s in fp32 on %s", purpose, device_type)
             return "fp32"
         return "fp16"
     return "fp32"

@@ -68,7 +68,7 @@ def start(cfg) -> Run:
     seed_everything(int(cfg.seed))
     prepare_output_dir(cfg, env)
     device = torch.device(env.device)
-    precision = precision_from_config(cfg, device.type)
+    precision = precision_from_config(cfg, device.type, "training" if cfg.is_train else "evaluation")
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg)
     return Run(cfg, env, device, precision, tokenizer, model)

@@ -25,17 +25,17 @@ FORMAT_VERSION = 1
 class Progress:
     """Where training stands; everything needed besides the tensors to continue exactly."""
 
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epoch of the next micro-batch
-    batch_in_epoch: int = 0  # index (per process) of the next micro-batch within that epoch
+    step: int = 0  # optimizer steps done (epochs: TrainPlan.epochs_at(step); the data position is the stream's)
     best_r1: float = -1.0  # best validation text-to-video R@1 so far
-    best_step: int = -1
+    best_step: int = -1  # the step of model_best.pt: of equal R@1, the latest
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient, in all
     scale_overflow_steps: int = 0  # fp16 steps skipped by the loss scaler (finite loss, inf gradient)
     skipped_samples: int = 0  # unreadable training samples replaced by others, in all
 
     @classmethod
     def from_dict(cls, values: dict) -> "Progress":
+        # Unknown keys are dropped: states written before ``epoch`` / ``batch_in_epoch`` went away
+        # (never updated, always 0; the stream's own state holds the data position) still load.
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
