@@ -140,6 +140,21 @@ def test_concurrent_queries_get_the_answers_of_sequential_ones(served):
         assert hits == expected[query], query
 
 
+def test_serve_command_answers_on_the_port_it_bound(served):
+    """`clipvip serve` binds before it loads the model, then serves on that socket: the first
+    stdout line names the port (0: a free one) and the API answers there."""
+    proc = subprocess.Popen([sys.executable, "-m", "clipvip", "serve", served["idx"], "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving 6 videos on http://127.0.0.1:"), line
+        status, _, body = get(line.split(" on ")[1].strip() + "api/info")
+        assert status == 200 and json.loads(body)["videos"] == 6
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def _browser():
     """Playwright and Debian's Chromium, or a skip (a failure under CI=true, where both must be there)."""
     problem = None

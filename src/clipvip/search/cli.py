@@ -182,11 +182,18 @@ def serve_main(argv: Sequence[str]) -> int:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     args, overrides = _parse(p, argv)
 
-    from .server import serve
+    from .server import listen, serve
 
-    engine = _open_engine(args, overrides)
+    # The socket first: a busy or impossible port is an error in milliseconds, not after the
+    # model has loaded; requests that come meanwhile wait in the listen backlog.
+    server = listen(args.host, args.port)
     try:
-        serve(engine, args.host, args.port)
+        engine = _open_engine(args, overrides)
+    except BaseException:
+        server.server_close()
+        raise
+    try:
+        serve(engine, server=server)  # closes the server
     finally:
         engine.close()
     return 0

@@ -13,14 +13,18 @@ Routes (all GET; HEAD too for files):
 Each request runs in its own thread (``ThreadingHTTPServer``); the model runs one query at a
 time behind the engine's lock, FAISS and the sidecar have their own. Only ids of the index
 reach the file system: a path is never taken from a request.
+
+``clipvip serve`` binds its socket (:func:`listen`) before it loads the index and the model, so a
+busy or impossible port is reported at once instead of after the model load (seconds for B/32);
+connections that arrive while the model loads wait in the socket's backlog.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mimetypes
 import os
 import re
-import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -196,11 +200,25 @@ def _k(value: str | None) -> int:
 
 
 class SearchServer(ThreadingHTTPServer):
+    """The HTTP server of one engine. ``engine=None`` binds and listens only: :meth:`attach` the
+    engine before :meth:`serve_forever` (what :func:`listen` + :func:`serve` do)."""
+
     daemon_threads = True  # a hanging browser connection must not keep the process alive
 
-    def __init__(self, engine: SearchEngine, host: str = "127.0.0.1", port: int = 8000):
+    def __init__(self, engine: SearchEngine | None, host: str = "127.0.0.1", port: int = 8000):
+        self.engine = None
+        super().__init__((host, check_port(port)), BaseHTTPRequestHandler)
+        if engine is not None:
+            self.attach(engine)
+
+    def attach(self, engine: SearchEngine) -> None:
         self.engine = engine
-        super().__init__((host, port), make_handler(engine))
+        self.RequestHandlerClass = make_handler(engine)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        if self.engine is None:
+            raise RuntimeError("SearchServer.attach(engine) must come before serve_forever()")
+        super().serve_forever(poll_interval)
 
     @property
     def url(self) -> str:
@@ -208,15 +226,48 @@ class SearchServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
-def serve(engine: SearchEngine, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until Ctrl-C; prints the address (port 0 picks a free port) on stdout first."""
+def check_port(port) -> int:
+    """``port`` as an int in 0..65535 (0: the system picks a free one), else a one-line error.
+
+    Without this check the socket module raises ``OverflowError`` for 99999.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise SearchError(f"port {port} is out of range: a port is a number from 0 to 65535 "
+                          "(--port 0 picks a free one)")
+    return port
+
+
+def listen(host: str = "127.0.0.1", port: int = 8000) -> SearchServer:
+    """A :class:`SearchServer` bound to ``host:port`` and listening, with no engine yet.
+
+    A busy port, a port out of range, an address this machine does not have or a privileged
+    port is a one-line :class:`SearchError` that names the port.
+    """
+    port = check_port(port)
     try:
-        server = SearchServer(engine, host, port)
+        return SearchServer(None, host, port)
     except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise SearchError(f"port {port} on {host} is already in use (another clipvip serve?): choose another "
+                              "with --port N, or --port 0 for a free one") from None
+        if e.errno == errno.EACCES and 0 < port < 1024:
+            raise SearchError(f"cannot listen on {host}:{port}: ports below 1024 need administrator rights; "
+                              "choose another with --port N") from None
         raise SearchError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    print(f"serving {len(engine.index)} videos on {server.url}", flush=True)
-    sys.stdout.flush()
+
+
+def serve(engine: SearchEngine, host: str = "127.0.0.1", port: int = 8000,
+          server: SearchServer | None = None) -> None:
+    """Serve until Ctrl-C; prints the address (port 0 picks a free port) on stdout first.
+
+    ``server``: a socket already bound by :func:`listen` (then ``host``/``port`` are not used);
+    it is closed on return either way.
+    """
+    if server is None:
+        server = listen(host, port)
     try:
+        server.attach(engine)
+        print(f"serving {len(engine.index)} videos on {server.url}", flush=True)
         server.serve_forever()
     finally:
         server.server_close()
