@@ -110,10 +110,10 @@ DEFAULTS: dict[str, Any] = {
     "test_num_frms": 12,
     "sample_rate": 0,  # 0: uniform sampling; >0: frame interval of MMAction-style SampleFrames
     "sample_jitter": 1,  # random start/end jitter of uniform sampling at train time
-    "video_res": [240, 320],  # (H, W) the videos were preprocessed to
-    "input_res": [224, 224],  # (H, W) fed to the model (bicubic resize, aspect not kept)
+    "video_res": [240, 320],  # (H, W) the videos were preprocessed to; one number means square
+    "input_res": [224, 224],  # (H, W) fed to the model (bicubic resize, aspect not kept); one number means square
     "resize_antialias": 0,  # 0: bicubic without antialiasing, the kernel the released checkpoints saw (torchvision 0.9); 1: antialiased (PIL-like)
-    "max_txt_len": 50,
+    "max_txt_len": 50,  # text tokens per caption (padded/truncated); at most clip_config's text positions (77 for OpenAI CLIP)
     "video_backend": "decord",  # decord | pyav (pyav is used where decord is not installed)
     "max_n_example_per_group": 1,
     "n_workers": 4,
@@ -122,9 +122,9 @@ DEFAULTS: dict[str, Any] = {
     "dummy_data": 0,
     "cache_clips": 0,  # keep every decoded clip in memory (per process/worker): small sets decode once
     # --- model ---
-    "e2e_weights_path": None,  # a released / fine-tuned .pt in the clipmodel.* layout
-    "clip_weights": None,  # a HF CLIP folder (config.json + weights) used as initialisation
-    "clip_config": "openai/clip-vit-base-patch32",  # HF CLIP folder or known name (architecture)
+    "e2e_weights_path": None,  # a released / fine-tuned .pt in the clipmodel.* layout; none: start from clip_weights
+    "clip_weights": None,  # a HF CLIP folder (config.json + weights) used as initialisation; none (with e2e_weights_path none): random weights
+    "clip_config": "openai/clip-vit-base-patch32",  # HF CLIP folder or known name (architecture); a folder with only config.json will do (docs/first-run.md)
     "clip_vision_additional_config": VISION_ADDITIONAL_DEFAULTS,
     "gradient_checkpointing": 0,  # recompute activations in backward to save memory
     "attn_implementation": "sdpa",  # sdpa (fast) or eager (the original formulation, the benchmark baseline; same results)
@@ -176,6 +176,8 @@ DATASET_KEYS = ("train_datasets", "val_datasets", "inference_datasets")
 # Keys whose values are paths under blob_mount_dir (the original's blob_mount()).
 BLOB_PATH_KEYS = ("e2e_weights_path", "output_dir")
 BLOB_DATASET_PATH_KEYS = ("txt", "vis", "vid_cap_path")
+# (H, W) sizes: one number (from a file or ``--input_res 224``) means a square.
+RESOLUTION_KEYS = ("video_res", "input_res")
 
 
 def _nearest(key: str, known: Iterable[str]) -> str:
@@ -338,6 +340,25 @@ def _join_blob(cfg: dict) -> None:
                     dataset[path_key] = os.path.join(root, dataset[path_key])
 
 
+def _normalise_resolutions(cfg: dict, where: str) -> None:
+    """``224``, ``[224]`` -> ``[224, 224]``; anything but one or two positive integers is an error.
+
+    Every reader of these keys unpacks ``h, w``: checked here, a wrong value is one line naming
+    the key instead of an unpacking error deep inside the data pipeline.
+    """
+    for key in RESOLUTION_KEYS:
+        value = cfg[key]
+        sizes = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        ok = isinstance(sizes, list) and len(sizes) in (1, 2) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v > 0
+            for v in sizes)
+        if not ok:
+            # Without a file the defaults are valid, so a bad value came from the command line.
+            name = f"--{key}" if where == "defaults" else f"{where}: {key}"
+            raise ConfigError(f"{name} should be one positive integer (a square) or two (H W), got {value!r}")
+        cfg[key] = [int(v) for v in sizes] * (2 if len(sizes) == 1 else 1)
+
+
 def _check_types(cfg: dict, where: str) -> None:
     for key, default in DEFAULTS.items():
         value = cfg[key]
@@ -389,6 +410,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] | None = None)
         if key != "config":
             _apply_override(cfg, key, words)
 
+    _normalise_resolutions(cfg, where)
     _check_types(cfg, where)
     cfg["is_train"] = bool(cfg["is_train"])
     _join_blob(cfg)
