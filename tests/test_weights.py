@@ -171,8 +171,13 @@ def test_missing_and_garbage_files(tmp_path):
         read_state_dict(str(tmp_path / "nope.pt"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint .*a text file"):
         read_state_dict(str(garbage))
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"w": torch.zeros(64)}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_state_dict(str(truncated))
     not_tensors = tmp_path / "list.pt"
     torch.save([1, 2, 3], str(not_tensors))
     with pytest.raises(CheckpointError, match="dict of tensors"):

@@ -52,8 +52,9 @@ def tiny_cfg(folder: str, *overrides: str, **vision_extra) -> clipvip.Config:
     extra = {"type": "ViP", "temporal_size": 4, "if_use_temporal_embed": 1,
              "logit_scale_init_value": 4.6, "add_cls_num": 3}
     extra.update(vision_extra)
+    # max_txt_len 16: the tiny CLIP's text positions (build_model refuses longer captions).
     cfg = clipvip.load_config(None, ["--clip_config", folder, "--clip_weights", folder,
-                                     "--input_res", "32", "32", *overrides])
+                                     "--input_res", "32", "32", "--max_txt_len", "16", *overrides])
     cfg.clip_vision_additional_config.update(extra)
     return cfg
 

@@ -63,7 +63,7 @@ def resolve_pretrained_path(name_or_path: str, kind: str) -> str:
     raise CheckpointError(
         f"{kind} '{name_or_path}' is not a local folder or file and is not in the Hugging Face cache; "
         f"download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "
-        f"and pass --{kind} DIR"
+        f"and pass --{kind} DIR, or pass --{kind} none for random weights (docs/first-run.md)"
     )
 
 
@@ -89,6 +89,30 @@ def resolve_clip_config(name_or_path: str) -> CLIPConfig:
         f"clip_config '{name_or_path}' is neither a folder with config.json nor a known name "
         f"({', '.join(KNOWN_ARCHITECTURES)})"
     )
+
+
+def check_input_sizes(cfg, clip_config: CLIPConfig) -> None:
+    """``max_txt_len`` and ``input_res`` must fit the position embeddings of the two towers.
+
+    Checked when the model is built, before any data is read: otherwise the first text batch,
+    after every video of an evaluation was encoded, fails with a tensor size mismatch, and the
+    first video batch with a ValueError from inside the vision tower.
+    """
+    side = int(clip_config.vision_config.image_size)
+    res = cfg.get("input_res")
+    res = [res, res] if isinstance(res, int) else res
+    if res is not None and [int(v) for v in res] != [side, side]:
+        raise ConfigError(
+            f"input_res {list(res)} does not match clip_config '{cfg.clip_config}': its vision position "
+            f"embedding is for {side}x{side} frames (vision_config.image_size); use --input_res {side}")
+    limit = int(clip_config.text_config.max_position_embeddings)
+    length = int(cfg.get("max_txt_len", 50))
+    if length > limit:
+        raise ConfigError(
+            f"max_txt_len {length} is more than the {limit} text positions of clip_config "
+            f"'{cfg.clip_config}' (text_config.max_position_embeddings); use --max_txt_len {limit} or less")
+    if length < 2:
+        raise ConfigError(f"max_txt_len {length}: a caption needs at least 2 tokens (start and end)")
 
 
 def compile_model(model, **compile_kwargs):
@@ -123,11 +147,18 @@ def build_model(cfg, load_weights: bool = True) -> CLIPViPRetrieval:
     with neither the model is randomly initialised.
     """
     clip_config = resolve_clip_config(cfg.clip_config)
+    check_input_sizes(cfg, clip_config)
     video = VideoSettings.from_config(cfg.clip_vision_additional_config)
     model = CLIPViPRetrieval(clip_config, video)
     if load_weights:
         if cfg.get("e2e_weights_path"):
-            load_checkpoint(model, cfg.e2e_weights_path)
+            path = cfg.e2e_weights_path
+            if not os.path.exists(path):  # the official retrieval configs hold a placeholder path
+                start = f"clip_weights '{cfg.clip_weights}'" if cfg.get("clip_weights") else "random weights"
+                raise CheckpointError(
+                    f"e2e_weights_path '{path}' not found: pass --e2e_weights_path FILE (a released or "
+                    f"fine-tuned .pt), or --e2e_weights_path none to start from {start}")
+            load_checkpoint(model, path)
         elif cfg.get("clip_weights"):
             load_clip_weights(model, cfg.clip_weights)
         else:

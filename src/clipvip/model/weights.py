@@ -22,21 +22,80 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 OPTIONAL_KEY_SUFFIXES = ("position_ids",)
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SUMMARY_KEYS_SHOWN = 8
+# Suffixes of weight files, for "did you mean" when a folder is given where a file is expected.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+SUGGESTIONS_SHOWN = 3
+# A run folder's resumable training state (clipvip.train.state.STATE_FILE): optimizer and all,
+# not model weights, so never suggested as a checkpoint.
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+def _file_format(path: str) -> str:
+    """``"torch"`` (a torch.save zip or legacy pickle), ``"safetensors"``, or what else it looks like.
+
+    Read from the first bytes, not the suffix, so that a text or HTML file saved under a ``.pt``
+    name (an error page, a Git LFS pointer) is named as such instead of failing inside the unpickler.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip (torch >= 1.6) / pickle protocol 2+
+        return "torch"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    if not head:
+        return "an empty file (an interrupted download?)"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer (run git lfs pull where the file came from)"
+    text = head.decode("utf-8", errors="replace")
+    printable = sum(c.isprintable() or c.isspace() for c in text) >= 0.9 * len(text)
+    return f"a text file beginning {text[:40]!r}" if printable else f"binary data beginning {head[:16]!r}"
+
+
+def _weight_files_in(folder: str) -> list[str]:
+    """Weight files in ``folder`` and its direct subfolders (a run folder keeps them in ``ckpt/``),
+    ``model_best`` first, then the newest."""
+    found = []
+    for root in [folder] + sorted(e.path for e in os.scandir(folder) if e.is_dir()):
+        found += [e.path for e in os.scandir(root)
+                  if e.is_file() and e.name.endswith(WEIGHT_SUFFIXES) and e.name != TRAIN_STATE_FILE]
+    return sorted(found, key=lambda p: ("model_best" not in os.path.basename(p), -os.path.getmtime(p)))
+
+
+def _directory_message(path: str) -> str:
+    try:
+        found = _weight_files_in(path)
+    except OSError:
+        found = []
+    if os.path.isfile(os.path.join(path, "config.json")) and any(
+            os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHT_FILES):
+        return (f"{path} is a directory - a Hugging Face model folder: pass it as --clip_weights "
+                f"(image CLIP initialisation); a CLIP-ViP checkpoint is a single .pt file")
+    if not found:
+        return f"{path} is a directory with no {', '.join(WEIGHT_SUFFIXES)} file in it or its subfolders"
+    others = f" (also there: {', '.join(found[1:SUGGESTIONS_SHOWN + 1])}" + \
+        (f" and {len(found) - SUGGESTIONS_SHOWN - 1} more)" if len(found) > SUGGESTIONS_SHOWN + 1 else ")")
+    return f"{path} is a directory - did you mean {found[0]}?" + (others if len(found) > 1 else "")
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or ``torch.save`` file, on the CPU."""
+    if os.path.isdir(path):
+        raise CheckpointError(_directory_message(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        if path.endswith(".safetensors"):
+        kind = _file_format(path)
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             state = load_file(path, device="cpu")
-        else:
+        elif kind == "torch":
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code, truncated download ...
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if kind not in ("torch", "safetensors"):
+        raise CheckpointError(f"{path} is not a checkpoint (a torch.save or .safetensors file): it is {kind}")
     # Some tools wrap the weights: {"model": {...}} / {"state_dict": {...}}.
     for wrapper_key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict) and len(state) <= 4:
@@ -74,7 +133,10 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def summary(self) -> str:
-        lines = [f"loaded {self.loaded} tensors from {self.source}"]
+        return "\n".join([f"loaded {self.loaded} tensors from {self.source}", *self.detail_lines()])
+
+    def detail_lines(self) -> list[str]:
+        lines = []
 
         def block(title: str, items: list[str]) -> None:
             if items:
@@ -88,13 +150,20 @@ class LoadReport:
         block("unexpected in the checkpoint", self.unexpected)
         block("shape mismatch (checkpoint vs model), not loaded",
               [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched])
-        return "\n".join(lines)
+        return lines
+
+    def patch_size_hint(self) -> str:
+        """A note for the refusal when the patch embeddings differ (a B/16 checkpoint, a B/32 config)."""
+        for key, ckpt, model in self.mismatched:
+            if key.endswith("patch_embedding.weight") and len(ckpt) == 4 and ckpt[2:] != model[2:]:
+                return f" (the checkpoint has patch size {ckpt[-1]}, the config {model[-1]})"
+        return ""
 
 
-def load_matching(
+def match_state(
     module: nn.Module, state: dict[str, torch.Tensor], source: str, expected_missing: Iterable[str] = ()
-) -> LoadReport:
-    """Copy every tensor whose name and shape match; report the rest (never silently)."""
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """Compare ``state`` with the module's: the report, and the tensors whose name and shape match."""
     own = module.state_dict()
     report = LoadReport(source)
     expected_missing = set(expected_missing)
@@ -110,6 +179,14 @@ def load_matching(
     for key in own:
         if key not in state and not is_optional_key(key):
             (report.initialised if key in expected_missing else report.missing).append(key)
+    return report, usable
+
+
+def load_matching(
+    module: nn.Module, state: dict[str, torch.Tensor], source: str, expected_missing: Iterable[str] = ()
+) -> LoadReport:
+    """Copy every tensor whose name and shape match; report the rest (never silently)."""
+    report, usable = match_state(module, state, source, expected_missing)
     module.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     return report
@@ -158,12 +235,13 @@ def load_checkpoint(model: nn.Module, path: str) -> LoadReport:
     state = read_state_dict(path)
     if state and not any(k.startswith("clipmodel.") for k in state):
         state = {f"clipmodel.{k}": v for k, v in state.items()}  # a bare CLIPViPModel state dict
+    report, _ = match_state(model, state, path)
+    if not report.clean:  # refused before anything is copied: the model keeps its init
+        raise CheckpointError("\n".join([
+            f"checkpoint {path} does not match the model built from the config{report.patch_size_hint()} "
+            f"(check clip_config and clip_vision_additional_config); nothing was loaded:",
+            *report.detail_lines()]))
     report = load_matching(model, state, path)
-    if not report.clean:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the model built from the config "
-            f"(check clip_config and clip_vision_additional_config):\n{report.summary()}"
-        )
     LOGGER.info("%s", report.summary())
     return report
 
