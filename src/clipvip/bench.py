@@ -46,7 +46,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .cli import run_main
+from .cli import HelpFormatter, prog_name, run_main
 from .errors import ConfigError
 
 ARCH_ALIASES = {"b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16"}
@@ -473,27 +473,35 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
 # Command line
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clipvip.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=("encode", "train", "both", "data"), default="both")
+    p = argparse.ArgumentParser(
+        prog=prog_name("clipvip.bench"), formatter_class=HelpFormatter,
+        description="Throughput and peak memory of CLIP-ViP with random weights; one JSON object on stdout.",
+        epilog="examples:\n"
+               "  %(prog)s --mode both --arch b32 --width 384 --heads 6 --batch 8 --threads 2 --attn eager sdpa\n"
+               "  %(prog)s --mode train --arch b32 --batch 32 --precision bf16 --compile --peak-tflops 989\n"
+               "  %(prog)s --mode data --clips 8 --threads 1\n"
+               "Modes and the memory measurement are described in the module docstring (src/clipvip/bench.py).")
+    p.add_argument("--mode", choices=("encode", "train", "both", "data"), default="both",
+                   help="encode: evaluation video encoding; train: one Trainer step (forward, loss, backward, "
+                        "AdamW); both; data: decode + sample + transform per clip against the ffmpeg CLI")
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="b32", help="b32, b16 or a clipvip.model.KNOWN_ARCHITECTURES name")
-    m.add_argument("--width", type=int, help="vision width (MLP 4x width)")
-    m.add_argument("--layers", type=int, help="vision layers")
-    m.add_argument("--heads", type=int, help="vision heads")
-    m.add_argument("--text-width", type=int)
-    m.add_argument("--text-layers", type=int)
-    m.add_argument("--text-heads", type=int)
+    m.add_argument("--width", type=int, help="vision width, MLP 4x width (default: the arch's)")
+    m.add_argument("--layers", type=int, help="vision layers (default: the arch's)")
+    m.add_argument("--heads", type=int, help="vision heads (default: the arch's)")
+    m.add_argument("--text-width", type=int, help="text width, MLP 4x width (default: the arch's)")
+    m.add_argument("--text-layers", type=int, help="text layers (default: the arch's)")
+    m.add_argument("--text-heads", type=int, help="text heads (default: the arch's)")
     m.add_argument("--batch", type=int, default=8, help="clips per step (per device)")
-    m.add_argument("--frames", type=int, default=12)
-    m.add_argument("--res", type=int, default=224)
+    m.add_argument("--frames", type=int, default=12, help="frames per clip")
+    m.add_argument("--res", type=int, default=224, help="input side in pixels (input_res RES RES)")
     m.add_argument("--text-len", type=int, default=50, help="text tokens per caption (max_txt_len: captions are padded to it)")
-    m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     m.add_argument("--attn", nargs="+", choices=("eager", "sdpa"), default=["eager", "sdpa"],
                    help="attention implementations, measured side by side")
     m.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
     m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
-    m.add_argument("--grad-checkpointing", action="store_true")
+    m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     m.add_argument("--nonfinite-check", choices=("auto", "step", "deferred"), default="auto",
                    help="train: as the config key: skip non-finite steps deciding on the host every step (a "
                         "host-device sync) or on the device; auto = deferred on CUDA, as the Trainer")
@@ -513,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--clips", type=int, default=8, help="distinct clips per pass")
     d.add_argument("--clip-frames", type=int, default=90, help="frames per clip (90 = 15 s at 6 fps)")
     d.add_argument("--size", default="240x320", help="clip HxW")
-    d.add_argument("--fps", type=int, default=6)
-    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--fps", type=int, default=6, help="frame rate of the written clips")
+    d.add_argument("--repeats", type=int, default=5, help="timed passes over the clips")
     d.add_argument("--dir", help="reuse clips in this folder instead of a temporary one")
     return p
 

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Sequence
 
-from .cli import run_main
+from .cli import OVERRIDES_HELP, prog_name, require_config, run_main, wants_help
 from .config import load_config
 from .data.loader import LoaderStream, MixedStream
 from .data.pretrain import PretrainDataset
@@ -25,6 +25,33 @@ from .logging_utils import get_logger
 from .train import runner
 
 LOGGER = get_logger("pretrain")
+
+# Every key in it is checked against config.DEFAULTS by a test.
+HELP = """\
+usage: {prog} --config FILE [--key value ...]
+
+Post-pretraining of CLIP-ViP with Omnisource Cross-modal Learning (videos, subtitles, captions).
+It trains (--is_train is implied; --is_train 0 only validates on val_datasets).
+
+options:
+  --config FILE            the JSON config (required): configs/pretrain/pretrain_vip_base_{{16,32}}.json
+  --blob_mount_dir DIR     joined in front of the config's data paths, e2e_weights_path and output_dir
+  --clip_weights DIR       the image CLIP (HF folder) to start from (none: random weights)
+  --e2e_weights_path FILE  a CLIP-ViP .pt to start from instead (none: unset)
+  --output_dir DIR         run folder: config.json, log/, ckpt/model_step_N.pt (loads into
+                           retrieval fine-tuning as --e2e_weights_path)
+  --num_train_epochs N     pretraining epochs
+  --train_batch_size N     clips per process and step
+  --is_train 0             validate only
+  -h, --help               show this help
+
+{overrides}
+
+examples:
+  {prog} --config configs/pretrain/pretrain_vip_base_32.json --blob_mount_dir /data
+  torchrun --nnodes 4 --nproc_per_node 8 ... -m clipvip.pretrain --config ...
+  horovodrun -np 8 python -m clipvip.pretrain --config ...      # where horovod is installed
+"""
 
 
 def validation_rule(cfg):
@@ -62,9 +89,11 @@ def run(cfg) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+    prog = prog_name("clipvip.pretrain")
+    if wants_help(argv):
+        print(HELP.format(prog=prog, overrides=OVERRIDES_HELP))
         return 0
+    require_config(argv, prog)
     # Pretraining trains unless told otherwise (the original's run_pretrain.py always trained).
     cfg = load_config(None, ["--is_train", *argv])
     run(cfg)

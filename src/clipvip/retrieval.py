@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from .cli import run_main
+from .cli import OVERRIDES_HELP, prog_name, require_config, run_main, wants_help
 from .config import load_config
 from .data.loader import LoaderStream
 from .data.retrieval import VideoRetrievalDataset
@@ -24,11 +24,45 @@ from .train import runner
 
 LOGGER = get_logger("retrieval")
 
+# The seed README's flags first; every key in it is checked against config.DEFAULTS by a test.
+HELP = """\
+usage: {prog} --config FILE [--key value ...]
+
+Text-to-video retrieval with CLIP-ViP: fine-tune (--is_train) or evaluate a model.
+
+options:
+  --config FILE            the JSON config (required): configs/<task>/*_retrieval_vip_base_{{16,32}}.json,
+                           or configs/demo/vip.json (paths relative to the demo's output folder)
+  --blob_mount_dir DIR     joined in front of the config's data paths, e2e_weights_path and output_dir
+  --e2e_weights_path FILE  a released or fine-tuned CLIP-ViP .pt to start from or to evaluate
+                           (none: start from clip_weights)
+  --clip_weights DIR       the image CLIP (HF folder) used without e2e_weights_path (none: random weights)
+  --is_train               fine-tune on train_datasets; without it, evaluate on inference_datasets
+  --output_dir DIR         run folder: config.json, log/, ckpt/model_best.pt, eval_results.json
+  --num_train_epochs N     fine-tuning epochs
+  --train_batch_size N     clips per process and step
+  -h, --help               show this help
+
+{overrides}
+
+examples:
+  {prog} --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \\
+      --blob_mount_dir /data --e2e_weights_path pretrain_clipvip_base_32.pt --is_train
+  {prog} --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \\
+      --blob_mount_dir /data --e2e_weights_path output/ckpt/model_best.pt      # evaluate
+  torchrun --nproc_per_node 8 -m clipvip.retrieval --config ... --is_train
+  accelerate launch -m clipvip.retrieval --config ... --is_train
+"""
+
 
 def run(cfg) -> dict:
     """Fine-tune and/or evaluate as ``cfg`` says; returns the last evaluation results."""
     if cfg.is_train and not cfg.train_datasets:
         raise ConfigError("--is_train needs train_datasets in the config")
+    # Before the model is built: a config without evaluation sets has nothing to do without --is_train.
+    if not cfg.is_train and not (cfg.inference_datasets or cfg.val_datasets):
+        raise ConfigError("nothing to evaluate: the config has no inference_datasets or val_datasets "
+                          "(add --is_train to fine-tune)")
     run_ = runner.start(cfg)
     eval_sets = runner.build_eval_sets(run_, cfg.inference_datasets or cfg.val_datasets)
 
@@ -42,9 +76,11 @@ def run(cfg) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+    prog = prog_name("clipvip.retrieval")
+    if wants_help(argv):
+        print(HELP.format(prog=prog, overrides=OVERRIDES_HELP))
         return 0
+    require_config(argv, prog)
     run(load_config(None, argv))
     return 0
 

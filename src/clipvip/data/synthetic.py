@@ -525,24 +525,40 @@ def generate(out_dir: str, n_train: int = 200, n_test: int = 200, seed: int = 0,
     return paths
 
 
+def _help_epilog(prog: str) -> str:
+    """What ``--help`` shows after the options: the layout table of the module docstring."""
+    layout = [line for line in __doc__.splitlines() if line.startswith("    DIR/")]
+    return "\n".join([
+        "writes (DIR = --out):", *layout, "",
+        "The same seed gives the same files. configs/demo/*.json read DIR as <blob_mount_dir>/data",
+        "(python -m clipvip.demo draws it into <out>/data; docs/first-run.md).", "",
+        "example:", f"  {prog} --out data/synthetic --n-train 2000 --n-test 200"])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipvip-synthetic", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n-train", type=int, default=200)
-    parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    from ..cli import HelpFormatter, prog_name
+
+    prog = prog_name("clipvip.data.synthetic")
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=HelpFormatter, epilog=_help_epilog(prog),
+        description="Draw the synthetic benchmark: moving coloured shapes whose captions name colour,\n"
+                    "size, shape, direction and speed; the test set holds time-reversed twins.")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--n-train", type=int, default=200, help="training clips")
+    parser.add_argument("--n-test", type=int, default=200, help="test clips (at most the distinct captions)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
     parser.add_argument("--size", default="64", help="frame size: 64 or HxW (even)")
     parser.add_argument("--frames", type=int, default=16, help="frames per clip")
-    parser.add_argument("--fps", type=int, default=6)
+    parser.add_argument("--fps", type=int, default=6, help="frame rate of the .mp4 files")
     parser.add_argument("--twin-fraction", type=float, default=0.7,
                         help="fraction of clips in time-reversed twin pairs")
     parser.add_argument("--n-paraphrases", type=int, default=5,
                         help="training captions per clip (0: the canonical caption only)")
-    parser.add_argument("--n-pretrain-videos", type=int, default=4)
-    parser.add_argument("--clips-per-video", type=int, default=3)
+    parser.add_argument("--n-pretrain-videos", type=int, default=4, help="HD-VILA-style source videos (pretrain/)")
+    parser.add_argument("--clips-per-video", type=int, default=3, help="pretraining clips per source video")
     parser.add_argument("--no-frame-folders", action="store_true",
                         help="skip the JPEG frame folders of the test clips")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="drawing and encoding processes (default: up to 8 for 64 clips or more, else 1)")
     parser.add_argument("--backdrop", choices=BACKDROPS, default="plain",
                         help="plain grey, or a fixed colour gradient that shows position")
     args = parser.parse_args(argv)
