@@ -70,13 +70,29 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
+            text = line.rstrip("\r\n")
             try:
-                record = json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{where}: {_jsonl_error(text, e)}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
+
+
+def _jsonl_error(text: str, e: json.JSONDecodeError) -> str:
+    """What is wrong with one jsonl line, and where in it.
+
+    The line is parsed without its newline: with it, a record cut short (a missing ``}``) is
+    reported at "line 2, column 1" of the one-line document, which points nowhere useful.
+    """
+    if e.msg.startswith("Unterminated string"):
+        return f"malformed JSON: the string opened at column {e.pos + 1} is never closed (a missing '\"'?)"
+    if e.pos >= len(text.rstrip()):
+        return (f"malformed JSON: the line ends (column {e.pos + 1}) before the record is complete, "
+                f"a missing closing '}}' or ']'? (parser: {e.msg})")
+    near = text[max(0, e.pos - 20):e.pos + 20]
+    return f"malformed JSON at column {e.pos + 1}: {e.msg} (near {near!r})"
 
 
 def _iter_json_list(path: str) -> Iterator[tuple[str, dict]]:
