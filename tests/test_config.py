@@ -24,7 +24,9 @@ def test_ten_official_configs_are_present():
     assert official <= names
 
 
-@pytest.mark.skipif(not os.path.isdir(REFERENCE), reason="shared/reference not beside the repo")
+@pytest.mark.skipif(not os.path.isdir(REFERENCE), reason=(
+    f"no reference copy of the official configs at {REFERENCE}: to compare configs/ with them, put "
+    "CLIP-ViP/src/configs of github.com/microsoft/XPretrain there (../shared/reference/configs of the repo)"))
 def test_official_configs_equal_reference():
     for ref in glob.glob(os.path.join(REFERENCE, "*", "*.json")):
         ours = os.path.join(REPO, "configs", os.path.relpath(ref, REFERENCE))
