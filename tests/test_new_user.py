@@ -159,14 +159,15 @@ def test_app_help_lists_options_overrides_and_docs(module, capsys):
 
 
 @pytest.mark.parametrize("module", ["retrieval", "pretrain"])
-def test_app_without_config_says_it_is_required(module, capsys):
+def test_app_without_config_says_it_is_required(module, tmp_path, capsys):
     import importlib
 
     app = importlib.import_module(f"clipvip.{module}")
-    assert run_main(app.main, ["--output_dir", "/nonexistent/never-made"]) == 2
+    out = tmp_path / "never-made"
+    assert run_main(app.main, ["--output_dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --config is required") and len(err.strip().splitlines()) == 1
-    assert not os.path.exists("/nonexistent/never-made")
+    assert not out.exists()  # refused before the run folder (or a model) was made
 
 
 def test_retrieval_with_nothing_to_evaluate_stops_before_building(tmp_path, capsys, monkeypatch):
