@@ -48,6 +48,10 @@ class ProxyLayout:
 # own compiler emits, ``torch.ops.mkldnn._linear_pointwise``) where it exists; same arithmetic
 # (fp32 products, fp32 sums: results differ by summation order only). Off with
 # ``CLIPVIP_ONEDNN_LINEAR=0`` or ``layers.ONEDNN_LINEAR = False``.
+# The gain is AVX-512's: on an AVX2-only EPYC oneDNN has no wider kernels than MKL and measured
+# slower (the demo's CLIP-ViP step 310 ms against 276 ms on one thread; a B/32-shaped tower's
+# training step 0.81-0.86x), so the path is on only where torch reports AVX-512 (or AMX) kernels.
+# ``CLIPVIP_ONEDNN_LINEAR=1`` forces it on, ``0`` off.
 # ---------------------------------------------------------------------------------------------
 def _onednn_linear_op():
     """The op, if this torch build has it and it computes a product correctly; else None."""
@@ -61,8 +65,22 @@ def _onednn_linear_op():
         return None
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _onednn_linear_wanted() -> bool:
+    switch = os.environ.get("CLIPVIP_ONEDNN_LINEAR", "")
+    if switch in ("0", "1"):
+        return switch == "1"
+    return _cpu_has_avx512()
+
+
 _ONEDNN = _onednn_linear_op()
-ONEDNN_LINEAR = _ONEDNN is not None and os.environ.get("CLIPVIP_ONEDNN_LINEAR", "1") != "0"
+ONEDNN_LINEAR = _ONEDNN is not None and _onednn_linear_wanted()
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
