@@ -241,8 +241,15 @@ class _DecordReader:
             raise RuntimeError("no frames")
         clamped = [min(i, last) for i in unique_sorted]
         # asnumpy() instead of decord's torch bridge: the bridge is a global switch that would
-        # change what decord returns for every other user in the process.
-        batch = self._vr.get_batch(clamped).asnumpy()  # (K, H, W, 3) uint8 RGB
+        # change what decord returns for every other user in the process; if some other code
+        # (the original's dataset modules, at import) turned it on, a torch tensor comes back.
+        batch = self._vr.get_batch(clamped)
+        batch = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # (K, H, W, 3) uint8 RGB
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            # decord 0.6.0 (PyPI) returns (K, W, H, 4) garbage for a stream with a 90-degree
+            # rotation tag (phone videos): the PyAV retry in _with_reader reads it upright.
+            raise RuntimeError(f"decord returned frames of shape {tuple(batch.shape[1:])}, not (H, W, 3) "
+                               "(a rotation tag?)")
         return list(batch)
 
     def close(self) -> None:
@@ -286,7 +293,7 @@ class _PyAVReader:
         # as fast as seeking and, unlike seeking, exact in every container.
         for frame in self._container.decode(self._stream):
             if n_decoded in wanted:
-                got[n_decoded] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                got[n_decoded] = _upright(frame)  # (H, W, 3)
             last_frame = frame
             n_decoded += 1
             if n_decoded > stop:
@@ -300,12 +307,24 @@ class _PyAVReader:
                 out.append(got[i])
             else:  # past the real end of the stream: repeat the last decoded frame
                 if tail is None:
-                    tail = last_frame.to_ndarray(format="rgb24")
+                    tail = _upright(last_frame)
                 out.append(tail)
         return out
 
     def close(self) -> None:
         self._container.close()
+
+
+def _upright(frame) -> np.ndarray:
+    """An ``av.VideoFrame`` as uint8 RGB ``(H, W, 3)`` the way a player shows it: turned by the
+    stream's display matrix (the rotation tag of phone videos), as ffmpeg's autorotate does."""
+    rgb = frame.to_ndarray(format="rgb24")
+    # PyAV >= 13: the display matrix's counter-clockwise angle (-90 for the usual portrait tag,
+    # which players show turned 90 degrees clockwise); np.rot90 turns counter-clockwise for k > 0.
+    quarter_turns = int(round(getattr(frame, "rotation", 0) or 0)) // 90
+    if quarter_turns % 4:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=quarter_turns))
+    return rgb
 
 
 _READERS = {"decord": _DecordReader, "pyav": _PyAVReader}
