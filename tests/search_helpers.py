@@ -13,13 +13,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NU
        "CLIPVIP_LOG_LEVEL": "WARNING"}
 
 
-def make_bench(root, n_train: int = 2, n_test: int = 6, seed: int = 0, **config) -> dict:
-    """Synthetic clips (the test clips copied alone into ``root/videos``), a tiny CLIP, a config file."""
+def make_bench(root, n_train: int = 2, n_test: int = 6, seed: int = 0, size: int = 64, **config) -> dict:
+    """Synthetic clips of ``size`` px (the test clips copied alone into ``root/videos``), a tiny CLIP
+    (input 32 px), a config file."""
     from clipvip.data import synthetic
 
     root = str(root)
     data = os.path.join(root, "data")
-    synthetic.generate(data, n_train=n_train, n_test=n_test, seed=seed, size=64, frames=8,
+    synthetic.generate(data, n_train=n_train, n_test=n_test, seed=seed, size=size, frames=8,
                        n_pretrain_videos=1, clips_per_video=1, frame_folders=False, workers=1)
     with open(os.path.join(data, "test.jsonl")) as f:
         test = [json.loads(line) for line in f if line.strip()]

@@ -21,8 +21,9 @@ def trained(tmp_path_factory):
     """A tiny CLIP-ViP fine-tuned on synthetic clips by ``python -m clipvip.retrieval`` (as test_retrieval_app)."""
     root = tmp_path_factory.mktemp("search_trained")
     data = str(root / "data")
+    # Clips drawn at the model's 32 px, as in test_retrieval_app: the run measures learning, not resampling.
     bench = make_bench(
-        root, n_train=N_TRAIN, n_test=N_TEST, seed=1,
+        root, n_train=N_TRAIN, n_test=N_TEST, seed=1, size=32,
         train_datasets={"name": "synthetic-train", "txt": os.path.join(data, "train.jsonl"),
                         "vis": os.path.join(data, "videos")},
         inference_datasets=[{"name": "synthetic-test", "txt": os.path.join(data, "test.jsonl"),
