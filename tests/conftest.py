@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 
-def write_clip(path, n_frames: int = 8, size: int = 64, seed: int = 0, fps: int = 6, faststart: bool = False) -> str:
+def write_clip(path, n_frames: int = 8, size: int = 64, seed: int = 0, fps: int = 6, faststart: bool = False,
+               colorspace: str | None = None, color_range: str | None = None) -> str:
     """A tiny clip of random-coloured frames; the codec follows the suffix (.avi: mpeg4, else H.264).
 
     ``faststart``: mp4 index before the frame data, so a truncated copy still reports its frames.
+    ``colorspace``/``color_range`` (PyAV names: "ITU709", "MPEG"; H.264 only): the frames are
+    converted to YUV with that matrix and range, and the stream is tagged with them.
     """
     import av
 
@@ -27,10 +30,15 @@ def write_clip(path, n_frames: int = 8, size: int = 64, seed: int = 0, fps: int 
         stream.codec_context.time_base = Fraction(1, fps)
         if not avi:
             stream.options = {"preset": "ultrafast", "threads": "1"}
+        if colorspace:
+            stream.codec_context.colorspace = getattr(av.video.reformatter.Colorspace, colorspace)
+            stream.codec_context.color_range = getattr(av.video.reformatter.ColorRange, color_range)
         for i in range(n_frames):
             # Flat colour blocks: cheap to encode, different per frame.
             img = np.kron(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), np.ones((size // 4, size // 4, 1), np.uint8))
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            if colorspace:
+                frame = frame.reformat(format="yuv420p", dst_colorspace=colorspace, dst_color_range=color_range)
             frame.pts = i
             for packet in stream.encode(frame):
                 out.mux(packet)

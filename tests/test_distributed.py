@@ -201,11 +201,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes():
-    ctx = mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
+def run_spawned(worker, args: tuple, nprocs: int = WORLD, timeout: float = 120) -> None:
+    """``worker(rank, *args)`` in ``nprocs`` spawned processes; a worker's failure or a hang fails the test."""
+    ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):  # raises if a worker failed
         if time.monotonic() > deadline:
             for process in ctx.processes:
                 process.kill()
-            pytest.fail("the two gloo processes did not finish in 120 s")
+            pytest.fail(f"the {nprocs} gloo processes did not finish in {timeout:.0f} s")
+
+
+def test_two_gloo_processes():
+    run_spawned(_worker, (_free_port(),))

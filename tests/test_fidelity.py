@@ -243,30 +243,10 @@ def test_pyav_backend_through_load_clip(real_videos):
     assert (clipvip.load_clip(path, cfg) - expected).abs().max().item() <= MAX_LEVELS / 255 / min(CLIP_STD) + TOLERANCE
 
 
-def _write_tagged_clip(path: str, colorspace: str, color_range: str) -> str:
-    """An H.264 clip converted to YUV with the given matrix and range, and tagged with them."""
-    rng = np.random.default_rng(1)
-    with av.open(path, "w") as out:
-        stream = out.add_stream("libx264", rate=6)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 6)
-        stream.codec_context.colorspace = getattr(av.video.reformatter.Colorspace, colorspace)
-        stream.codec_context.color_range = getattr(av.video.reformatter.ColorRange, color_range)
-        for i in range(4):
-            img = np.kron(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(
-                format="yuv420p", dst_colorspace=colorspace, dst_color_range=color_range)
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
-
-
 @pytest.mark.parametrize("colorspace,color_range", [("ITU709", "MPEG"), ("ITU601", "JPEG")])
 def test_both_decoders_honour_colour_tags(tmp_path, colorspace, color_range):
-    path = _write_tagged_clip(str(tmp_path / "tagged.mp4"), colorspace, color_range)
+    # An H.264 clip converted to YUV with the given matrix and range, and tagged with them.
+    path = write_clip(str(tmp_path / "tagged.mp4"), n_frames=4, seed=1, colorspace=colorspace, color_range=color_range)
     ref = original_decord_frames(path, range(4)).numpy().astype(np.int16)
     ours = load_frames(path, range(4), backend="pyav").numpy().astype(np.int16)
     assert np.abs(ours - ref).max() <= MAX_LEVELS

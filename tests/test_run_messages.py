@@ -21,6 +21,7 @@ from clipvip.cli import run_main
 from clipvip.logging_utils import LOGGER as ROOT_LOGGER
 
 from search_helpers import ENV, one_line_error
+from tiny_models import ListStream
 
 
 @pytest.fixture
@@ -179,26 +180,6 @@ def test_plan_line_explains_its_total():
     assert plan.total_steps == 10 and "3 epochs = 10 steps;" in plan.describe()  # no float noise
 
 
-class ListStream:
-    """Fixed batches, endlessly (position = how many were taken)."""
-
-    def __init__(self, batches):
-        self.batches, self.taken = batches, 0
-
-    def __next__(self):
-        batch = self.batches[self.taken % len(self.batches)]
-        self.taken += 1
-        return batch
-
-    def state_dict(self):
-        return {"taken": self.taken}
-
-    def load_state_dict(self, state):
-        self.taken = state["taken"]
-
-    num_examples = 4
-
-
 def eval_block(r1: float) -> dict:
     metrics = {"R1": r1, "R5": 100.0, "R10": 100.0, "MedianR": 1.0, "MeanR": 1.0}
     return {direction: dict(metrics) for direction in ("t2v", "v2t", "t2v_dsl", "v2t_dsl")}
@@ -210,7 +191,7 @@ def tiny_run(tmp_path, r1s: list[float], *overrides):
     from clipvip.distributed import DistEnv
     from clipvip.loss import build_loss
     from clipvip.train import Trainer, TrainPlan
-    from tiny_models import random_text, tiny_cfg, write_hf_clip
+    from tiny_models import fixed_batches, tiny_cfg, write_hf_clip
 
     folder = str(tmp_path / "clip")
     if not os.path.isdir(folder):
@@ -220,11 +201,7 @@ def tiny_run(tmp_path, r1s: list[float], *overrides):
                    *overrides)
     torch.manual_seed(0)
     model = clipvip.build_model(cfg)
-    batches = []
-    for seed in range(2):
-        ids, mask = random_text(2, 10, seed=seed)
-        batches.append({"video": torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),
-                        "text_input_ids": ids, "text_input_mask": mask})
+    batches = fixed_batches()
     plan = TrainPlan.from_config(cfg, num_examples=4, world_size=1)
     assert (plan.total_steps, plan.valid_steps) == (4, 2)
     scores = iter(r1s)

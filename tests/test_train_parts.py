@@ -11,6 +11,8 @@ from clipvip.train import TrainPlan, learning_rate_at, lr_multiplier, param_grou
 from clipvip.train.optim import build_optimizer, set_learning_rate
 from clipvip.data.loader import MixedStream, ResumableSampler
 
+from tiny_models import ListStream
+
 
 def original_lr(step, decay, lr, total, warmup_ratio):
     """The original get_lr_sched, written out: warmup_steps = int(ratio * total)."""
@@ -144,42 +146,18 @@ def test_mixed_stream_ratio_same_on_every_rank_and_resumable():
     assert all(len(set(picks[i:i + 4])) == 1 for i in range(0, 40, 4)) and len(set(picks)) == 2
 
 
-class ListStream:
-    """A stream over fixed batches (position = how many were taken)."""
-
-    def __init__(self, batches):
-        self.batches, self.taken, self.epoch = batches, 0, 0
-
-    def __next__(self):
-        batch = self.batches[self.taken % len(self.batches)]
-        self.taken += 1
-        return batch
-
-    def state_dict(self):
-        return {"taken": self.taken}
-
-    def load_state_dict(self, state):
-        self.taken = state["taken"]
-
-    num_examples = 4
-
-
 def _tiny_trainer(tmp_path, *overrides, precision="fp32"):
     from clipvip.distributed import DistEnv
     from clipvip.loss import build_loss
     from clipvip.train import Trainer
-    from tiny_models import random_text, tiny_cfg, write_hf_clip
+    from tiny_models import fixed_batches, tiny_cfg, write_hf_clip
 
     folder = str(tmp_path / "clip")
     write_hf_clip(folder)
     cfg = tiny_cfg(folder, "--output_dir", str(tmp_path / "run"), "--train_batch_size", "2", *overrides)
     torch.manual_seed(0)
     model = clipvip.build_model(cfg)
-    batches = []
-    for seed in range(2):
-        ids, mask = random_text(2, 10, seed=seed)
-        batches.append({"video": torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),
-                        "text_input_ids": ids, "text_input_mask": mask})
+    batches = fixed_batches()
     plan = TrainPlan.from_config(cfg, num_examples=4, world_size=1)
     trainer = Trainer(cfg, model, build_loss(cfg.loss_config), ListStream(batches), plan,
                       evaluate=lambda m: {}, env=DistEnv(), precision=precision)

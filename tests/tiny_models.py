@@ -82,3 +82,34 @@ def tiny_model_folder(tmp_path, name: str = "clip", **kwargs) -> str:
     folder = os.path.join(str(tmp_path), name)
     write_hf_clip(folder, **kwargs)
     return folder
+
+
+class ListStream:
+    """A training stream over fixed batches, endlessly (its position: how many were taken)."""
+
+    num_examples = 4
+
+    def __init__(self, batches):
+        self.batches, self.taken, self.epoch = batches, 0, 0
+
+    def __next__(self):
+        batch = self.batches[self.taken % len(self.batches)]
+        self.taken += 1
+        return batch
+
+    def state_dict(self):
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state):
+        self.taken = state["taken"]
+
+
+def fixed_batches(n_batches: int = 2, batch: int = 2, frames: int = 3, size: int = 32) -> list[dict]:
+    """Training batches for a :class:`ListStream`: random clips ``[batch, frames, 3, size, size]``
+    and captions of 10 tokens, batch ``k`` drawn with seed ``k``."""
+    batches = []
+    for seed in range(n_batches):
+        ids, mask = random_text(batch, 10, seed=seed)
+        video = torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        batches.append({"video": video, "text_input_ids": ids, "text_input_mask": mask})
+    return batches
