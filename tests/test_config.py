@@ -185,3 +185,13 @@ def test_every_key_is_documented():
     keys = set(DEFAULTS) | set(DATASET_DEFAULTS) | {k for nested in NESTED_DEFAULTS.values() for k in nested}
     missing = sorted(k for k in keys if f"`{k}`" not in doc)
     assert not missing, f"undocumented keys {missing}: run python scripts/gen_config_docs.py"
+
+
+def test_comment_key_is_free_text_and_the_demo_configs_say_where_their_paths_point():
+    from clipvip.config import load_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("vip", "meanpool"):
+        cfg = load_config(os.path.join(repo, "configs", "demo", f"{name}.json"))
+        assert "relative to the demo's output folder" in cfg.comment
+    assert load_config(None, ["--comment", "a note"]).comment == "a note"

@@ -96,6 +96,7 @@ DATASET_DEFAULTS = {
 DEFAULTS: dict[str, Any] = {
     # --- run ---
     "config": None,  # path of the JSON file this config was read from
+    "comment": "",  # free text for the reader of a config file (JSON has no comments); never read
     "blob_mount_dir": "",  # joined in front of data, weight and output paths (as the original)
     "output_dir": "output",  # run folder: ckpt/, log/, config.json, eval_results.json
     "is_train": False,  # train (fine-tune / pretrain) rather than only evaluate
