@@ -388,3 +388,28 @@ def test_train_stream_shards_and_reshuffles(synthetic_data, make_cfg, tokenizer)
     assert [index for index, _ in streams[0].sampler] != orders[0]
     batch = next(streams[1])
     assert batch["video"].shape == (3, 4, 3, 32, 32) and batch["indices"].tolist() == orders[1]
+
+
+def test_resize_kernel_reaches_pretraining_and_search(synthetic_data, make_cfg, pretrain_cfg):
+    """``resize_antialias`` decides the pretraining clip and its middle frame (F<->C) as it does
+    load_clip (tests/test_fidelity.py), and it is part of what a search index's features mean."""
+    import torch.nn.functional as F
+
+    from clipvip.data.sampling import middle_frame_index
+    from clipvip.data.transforms import CLIP_MEAN, CLIP_STD
+    from clipvip.data.video import load_sampled_frames
+    from clipvip.search.encode import config_fingerprint
+
+    items = {}
+    for antialias in (0, 1):
+        ds = PretrainDataset(make_cfg(resize_antialias=antialias), pretrain_cfg(vis_format="videoframe"),
+                             training=True)
+        assert ds.reader.antialias == bool(antialias)
+        items[antialias] = ds[0]
+    # The original's middle frame: frame int(F/2), /255, torchvision 0.9's bicubic (no antialias), normalised.
+    frames, _ = load_sampled_frames(ds.video_path(0), lambda n: [middle_frame_index(n)])  # (1, 64, 64, 3)
+    x = F.interpolate(frames.permute(0, 3, 1, 2).float() / 255.0, size=(32, 32), mode="bicubic", align_corners=False)
+    expected = (x[0] - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    assert (items[0]["image"] - expected).abs().max() < 1e-5
+    assert (items[1]["image"] - expected).abs().max() > 0.05
+    assert config_fingerprint(make_cfg()) != config_fingerprint(make_cfg(resize_antialias=1))
