@@ -118,6 +118,8 @@ def _encode_video(src: str, dst: str, fps: float, height: int, width: int, crf: 
     try:
         with av.open(tmp, "w") as out:
             stream = None
+            # One scaler for the file: PyAV sets one up anew on every frame.reformat() otherwise.
+            reformatter = av.video.reformatter.VideoReformatter()
             for frame in _resampled_frames(src, fps, single_thread):
                 if stream is None:
                     h, w = _output_size(frame, height, width)
@@ -127,8 +129,8 @@ def _encode_video(src: str, dst: str, fps: float, height: int, width: int, crf: 
                     time_base = stream.codec_context.time_base = 1 / rate
                     stream.options = {"crf": str(crf), "preset": "fast",
                                       **({"threads": "1"} if single_thread else {})}
-                image = frame.reformat(width=w, height=h, format="yuv420p",
-                                       interpolation=RESIZE_KERNELS[kernel])
+                image = reformatter.reformat(frame, width=w, height=h, format="yuv420p",
+                                             interpolation=RESIZE_KERNELS[kernel])
                 # Output frame n is shown at n / rate. The time base must be set with the pts:
                 # the reformatted frame keeps the source's (e.g. 1/12800) and the encoder rescales
                 # pts from the frame's time base into its own, which turned n/12800 s into pts 0
@@ -151,6 +153,7 @@ def _encode_video(src: str, dst: str, fps: float, height: int, width: int, crf: 
 
 def _dump_frames(src: str, clip_dir: str, clip_id: str, fps: float, height: int, width: int,
                  quality: int, single_thread: bool, kernel: str = DEFAULT_KERNEL) -> int:
+    import av
     from PIL import Image
 
     parent = os.path.dirname(clip_dir) or "."
@@ -159,10 +162,11 @@ def _dump_frames(src: str, clip_dir: str, clip_id: str, fps: float, height: int,
     os.makedirs(tmp)
     n = 0
     try:
+        reformatter = av.video.reformatter.VideoReformatter()  # one scaler for the file
         for frame in _resampled_frames(src, fps, single_thread):
             h, w = _output_size(frame, height, width)
-            rgb = frame.to_ndarray(width=w, height=h, format="rgb24",
-                                   interpolation=RESIZE_KERNELS[kernel])  # (h, w, 3) uint8
+            rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24",
+                                       interpolation=RESIZE_KERNELS[kernel]).to_ndarray()  # (h, w, 3) uint8
             Image.fromarray(rgb).save(os.path.join(tmp, f"{clip_id}_{n:03d}.jpg"), quality=quality)
             n += 1
         if n == 0:

@@ -112,14 +112,18 @@ def test_plan_epochs_fits_the_budget_and_never_exceeds_the_config():
 
 def test_measure_step_seconds_times_the_runs_own_model(tmp_path, monkeypatch):
     """The timing builds the model the run would (start weights from the written CLIP, text tower
-    frozen) and really steps it: the weights move, the frozen tower does not."""
+    frozen) and really steps it on the run's own batches: the weights move, the frozen tower does not."""
     import torch
 
     from clipvip import demo
     from clipvip.config import load_config
     from clipvip.model import build_model
 
+    from clipvip.data import synthetic
+
     spec = demo.QUICK
+    synthetic.generate(str(tmp_path / "data"), n_train=spec.n_train, n_test=4, seed=0, size=spec.video_size,
+                       frames=spec.video_frames, n_pretrain_videos=0, frame_folders=False, workers=1)
     clip = demo.write_start_clip(str(tmp_path / "clip_config"), spec.architecture, 0, spec.position_init_std)
     cfg = load_config(os.path.join(demo.find_config_dir(), "vip.json"),
                       [*demo.train_overrides(str(tmp_path), clip), *spec.overrides])

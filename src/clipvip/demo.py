@@ -153,16 +153,19 @@ def train_command(config: str, out: str, clip_config: str, overrides: Sequence[s
 def measure_step_seconds(cfg, threads: int, steps: int = 8, warmup: int = 3) -> float:
     """Seconds of one training step of the run ``cfg`` describes, on ``threads`` CPU threads.
 
-    The model the run builds (its start weights, its frozen text tower), a batch of the run's
-    shape (``train_batch_size`` clips of ``train_num_frms`` frames at ``input_res``, captions of
-    ``max_txt_len`` tokens) and the optimizer step of ``python -m clipvip.bench``; the best of
-    ``steps`` timed steps, since a busy neighbour only ever makes a step slower.
+    What a step of the run does, on its own data: a batch of ``train_batch_size`` training clips
+    read and collated by the run's dataset (frames from the clip cache after the first pass,
+    captions tokenized and padded as the run pads them), the model the run builds (its start
+    weights, its frozen text tower), and the optimizer step of ``python -m clipvip.bench``. The
+    median of ``steps`` timed steps: the run's speed includes its neighbours' load, so the budget
+    follows the machine as it is now.
     """
     import torch
 
     from .bench import TrainStep
-    from .config import load_config
+    from .data.retrieval import VideoRetrievalDataset
     from .model import build_model
+    from .tokenizer import build_tokenizer
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -171,19 +174,16 @@ def measure_step_seconds(cfg, threads: int, steps: int = 8, warmup: int = 3) -> 
         if cfg.freeze_text_encoder:
             model.freeze_text_encoder(bool(cfg.freeze_text_proj))
         step = TrainStep(model, "fp32", torch.device("cpu"), lr=float(cfg.learning_rate))
-        g = torch.Generator().manual_seed(0)
-        batch, frames, (height, width) = int(cfg.train_batch_size), int(cfg.train_num_frms), cfg.input_res
-        video = torch.randn(batch, frames, 3, height, width, generator=g)  # (B, T, 3, H, W)
-        ids = torch.randint(1, 49405, (batch, int(cfg.max_txt_len)), generator=g)  # (B, L)
-        ids[:, 0], ids[:, -1] = 49406, 49407  # BOS ... EOS, the largest id, as the tokenizer writes
-        mask = torch.ones_like(ids)
-        best = math.inf
+        dataset = VideoRetrievalDataset(cfg, cfg.train_datasets[0], build_tokenizer(cfg), training=True)
+        batch_size = int(cfg.train_batch_size)
+        seconds = []
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            step(video, ids, mask)
+            batch = dataset.collator([dataset[j % len(dataset)] for j in range(batch_size)])  # the first pass decodes
+            step(batch["video"], batch["text_input_ids"], batch["text_input_mask"])  # video (B, T, 3, H, W)
             if i >= warmup:
-                best = min(best, time.perf_counter() - t0)
-        return best
+                seconds.append(time.perf_counter() - t0)
+        return sorted(seconds)[len(seconds) // 2]
     finally:
         torch.set_num_threads(previous_threads)
 

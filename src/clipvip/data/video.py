@@ -267,6 +267,7 @@ class _PyAVReader:
             raise RuntimeError("no video stream")
         self._stream = self._container.streams.video[0]
         self._stream.thread_count = 1  # see _DecordReader: workers give the parallelism
+        self._reformatter = av.video.reformatter.VideoReformatter()  # one YUV -> RGB set-up per file
         self._len: int | None = None
 
     def __len__(self) -> int:
@@ -293,7 +294,7 @@ class _PyAVReader:
         # as fast as seeking and, unlike seeking, exact in every container.
         for frame in self._container.decode(self._stream):
             if n_decoded in wanted:
-                got[n_decoded] = _upright(frame)  # (H, W, 3)
+                got[n_decoded] = _upright(frame, self._reformatter)  # (H, W, 3)
             last_frame = frame
             n_decoded += 1
             if n_decoded > stop:
@@ -307,7 +308,7 @@ class _PyAVReader:
                 out.append(got[i])
             else:  # past the real end of the stream: repeat the last decoded frame
                 if tail is None:
-                    tail = _upright(last_frame)
+                    tail = _upright(last_frame, self._reformatter)
                 out.append(tail)
         return out
 
@@ -315,10 +316,15 @@ class _PyAVReader:
         self._container.close()
 
 
-def _upright(frame) -> np.ndarray:
+def _upright(frame, reformatter) -> np.ndarray:
     """An ``av.VideoFrame`` as uint8 RGB ``(H, W, 3)`` the way a player shows it: turned by the
-    stream's display matrix (the rotation tag of phone videos), as ffmpeg's autorotate does."""
-    rgb = frame.to_ndarray(format="rgb24")
+    stream's display matrix (the rotation tag of phone videos), as ffmpeg's autorotate does.
+
+    ``reformatter``: one ``av.video.reformatter.VideoReformatter`` per reader. PyAV 18's
+    ``frame.to_ndarray(format="rgb24")`` sets up a new conversion for every frame: 7 ms for a
+    64x64 frame against 0.18 ms through a kept reformatter, with the same bytes (measured here).
+    """
+    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
     # PyAV >= 13: the display matrix's counter-clockwise angle (-90 for the usual portrait tag,
     # which players show turned 90 degrees clockwise); np.rot90 turns counter-clockwise for k > 0.
     quarter_turns = int(round(getattr(frame, "rotation", 0) or 0)) // 90
