@@ -143,3 +143,34 @@ def test_measure_step_seconds_times_the_runs_own_model(tmp_path, monkeypatch):
     after = model.state_dict()
     assert not torch.equal(before["clipmodel.vision_model.embeddings.added_cls"], after["clipmodel.vision_model.embeddings.added_cls"])
     assert torch.equal(before["clipmodel.text_model.final_layer_norm.weight"], after["clipmodel.text_model.final_layer_norm.weight"])
+
+
+@pytest.mark.parametrize("step_seconds,layers,epochs", [
+    ({2: 0.05, 1: 0.025}, 2, 6),   # the configs' epochs fit with the first architecture: it is kept
+    ({2: 0.5, 1: 0.05}, 1, 6),     # they do not: the smaller one, which fits them all
+    ({2: 0.5, 1: 0.3}, 1, 3),      # neither fits: the smaller one, with the epochs that fit
+])
+def test_fit_budget_keeps_the_first_architecture_that_fits(tmp_path, monkeypatch, step_seconds, layers, epochs):
+    """The timing decides the architecture and the epochs (QUICK's data: 48 clips in batches of 8,
+    6 epochs; a budget of 6 s: 12 steps of 0.5 s = 2 epochs, 20 steps of 0.3 s = 3 epochs)."""
+    import copy
+    import dataclasses
+
+    from clipvip import demo
+
+    small = copy.deepcopy(demo.QUICK.architecture)
+    big = copy.deepcopy(small)
+    big["vision_config"]["num_hidden_layers"] = 2
+    spec = dataclasses.replace(demo.QUICK, architecture=big, fallback_architecture=small, train_budget_s=6.0)
+    monkeypatch.setattr(demo, "measure_step_seconds",
+                        lambda cfg, threads: step_seconds[_vision_layers(cfg.clip_config)])
+    clip, budget = demo.fit_budget(os.path.join(demo.find_config_dir(), "vip.json"), str(tmp_path), spec,
+                                   parallel=True, threads=1)
+    assert (budget["vision_layers"], budget["epochs"], budget["config_epochs"]) == (layers, epochs, 6)
+    assert _vision_layers(clip) == layers  # the start CLIP on disk is the chosen one
+    assert [t["vision_layers"] for t in budget["tried"]] == ([2] if layers == 2 else [2, 1])
+
+
+def _vision_layers(clip_folder: str) -> int:
+    with open(os.path.join(clip_folder, "config.json")) as f:
+        return json.load(f)["vision_config"]["num_hidden_layers"]

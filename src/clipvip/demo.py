@@ -71,12 +71,17 @@ class DemoSpec:
     # here (docs/demo.md): with 0.02 the 4x4-patch tower trained from scratch did not learn motion
     # even with direct supervision in 600 steps; with 0.5 it did (direction 96%).
     position_init_std: float = 0.5
-    # Seconds the two side-by-side trainings may take (None: the configs' epochs as they are). The
-    # configs' 40 epochs take about 370 s on an AVX-512 EPYC but about 790 s on an AVX2-only one
-    # (docs/demo.md), so the demo times a few training steps first and trains for as many whole
-    # epochs as fit, at most the configs' (:func:`plan_epochs`). The rest of the demo's 600 s:
-    # data, start CLIP, timing, app start-up, validations, re-scoring, plot (about 60 s measured).
+    # Seconds of training steps the two side-by-side runs may take (None: the configs' epochs as
+    # they are, no timing). The configs' 40 epochs of the 4-layer tower take about 370 s on an
+    # AVX-512 EPYC but 800-900 s on AVX2-only ones (docs/demo.md), so the demo times a few steps
+    # first (:func:`fit_budget`): the architecture where all 40 epochs fit, else the smaller
+    # ``fallback_architecture`` with as many whole epochs as fit. The rest of the demo's 600 s:
+    # data, start CLIP, timing, app start-up, the first epoch's decoding, validations, re-scoring,
+    # plot (60-80 s measured).
     train_budget_s: float | None = 480.0
+    # Half the vision layers: half the step time, and measured on an AVX2-only EPYC (docs/demo.md)
+    # t2v R@1 63.0 after 40 epochs where the 4-layer tower reached 55.5 in the same time (23 epochs).
+    fallback_architecture: dict | None = None
 
 
 def _architecture(width: int, vision_layers: int, text_layers: int, heads: int, image_size: int,
@@ -95,7 +100,8 @@ def _architecture(width: int, vision_layers: int, text_layers: int, heads: int, 
 
 
 FULL = DemoSpec(n_train=2000, n_test=200, video_size=64, video_frames=16,
-                architecture=_architecture(128, 4, 3, 4, 64, 16, 32))
+                architecture=_architecture(128, 4, 3, 4, 64, 16, 32),
+                fallback_architecture=_architecture(128, 2, 3, 4, 64, 16, 32))
 # A smoke test: every stage runs, nothing is learned to speak of.
 QUICK = DemoSpec(n_train=48, n_test=24, video_size=32, video_frames=8,
                  architecture=_architecture(32, 1, 1, 2, 32, 16, 24), train_budget_s=None,
@@ -336,6 +342,10 @@ def format_table(results: dict) -> str:
     lines.append(f"text-to-video R@1 on the {n} queries whose clip has its time-reversed twin in the test set:")
     for name in MODELS:
         lines.append(f"  {LABELS[name]:<16}{ds[name]['t2v_R1']:6.1f}   (other queries: {ds[name]['other_t2v_R1']:.1f})")
+    budget = results.get("setup", {}).get("budget")
+    if budget:
+        lines.append(f"trained: {budget['vision_layers']} vision layers, {budget['epochs']} of the configs' "
+                     f"{budget['config_epochs']} epochs ({budget['steps']} steps), as the step timing allowed")
     lines.append(f"wall time {results['wall_seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -375,23 +385,35 @@ def plot_curves(run_dirs: dict[str, str], path: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # The demo
 # ------------------------------------------------------------------------------------------------
-def fit_budget(vip_config: str, out: str, clip_config: str, spec: DemoSpec, parallel: bool, threads: int) -> dict:
-    """The epochs both runs get: as many of the config's as fit in ``spec.train_budget_s``.
+def fit_budget(vip_config: str, out: str, spec: DemoSpec, parallel: bool, threads: int) -> tuple[str, dict]:
+    """Write the start CLIP both runs load and choose their epochs: ``(clip folder, record)``.
 
-    Timed on CLIP-ViP, the slower of the two models (its proxies see every frame's patches); with
-    the runs one after the other, each gets half the budget.
+    The first architecture (``spec.architecture``, then ``spec.fallback_architecture``) whose
+    config epochs all fit in ``spec.train_budget_s``; the last one tried gets as many whole epochs
+    as fit. Timed on CLIP-ViP, the slower of the two models (its proxies see every frame's
+    patches); with the runs one after the other, each gets half the budget.
     """
     from .config import load_config
 
-    cfg = load_config(vip_config, [*train_overrides(out, clip_config), *spec.overrides])
-    step_s = measure_step_seconds(cfg, threads)
     per_run = spec.train_budget_s if parallel else spec.train_budget_s / 2
-    epochs = plan_epochs(step_s, per_run, spec.n_train, int(cfg.train_batch_size), int(cfg.num_train_epochs))
-    steps = math.ceil(epochs * spec.n_train / int(cfg.train_batch_size))
-    LOGGER.info("a CLIP-ViP training step takes %.0f ms here: %d of the config's %d epochs (%d steps) fit in "
-                "the %.0f s training budget", 1000 * step_s, epochs, int(cfg.num_train_epochs), steps, per_run)
-    return {"step_ms": round(1000 * step_s, 1), "train_budget_s": per_run, "epochs": epochs,
-            "config_epochs": int(cfg.num_train_epochs), "steps": steps}
+    folder = os.path.join(out, "clip_config")
+    candidates = [spec.architecture] + ([spec.fallback_architecture] if spec.fallback_architecture else [])
+    tried = []
+    for i, architecture in enumerate(candidates):
+        clip_config = write_start_clip(folder, architecture, spec.seed, spec.position_init_std)
+        cfg = load_config(vip_config, [*train_overrides(out, clip_config), *spec.overrides])
+        step_s = measure_step_seconds(cfg, threads)
+        config_epochs = int(cfg.num_train_epochs)
+        epochs = plan_epochs(step_s, per_run, spec.n_train, int(cfg.train_batch_size), config_epochs)
+        layers = int(architecture["vision_config"]["num_hidden_layers"])
+        tried.append({"vision_layers": layers, "step_ms": round(1000 * step_s, 1), "epochs_that_fit": epochs})
+        LOGGER.info("a CLIP-ViP training step with %d vision layers takes %.0f ms here: %d of the config's %d "
+                    "epochs fit in the %.0f s training budget", layers, 1000 * step_s, epochs, config_epochs, per_run)
+        if epochs == config_epochs or i == len(candidates) - 1:
+            steps = math.ceil(epochs * spec.n_train / int(cfg.train_batch_size))
+            return clip_config, {"train_budget_s": per_run, "vision_layers": layers, "epochs": epochs,
+                                 "config_epochs": config_epochs, "steps": steps, "tried": tried}
+    raise AssertionError("unreachable: the last candidate always returns")
 
 
 def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config_dir: str | None = None) -> dict:
@@ -409,9 +431,6 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
     synthetic.generate(os.path.join(out, "data"), n_train=spec.n_train, n_test=spec.n_test, seed=spec.seed,
                        size=spec.video_size, frames=spec.video_frames, twin_fraction=spec.twin_fraction,
                        n_paraphrases=spec.n_paraphrases, n_pretrain_videos=0, frame_folders=False)
-    clip_config = write_start_clip(os.path.join(out, "clip_config"), spec.architecture, spec.seed,
-                                   spec.position_init_std)
-
     cpus = os.cpu_count() or 1
     if parallel is None:
         parallel = cpus >= 2
@@ -419,8 +438,11 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
     run_dirs = {name: os.path.join(out, name) for name in MODELS}
     overrides = list(spec.overrides)
     budget = None
-    if spec.train_budget_s is not None:
-        budget = fit_budget(os.path.join(config_dir, "vip.json"), out, clip_config, spec, parallel, threads)
+    if spec.train_budget_s is None:
+        clip_config = write_start_clip(os.path.join(out, "clip_config"), spec.architecture, spec.seed,
+                                       spec.position_init_std)
+    else:
+        clip_config, budget = fit_budget(os.path.join(config_dir, "vip.json"), out, spec, parallel, threads)
         overrides += ["--num_train_epochs", str(budget["epochs"])]
     commands = {name: train_command(os.path.join(config_dir, f"{name}.json"), out, clip_config,
                                     [*overrides, "--output_dir", name])
