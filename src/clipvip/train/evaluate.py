@@ -67,10 +67,11 @@ def encode_readable_in_order(encode: Callable[[dict], torch.Tensor], loader, exp
     # host (reading a device tensor there would wait for the encoding) and travel once at the end.
     batches = DevicePrefetcher(loader, device)
     total = len(loader) if hasattr(loader, "__len__") else None
-    # Only the main process draws a bar; there ``disable`` stays unset so that TQDM_DISABLE=1 (the
-    # demo's runs, logs) still turns it off: tqdm reads its environment only for unset arguments.
-    quiet = {} if show else {"disable": True}
-    for batch in tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, **quiet):
+    # Only the main process draws a bar, and none under TQDM_DISABLE=1 (the demo's runs and logs):
+    # read here, since tqdm reads its environment once, when it is imported (by transformers,
+    # before a caller such as the demo has set it), and then only for arguments left unset.
+    show = show and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
+    for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
         failed.extend((int(i), str(reason)) for i, reason in batch.get("failed", ()))
         if len(batch["indices"]) == 0:
             continue
