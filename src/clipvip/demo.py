@@ -5,7 +5,9 @@
 1. draws the synthetic benchmark (:mod:`clipvip.data.synthetic`: moving shapes, 200 test clips
    with unique captions, 140 of them in time-reversed twin pairs) into ``OUT/data``; the training
    clips carry their canonical caption (``DemoSpec.n_paraphrases``);
-2. writes the tiny image CLIP both models start from (HF layout, ``OUT/clip_config``:
+2. times a few CLIP-ViP training steps and keeps the vision tower and the epochs that fit the
+   time budget (:func:`fit_budget`: 4 layers and the configs' 40 epochs where they fit, else 2
+   layers), and writes the tiny image CLIP both models start from (HF layout, ``OUT/clip_config``:
    ``config.json`` and ``model.safetensors``). No CLIP weights can be downloaded here, so its weights
    are random, drawn once with the demo's seed; the vision position embeddings are drawn at a larger
    scale (``DemoSpec.position_init_std``) so that a from-scratch ViT sees where the shape is;
