@@ -401,7 +401,7 @@ def fit_budget(vip_config: str, out: str, spec: DemoSpec, parallel: bool, thread
     folder = os.path.join(out, "clip_config")
     candidates = [spec.architecture] + ([spec.fallback_architecture] if spec.fallback_architecture else [])
     tried = []
-    for i, architecture in enumerate(candidates):
+    for architecture in candidates:  # the last one tried is kept, whether or not all epochs fit
         clip_config = write_start_clip(folder, architecture, spec.seed, spec.position_init_std)
         cfg = load_config(vip_config, [*train_overrides(out, clip_config), *spec.overrides])
         step_s = measure_step_seconds(cfg, threads)
@@ -411,11 +411,11 @@ def fit_budget(vip_config: str, out: str, spec: DemoSpec, parallel: bool, thread
         tried.append({"vision_layers": layers, "step_ms": round(1000 * step_s, 1), "epochs_that_fit": epochs})
         LOGGER.info("a CLIP-ViP training step with %d vision layers takes %.0f ms here: %d of the config's %d "
                     "epochs fit in the %.0f s training budget", layers, 1000 * step_s, epochs, config_epochs, per_run)
-        if epochs == config_epochs or i == len(candidates) - 1:
-            steps = math.ceil(epochs * spec.n_train / int(cfg.train_batch_size))
-            return clip_config, {"train_budget_s": per_run, "vision_layers": layers, "epochs": epochs,
-                                 "config_epochs": config_epochs, "steps": steps, "tried": tried}
-    raise AssertionError("unreachable: the last candidate always returns")
+        if epochs == config_epochs:
+            break
+    steps = math.ceil(epochs * spec.n_train / int(cfg.train_batch_size))
+    return clip_config, {"train_budget_s": per_run, "vision_layers": layers, "epochs": epochs,
+                         "config_epochs": config_epochs, "steps": steps, "tried": tried}
 
 
 def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config_dir: str | None = None) -> dict:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -241,8 +242,7 @@ class VideoRetrievalDataset(SubstitutingDataset):
         records = load_annotations(dataset_cfg["txt"], dataset_cfg, self.rule)
         if not records:
             raise DataError(f"{dataset_cfg['txt']}: the annotation file lists no clips")
-        self.skipped_clip_ids: list[str] = []
-        self.skip_reasons: dict[str, str] = {}  # clip id -> why it is not evaluated (evaluation only)
+        self.skip_reasons: dict[str, str] = {}  # clip id -> why it is not evaluated, in the order left out
         if self.training:
             self.records: list[ClipRecord] = records
             self.videos = [r.clip_id for r in records]
@@ -251,6 +251,11 @@ class VideoRetrievalDataset(SubstitutingDataset):
             self._build_eval_index(records)
         LOGGER.info("[%s] %s: %d videos, %d captions (rule '%s')", self.name,
                     "train" if self.training else "eval", len(self.videos), len(self.texts), self.rule.name)
+
+    @property
+    def skipped_clip_ids(self) -> list[str]:
+        """Clip ids left out of evaluation (no caption, unreadable), in the order they were left out."""
+        return list(self.skip_reasons)
 
     # -- evaluation index ------------------------------------------------------------------
     def _build_eval_index(self, records: Sequence[ClipRecord]) -> None:
@@ -268,7 +273,6 @@ class VideoRetrievalDataset(SubstitutingDataset):
         if empty:
             LOGGER.warning("[%s] %d clips have no non-empty caption and are left out: %s",
                            self.name, len(empty), _preview(empty))
-            self.skipped_clip_ids.extend(empty)
             self.skip_reasons.update((cid, "no non-empty caption") for cid in empty)
         kept = [cid for cid in order if captions[cid]]
         self.records = [by_id[cid] for cid in kept]
@@ -323,20 +327,16 @@ class VideoRetrievalDataset(SubstitutingDataset):
         new_index = {old: new for new, old in enumerate(keep)}
         bad = [self.records[i].clip_id for i in sorted(reasons)]
         if log:
-            n_captions = {i: 0 for i in reasons}
-            for _, v in self.texts:
-                if v in n_captions:
-                    n_captions[v] += 1
+            n_captions = Counter(v for _, v in self.texts)
             for i in sorted(reasons):
                 n = n_captions[i]
                 LOGGER.warning("[%s] unreadable video left out of evaluation with its %d caption%s: %s", self.name,
                                n, "" if n == 1 else "s", _naming(self.records[i].path, reasons[i]))
-        for i in reasons:
+        for i in sorted(reasons):
             self.skip_reasons[self.records[i].clip_id] = reasons[i]
         self.records = [self.records[i] for i in keep]
         self.videos = [r.clip_id for r in self.records]
         self.texts = [(t, new_index[v]) for t, v in self.texts if v in new_index]
-        self.skipped_clip_ids.extend(bad)
         if log:
             LOGGER.warning("[%s] %d of %d videos cannot be read and are left out of evaluation "
                            "with their captions: %s", self.name, len(bad), n_videos, _preview(bad))

@@ -99,14 +99,13 @@ def check_input_sizes(cfg, clip_config: CLIPConfig) -> None:
     first video batch with a ValueError from inside the vision tower.
     """
     side = int(clip_config.vision_config.image_size)
-    res = cfg.get("input_res")
-    res = [res, res] if isinstance(res, int) else res
-    if res is not None and [int(v) for v in res] != [side, side]:
+    res = [int(v) for v in cfg.input_res]  # load_config makes it [H, W]
+    if res != [side, side]:
         raise ConfigError(
-            f"input_res {list(res)} does not match clip_config '{cfg.clip_config}': its vision position "
+            f"input_res {res} does not match clip_config '{cfg.clip_config}': its vision position "
             f"embedding is for {side}x{side} frames (vision_config.image_size); use --input_res {side}")
     limit = int(clip_config.text_config.max_position_embeddings)
-    length = int(cfg.get("max_txt_len", 50))
+    length = int(cfg.max_txt_len)
     if length > limit:
         raise ConfigError(
             f"max_txt_len {length} is more than the {limit} text positions of clip_config "

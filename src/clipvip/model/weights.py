@@ -235,13 +235,14 @@ def load_checkpoint(model: nn.Module, path: str) -> LoadReport:
     state = read_state_dict(path)
     if state and not any(k.startswith("clipmodel.") for k in state):
         state = {f"clipmodel.{k}": v for k, v in state.items()}  # a bare CLIPViPModel state dict
-    report, _ = match_state(model, state, path)
+    report, usable = match_state(model, state, path)
     if not report.clean:  # refused before anything is copied: the model keeps its init
         raise CheckpointError("\n".join([
             f"checkpoint {path} does not match the model built from the config{report.patch_size_hint()} "
             f"(check clip_config and clip_vision_additional_config); nothing was loaded:",
             *report.detail_lines()]))
-    report = load_matching(model, state, path)
+    model.load_state_dict(usable, strict=False)  # every key matched: usable is the whole state
+    report.loaded = len(usable)
     LOGGER.info("%s", report.summary())
     return report
 

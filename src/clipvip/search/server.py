@@ -243,7 +243,6 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> SearchServer:
     A busy port, a port out of range, an address this machine does not have or a privileged
     port is a one-line :class:`SearchError` that names the port.
     """
-    port = check_port(port)
     try:
         return SearchServer(None, host, port)
     except OSError as e:

@@ -138,9 +138,8 @@ def evaluate_retrieval_set(model, dataset, cfg, precision: str, device: torch.de
     """
     videos, texts = encode_retrieval_set(model, dataset, cfg, precision, device)
     metrics = evaluate_retrieval(texts, videos, dataset.text_to_video())
-    skipped = list(dataset.skipped_clip_ids)
     return {"protocol": PROTOCOL, "n_videos": len(dataset.videos), "n_texts": len(dataset.texts),
-            "skipped_videos": skipped, "skip_reasons": {c: dataset.skip_reasons.get(c, "") for c in skipped},
+            "skipped_videos": dataset.skipped_clip_ids, "skip_reasons": dict(dataset.skip_reasons),
             **{d: metrics[d] for d in DIRECTIONS}}
 
 

@@ -366,7 +366,7 @@ class Trainer:
             return
         self.progress.best_r1, self.progress.best_step = r1, step
         self.save_model("model_best.pt")
-        saved = ": ckpt/model_best.pt" if self.cfg.get("if_model_saver", 1) else ""
+        saved = ": ckpt/model_best.pt" if self.cfg.if_model_saver else ""
         if best_step < 0:
             LOGGER.info("step %d: text-to-video R@1 %.2f, the best so far%s", step, r1, saved)
         elif r1 > best:
