@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 
 # The demo's own time (results.json "wall_seconds") excludes this set-up; docs/demo.md.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m clipvip.demo --out demo_output
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m clipvip demo --out demo_output
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.9",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"clipvip": ["assets/*.gz", "assets/*.txt", "assets/*.json", "search/static/*"]},
+    package_data={"clipvip": ["assets/*.gz", "assets/*.txt", "assets/*.json", "apps/search/static/*"]},
     include_package_data=True,
     install_requires=read_requirements("requirements.txt"),
     extras_require={
@@ -31,11 +31,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "clipvip=clipvip.__main__:entry",
-            "clipvip-retrieval=clipvip.retrieval:entry",
-            "clipvip-pretrain=clipvip.pretrain:entry",
-            "clipvip-synthetic=clipvip.data.synthetic:main",
-            "clipvip-bench=clipvip.bench:entry",
+            "clipvip=clipvip.apps.main:entry",
         ]
     },
 )

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Data-loading throughput of one worker: decode + sample + transform, decord vs PyAV vs the ffmpeg CLI.
 
-The benchmark lives in the package (:mod:`clipvip.data.benchmark`, also run by
-``python -m clipvip.bench --mode data``); this script keeps its original command line:
+The benchmark lives in the package (:mod:`clipvip.apps.data_bench`, also run by
+``python -m clipvip bench --mode data``); this script keeps its original command line:
 
     python scripts/bench_decode.py --clips 8 --frames 90 --repeats 5
 
@@ -28,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dir", help="reuse clips in this folder instead of a temporary one")
     args = p.parse_args(argv)
 
-    from clipvip.data.benchmark import run_data_bench
+    from clipvip.apps.data_bench import run_data_bench
 
     report = run_data_bench(num_frms=args.num_frms, input_res=args.input_res, clips=args.clips, frames=args.frames,
                             size=args.size, fps=args.fps, repeats=args.repeats, folder=args.dir)

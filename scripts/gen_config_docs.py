@@ -30,7 +30,7 @@ out=["# Configuration keys", "",
  "Paths: `txt`, `vis`, `vid_cap_path` of every dataset, `e2e_weights_path` and `output_dir` are joined to",
  "`blob_mount_dir` (when set); `clip_config` and `clip_weights` are used as given, as in the original.",
  "`configs/demo/*.json` (as their `comment` key says) expect `--blob_mount_dir` to be the",
- "demo's output folder (`python -m clipvip.demo --out OUT` writes `OUT/data` and `OUT/clip_config`) and",
+ "demo's output folder (`python -m clipvip demo --out OUT` writes `OUT/data` and `OUT/clip_config`) and",
  "`--clip_config`/`--clip_weights` to name `OUT/clip_config`; [first-run.md](first-run.md) runs them by hand,",
  "with a tiny random model and no downloaded weights.", ""]
 out += ["## Top level", "", "| key | default | meaning |", "|---|---|---|"]

@@ -12,7 +12,7 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # default: $OUT if set, else gpu_check_results/
 #
-# Each check is one `python -m clipvip.bench` run writing a JSON file (the tests: pytest's log),
+# Each check is one `python -m clipvip bench` run writing a JSON file (the tests: pytest's log),
 # under its own time limit (the limits add up to 300 s); a summary with the targets is printed at
 # the end (and written to summary.json). PEAK_TFLOPS overrides the peak
 # used for MFU (default: from the device name, 989 TF/s bf16/fp16 for H100 SXM and H200).
@@ -44,7 +44,7 @@ fi
 run() {  # run NAME TIMEOUT_S ARGS...: one bench run, JSON to $OUT_DIR/NAME.json, stderr to NAME.log
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  if timeout "$limit" "$PY" -m clipvip.bench "$@" >"$OUT_DIR/$name.json" 2>"$OUT_DIR/$name.log"; then
+  if timeout "$limit" "$PY" -m clipvip bench "$@" >"$OUT_DIR/$name.json" 2>"$OUT_DIR/$name.log"; then
     echo "ok      $name ($((SECONDS - start)) s)"
   else
     echo "FAILED  $name ($((SECONDS - start)) s, exit $?): see $OUT_DIR/$name.log"; tail -3 "$OUT_DIR/$name.log"

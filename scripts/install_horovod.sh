@@ -112,4 +112,4 @@ print(f"[install_horovod] horovod {horovod.__version__}: torch ops built={hvd.mp
       f"gloo={hvd.gloo_built()}, mpi={hvd.mpi_built()}, nccl={hvd.nccl_built()}")
 EOF
 command -v horovodrun >/dev/null 2>&1 || say "note: horovodrun is in $(dirname "$PY_PATH"); put it on PATH"
-say "done: launch with  horovodrun -np N -H host:slots --gloo $PYTHON -m clipvip.pretrain --config ..."
+say "done: launch with  horovodrun -np N -H host:slots --gloo $PYTHON -m clipvip pretrain --config ..."

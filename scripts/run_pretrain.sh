@@ -7,7 +7,7 @@
 #
 # NPROC_PER_NODE defaults to the visible GPUs (or 1). With horovod installed
 # (scripts/install_horovod.sh) the same app also runs under
-#   horovodrun -np 8 -H host1:4,host2:4 python -m clipvip.pretrain --config CONFIG
+#   horovodrun -np 8 -H host1:4,host2:4 python -m clipvip pretrain --config CONFIG
 set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG [--key value ...]}
 shift
@@ -21,4 +21,4 @@ else
   RDZV=(--standalone)
 fi
 exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc_per_node "$NPROC_PER_NODE" \
-  -m clipvip.pretrain --config "$CONFIG" "$@"
+  -m clipvip pretrain --config "$CONFIG" "$@"

@@ -18,4 +18,4 @@ if [ -n "${ACCELERATE_CONFIG:-}" ]; then
 elif [ "$NUM_PROCESSES" -gt 1 ]; then
   LAUNCH+=(--multi_gpu)  # also right on CPU-only machines: accelerate then uses gloo
 fi
-exec "${LAUNCH[@]}" -m "${MODULE:-clipvip.retrieval}" --config "$CONFIG" "$@"
+exec "${LAUNCH[@]}" -m clipvip "${APP:-retrieval}" --config "$CONFIG" "$@"

@@ -93,7 +93,7 @@ def real_videos() -> dict:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     """The synthetic benchmark at its smallest: 6 train, 6 test, 4 pretraining clips of 8 frames, 64 px."""
-    from clipvip.data import synthetic
+    from clipvip.apps import synthetic
 
     out = tmp_path_factory.mktemp("synthetic")
     return synthetic.generate(str(out), n_train=6, n_test=6, seed=0, size=64, frames=8,

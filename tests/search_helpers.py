@@ -16,7 +16,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NU
 def make_bench(root, n_train: int = 2, n_test: int = 6, seed: int = 0, size: int = 64, **config) -> dict:
     """Synthetic clips of ``size`` px (the test clips copied alone into ``root/videos``), a tiny CLIP
     (input 32 px), a config file."""
-    from clipvip.data import synthetic
+    from clipvip.apps import synthetic
 
     root = str(root)
     data = os.path.join(root, "data")

@@ -1,4 +1,4 @@
-"""``python -m clipvip.bench``: every mode runs on a tiny shape and reports its fields; the
+"""``python -m clipvip bench``: every mode runs on a tiny shape and reports its fields; the
 analytic FLOPs behind MFU match a count of the model's matmuls."""
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from clipvip import bench
+from clipvip.apps import bench
 
 TINY = ["--arch", "b32", "--width", "32", "--heads", "2", "--layers", "1", "--text-width", "32",
         "--text-heads", "2", "--text-layers", "1", "--res", "64", "--frames", "3", "--batch", "2",
@@ -17,7 +17,7 @@ TINY = ["--arch", "b32", "--width", "32", "--heads", "2", "--layers", "1", "--te
 
 
 def run_bench(*args, env=None):
-    proc = subprocess.run([sys.executable, "-m", "clipvip.bench", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "clipvip", "bench", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -82,7 +82,7 @@ def test_compile_path():
 
 
 def test_fp16_on_cpu_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "clipvip.bench", "--mode", "encode", *TINY, "--precision", "fp16",
+    proc = subprocess.run([sys.executable, "-m", "clipvip", "bench", "--mode", "encode", *TINY, "--precision", "fp16",
                            "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --precision fp16") and not proc.stdout
 

@@ -15,7 +15,7 @@ import clipvip
 from clipvip.data.loader import DevicePrefetcher, LoaderStream
 from clipvip.distributed import DistEnv
 from clipvip.loss import build_loss
-from clipvip.train import Trainer, TrainPlan
+from clipvip.engine import Trainer, TrainPlan
 from tiny_models import random_text, tiny_cfg, write_hf_clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -153,7 +153,7 @@ def test_resume_with_the_prefetcher_continues_with_the_right_batch(tmp_path, det
 
 
 def test_evaluation_through_the_prefetcher_matches_the_cpu(tmp_path):
-    from clipvip.train.evaluate import encode_in_order
+    from clipvip.engine.evaluate import encode_in_order
 
     trainer = make_trainer(tmp_path)
     model = trainer.raw_model.eval()

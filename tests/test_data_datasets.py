@@ -18,8 +18,8 @@ from clipvip.data.loader import (
     build_eval_loader,
     shard_range,
 )
-from clipvip.data.pretrain import LazyLmdb, PretrainCollator, PretrainDataset
-from clipvip.data.retrieval import MAX_TRIES, RetrievalCollator, VideoRetrievalDataset, scan_readable
+from clipvip.data.pretrain_dataset import LazyLmdb, PretrainCollator, PretrainDataset
+from clipvip.data.retrieval_dataset import MAX_TRIES, RetrievalCollator, VideoRetrievalDataset, scan_readable
 from clipvip.errors import ConfigError, DataError
 
 from conftest import write_clip, write_frames
@@ -398,7 +398,7 @@ def test_resize_kernel_reaches_pretraining_and_search(synthetic_data, make_cfg, 
     from clipvip.data.sampling import middle_frame_index
     from clipvip.data.transforms import CLIP_MEAN, CLIP_STD
     from clipvip.data.video import load_sampled_frames
-    from clipvip.search.encode import config_fingerprint
+    from clipvip.apps.search.encode import config_fingerprint
 
     items = {}
     for antialias in (0, 1):

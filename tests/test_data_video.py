@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipvip.data import video as video_mod
-from clipvip.data.synthetic import ClipSpec, render_clip, write_frame_folder, write_video
+from clipvip.apps.synthetic import ClipSpec, render_clip, write_frame_folder, write_video
 from clipvip.data.video import (VideoDecodeError, available_backends, count_folder_frames,
                                 count_frames, load_frame_folder, load_frames, load_sampled_frames,
                                 resolve_backend)

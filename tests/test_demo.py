@@ -1,4 +1,4 @@
-"""`python -m clipvip.demo --quick`: every stage runs and the report agrees with the runs' own files.
+"""`python -m clipvip demo --quick`: every stage runs and the report agrees with the runs' own files.
 
 The targets of the full demo (R@1, direction sensitivity, wall time) are not checked here: the
 quick demo trains for seconds on a few dozen clips. See docs/demo.md for the measured numbers.
@@ -18,7 +18,7 @@ DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo") / "out")
-    result = subprocess.run([sys.executable, "-m", "clipvip.demo", "--out", out, "--quick"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "clipvip", "demo", "--out", out, "--quick"], capture_output=True,
                             text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out, "results.json")) as f:
@@ -80,7 +80,7 @@ def test_both_runs_start_from_the_same_written_clip(demo):
     position embeddings are drawn at the demo's larger scale, everything else as the library inits."""
     from safetensors.torch import load_file
 
-    from clipvip.demo import QUICK
+    from clipvip.apps.demo import QUICK
 
     starts = set()
     for name in ("vip", "meanpool"):
@@ -98,7 +98,7 @@ def test_both_runs_start_from_the_same_written_clip(demo):
 
 
 def test_plan_epochs_fits_the_budget_and_never_exceeds_the_config():
-    from clipvip.demo import plan_epochs
+    from clipvip.apps.demo import plan_epochs
 
     # 2000 clips in batches of 32: 62.5 steps an epoch. 0.15 s a step in 480 s: 3200 steps = 51 epochs,
     # capped at the config's 40; 0.3 s a step: 1600 steps = 25 epochs (1563 steps, 469 s).
@@ -115,11 +115,11 @@ def test_measure_step_seconds_times_the_runs_own_model(tmp_path, monkeypatch):
     frozen) and really steps it on the run's own batches: the weights move, the frozen tower does not."""
     import torch
 
-    from clipvip import demo
+    from clipvip.apps import demo
     from clipvip.config import load_config
     from clipvip.model import build_model
 
-    from clipvip.data import synthetic
+    from clipvip.apps import synthetic
 
     spec = demo.QUICK
     synthetic.generate(str(tmp_path / "data"), n_train=spec.n_train, n_test=4, seed=0, size=spec.video_size,
@@ -156,7 +156,7 @@ def test_fit_budget_keeps_the_first_architecture_that_fits(tmp_path, monkeypatch
     import copy
     import dataclasses
 
-    from clipvip import demo
+    from clipvip.apps import demo
 
     small = copy.deepcopy(demo.QUICK.architecture)
     big = copy.deepcopy(small)

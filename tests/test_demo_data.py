@@ -8,8 +8,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from clipvip.data.loader import LoaderStream, ResumableSampler, partner_groups  # noqa: E402
-from clipvip.data.retrieval import VideoRetrievalDataset  # noqa: E402
-from clipvip.data.synthetic import generate  # noqa: E402
+from clipvip.data.retrieval_dataset import VideoRetrievalDataset  # noqa: E402
+from clipvip.apps.synthetic import generate  # noqa: E402
 from clipvip.errors import ConfigError  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def test_gradient_backdrop_shows_position_and_keeps_twins_exact():
 
     import numpy as np
 
-    from clipvip.data.synthetic import BACKDROP_TINT, draw_test_specs, render_clip
+    from clipvip.apps.synthetic import BACKDROP_TINT, draw_test_specs, render_clip
 
     specs = dict((s.clip_id, (s, t)) for s, t in draw_test_specs(20, seed=0, twin_fraction=0.7))
     spec, twin_id = next(v for v in specs.values() if v[1] is not None)

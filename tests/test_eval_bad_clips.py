@@ -74,10 +74,10 @@ def _cfg(bench, n_workers: int = 0):
 
 def _evaluate(bench, records, name: str, n_workers: int = 0):
     """(eval block, video features, text features) of ``records`` with the tiny model on the CPU."""
-    from clipvip.data.retrieval import VideoRetrievalDataset
+    from clipvip.data.retrieval_dataset import VideoRetrievalDataset
     from clipvip.model import build_model
     from clipvip.tokenizer import build_tokenizer
-    from clipvip.train.evaluate import encode_retrieval_set, evaluate_retrieval_set
+    from clipvip.engine.evaluate import encode_retrieval_set, evaluate_retrieval_set
 
     cfg = _cfg(bench, n_workers)
     torch.manual_seed(0)  # the proxy tokens start random: the same model on every call and rank
@@ -98,7 +98,7 @@ def _assert_same_scores(block, reference):
 
 
 def test_half_file_passes_the_scan_and_fails_to_decode(bench):
-    from clipvip.data.retrieval import VideoRetrievalDataset
+    from clipvip.data.retrieval_dataset import VideoRetrievalDataset
     from clipvip.errors import DataError
 
     txt = _write_jsonl(bench["root"] / "one.jsonl", [{"clip_id": "half4", "text": "x"}, {"clip_id": "clip0", "text": "y"}])
@@ -183,7 +183,7 @@ def test_retrieval_app_lists_the_clip_in_eval_results(bench, tmp_path):
     }
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "clipvip.retrieval", "--config", str(tmp_path / "cfg.json"),
+    result = subprocess.run([sys.executable, "-m", "clipvip", "retrieval", "--config", str(tmp_path / "cfg.json"),
                              "--output_dir", str(out)], capture_output=True, text=True, env=ENV, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

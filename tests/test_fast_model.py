@@ -156,7 +156,7 @@ def test_onednn_linear_forward_and_backward():
 
 
 def test_fused_adamw_on_cpu_skips_a_nonfinite_update(clip_folder):
-    from clipvip.train.optim import build_optimizer
+    from clipvip.engine.optim import build_optimizer
 
     model = build(clip_folder)
     cfg = clipvip.load_config(None, ["--learning_rate", "1e-3"])

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import clipvip
-from clipvip.data.retrieval import ClipReader, VideoRetrievalDataset, tokenize
+from clipvip.data.retrieval_dataset import ClipReader, VideoRetrievalDataset, tokenize
 from clipvip.data.sampling import middle_frame_index, sample_frame_indices
 from clipvip.data.video import load_frames
 from clipvip.metrics import evaluate_retrieval

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import clipvip
-from clipvip.cli import run_main
+from clipvip.apps.cli import run_main
 from clipvip.config import DEFAULTS, NESTED_DEFAULTS
 from clipvip.errors import CheckpointError, ConfigError, DataError
 from tiny_models import tiny_cfg, write_hf_clip
@@ -43,7 +43,7 @@ def test_max_txt_len_above_text_positions_names_key_value_and_limit(clip_folder)
 def test_retrieval_app_refuses_long_captions_before_reading_data(tmp_path, clip_folder, capsys):
     """The user's report: the error came after every video was encoded. Now it comes first: the
     annotation file does not even exist, and the message is still about max_txt_len."""
-    from clipvip import retrieval
+    from clipvip.apps import retrieval
 
     config = tmp_path / "c.json"
     config.write_text(json.dumps({
@@ -65,7 +65,7 @@ def test_input_res_that_does_not_fit_the_clip_config_is_a_config_error(clip_fold
 # Item 4: one number is a square size, from the command line and from a file
 # ---------------------------------------------------------------------------------------------
 def test_single_number_resolution_means_square(tmp_path):
-    from clipvip.data.retrieval import ClipReader
+    from clipvip.data.retrieval_dataset import ClipReader
 
     cfg = clipvip.load_config(None, ["--input_res", "224", "--video_res", "96"])
     assert cfg.input_res == [224, 224] and cfg.video_res == [96, 96]
@@ -123,13 +123,13 @@ def test_first_run_doc_tiny_config_builds(tmp_path):
     with torch.no_grad():
         video = model.encode_video(torch.randn(2, cfg.test_num_frms, 3, 32, 32))
     assert video.shape == (2, 64)
-    for needle in ("python -m clipvip.data.synthetic", "src/clipvip/demo.py", "--clip_weights none",
+    for needle in ("python -m clipvip synthetic", "src/clipvip/apps/demo.py", "--clip_weights none",
                    "relative to the demo's output folder"):
         assert needle in doc
 
 
 def test_synthetic_help_shows_defaults_and_what_it_writes(capsys):
-    from clipvip.data import synthetic
+    from clipvip.apps import synthetic
 
     with pytest.raises(SystemExit):
         synthetic.main(["--help"])
@@ -146,7 +146,7 @@ def test_synthetic_help_shows_defaults_and_what_it_writes(capsys):
 def test_app_help_lists_options_overrides_and_docs(module, capsys):
     import importlib
 
-    app = importlib.import_module(f"clipvip.{module}")
+    app = importlib.import_module(f"clipvip.apps.{module}")
     assert run_main(app.main, ["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: ") and "``" not in out and ":mod:" not in out
@@ -162,7 +162,7 @@ def test_app_help_lists_options_overrides_and_docs(module, capsys):
 def test_app_without_config_says_it_is_required(module, tmp_path, capsys):
     import importlib
 
-    app = importlib.import_module(f"clipvip.{module}")
+    app = importlib.import_module(f"clipvip.apps.{module}")
     out = tmp_path / "never-made"
     assert run_main(app.main, ["--output_dir", str(out)]) == 2
     err = capsys.readouterr().err
@@ -171,8 +171,8 @@ def test_app_without_config_says_it_is_required(module, tmp_path, capsys):
 
 
 def test_retrieval_with_nothing_to_evaluate_stops_before_building(tmp_path, capsys, monkeypatch):
-    from clipvip import retrieval
-    from clipvip.train import runner
+    from clipvip.apps import retrieval
+    from clipvip.apps import runner
 
     monkeypatch.setattr(runner, "start", lambda cfg: pytest.fail("the model was built"))
     config = tmp_path / "c.json"
@@ -255,7 +255,7 @@ def test_mismatched_checkpoint_is_refused_before_anything_loads(tmp_path, clip_f
 # Item 10: command-line edges
 # ---------------------------------------------------------------------------------------------
 def test_unknown_command_is_named(capsys):
-    from clipvip.__main__ import main
+    from clipvip.apps.main import main
 
     assert run_main(main, ["frobnicate"]) == 2
     err = capsys.readouterr().err
@@ -265,22 +265,22 @@ def test_unknown_command_is_named(capsys):
 
 
 def test_version(capsys):
-    from clipvip.__main__ import main
+    from clipvip.apps.main import main
 
     assert run_main(main, ["--version"]) == 0
     assert capsys.readouterr().out.startswith(f"clipvip {clipvip.__version__} (torch ")
 
 
 def test_bench_help_names_the_command_and_only_real_defaults(monkeypatch):
-    from clipvip.bench import build_parser
+    from clipvip.apps.bench import build_parser
 
-    monkeypatch.setattr(sys, "argv", ["/venv/bin/clipvip-bench", "--help"])
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/clipvip", "bench", "--help"])
     text = re.sub(r"\s+", " ", build_parser().format_help())  # argparse wraps to the terminal
-    assert text.startswith("usage: clipvip-bench ") and "``" not in text
+    assert text.startswith("usage: clipvip bench ") and "``" not in text
     assert "(default: None)" not in text and "(default: False)" not in text
-    assert "(default: 224)" in text and "clipvip-bench --mode train" in text
-    monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "src", "clipvip", "bench.py"), "--help"])
-    assert build_parser().format_help().startswith("usage: python -m clipvip.bench ")
+    assert "(default: 224)" in text and "clipvip bench --mode train" in text
+    monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "src", "clipvip", "__main__.py"), "bench", "--help"])
+    assert build_parser().format_help().startswith("usage: python -m clipvip bench ")
 
 
 def test_jsonl_record_without_closing_brace_names_line_and_problem(tmp_path):

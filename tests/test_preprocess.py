@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipvip.data.synthetic import ClipSpec, render_clip, write_video
+from clipvip.apps.synthetic import ClipSpec, render_clip, write_video
 from clipvip.data.video import (available_backends, count_folder_frames, count_frames, load_frame_folder,
                                 load_frames)
 

@@ -14,7 +14,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CLIPVIP_LOG
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    from clipvip.data import synthetic
+    from clipvip.apps import synthetic
 
     root = tmp_path_factory.mktemp("pretrain")
     paths = synthetic.generate(str(root / "data"), n_train=2, n_test=12, seed=2, size=64, frames=8,
@@ -45,7 +45,7 @@ def pretrained(tmp_path_factory):
         json.dump(config, f)
     out = str(root / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "clipvip.pretrain", "--config", path, "--output_dir", out]
+           "-m", "clipvip", "pretrain", "--config", path, "--output_dir", out]
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return {"root": root, "out": out, "config": config, "paths": paths, "clip": clip}
@@ -75,7 +75,7 @@ def test_pretrained_checkpoint_evaluates_in_retrieval(pretrained, tmp_path):
     path = tmp_path / "retrieval.json"
     path.write_text(json.dumps(retrieval_cfg))
     out = str(tmp_path / "eval")
-    result = subprocess.run([sys.executable, "-m", "clipvip.retrieval", "--config", str(path), "--e2e_weights_path",
+    result = subprocess.run([sys.executable, "-m", "clipvip", "retrieval", "--config", str(path), "--e2e_weights_path",
                              os.path.join(ckpt_dir, f"model_step_{last}.pt"), "--output_dir", out],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]  # strict load: no missing or unexpected keys
@@ -88,7 +88,7 @@ def test_pretrained_checkpoint_evaluates_in_retrieval(pretrained, tmp_path):
 
 def test_validation_sets_on_hdvila_folders_use_its_layout():
     import clipvip
-    from clipvip.pretrain import validation_rule
+    from clipvip.apps.pretrain import validation_rule
 
     cfg = clipvip.load_config("configs/pretrain/pretrain_vip_base_32.json", ["--blob_mount_dir", "/data"])
     rule_for = validation_rule(cfg)

@@ -18,7 +18,7 @@ def readme_snippet() -> str:
 
 
 def test_readme_snippet_runs(tmp_path, capsys):
-    from clipvip.data import synthetic
+    from clipvip.apps import synthetic
 
     code = readme_snippet()
     assert len(code.strip().splitlines()) == 5

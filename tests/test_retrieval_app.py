@@ -1,4 +1,4 @@
-"""End to end: `python -m clipvip.retrieval` fine-tunes and evaluates on the synthetic benchmark."""
+"""End to end: `python -m clipvip retrieval` fine-tunes and evaluates on the synthetic benchmark."""
 import json
 import os
 import signal
@@ -20,7 +20,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CLIPVIP_LOG
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """Synthetic clips, a tiny CLIP with the real vocabulary, and a config file for them."""
-    from clipvip.data import synthetic
+    from clipvip.apps import synthetic
 
     root = tmp_path_factory.mktemp("retrieval")
     # Clips drawn at the model's input_res (32 px): the run measures learning, not resampling. (Drawn
@@ -52,7 +52,7 @@ def bench(tmp_path_factory):
 
 
 def run_cli(*args, check=True, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "clipvip.retrieval", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "clipvip", "retrieval", *args], capture_output=True, text=True,
                             env=ENV, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
@@ -129,7 +129,7 @@ def test_two_processes_evaluate_identically(bench, trained):
     for nproc in (1, 2):
         out = str(bench["root"] / f"eval_{nproc}proc")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "clipvip.retrieval", "--config", bench["config"], "--e2e_weights_path", ckpt,
+               "-m", "clipvip", "retrieval", "--config", bench["config"], "--e2e_weights_path", ckpt,
                "--output_dir", out, "--test_batch_size", "3"]
         result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -147,7 +147,7 @@ def _state_step(path):
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_weights(bench, trained):
     out = str(bench["root"] / "killed")
-    args = [sys.executable, "-m", "clipvip.retrieval", "--config", bench["config"], "--is_train", "--output_dir", out]
+    args = [sys.executable, "-m", "clipvip", "retrieval", "--config", bench["config"], "--is_train", "--output_dir", out]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(out, "ckpt", "train_state.pt")
     deadline = time.time() + 240
@@ -171,7 +171,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_weights(bench, trained):
 
 def test_ctrl_c_writes_a_final_state(bench):
     out = str(bench["root"] / "interrupted")
-    args = [sys.executable, "-m", "clipvip.retrieval", "--config", bench["config"], "--is_train", "--output_dir", out,
+    args = [sys.executable, "-m", "clipvip", "retrieval", "--config", bench["config"], "--is_train", "--output_dir", out,
             "--save_steps_ratio", "1.0", "--num_valid", "1"]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(out, "log", "metrics.jsonl")
@@ -230,8 +230,9 @@ def test_mismatched_checkpoint_is_one_clear_line(bench, trained, tmp_path):
 def test_non_finite_losses_stop_the_run_with_a_state(bench, tmp_path, monkeypatch, check, stop_step):
     """On the host the stop comes at the 3rd NaN step; deferred, at the next read (log_interval 2)."""
     import clipvip
-    from clipvip import retrieval
-    from clipvip.train import TrainingStopped, runner
+    from clipvip.apps import retrieval
+    from clipvip.engine import TrainingStopped
+    from clipvip.apps import runner
 
     real_build_loss = runner.build_loss
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import clipvip
-from clipvip.cli import run_main
+from clipvip.apps.cli import run_main
 from clipvip.logging_utils import LOGGER as ROOT_LOGGER
 
 from search_helpers import ENV, one_line_error
@@ -51,7 +51,7 @@ def texts(records, level=logging.DEBUG):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Opening the engine (index + model: seconds for B/32) records the call and fails loudly."""
-    from clipvip.search.engine import SearchEngine
+    from clipvip.apps.search.engine import SearchEngine
 
     calls = []
 
@@ -64,7 +64,7 @@ def no_model_load(monkeypatch):
 
 
 def serve(capsys, *argv):
-    from clipvip.search.cli import serve_main
+    from clipvip.apps.search.cli import serve_main
 
     code = run_main(serve_main, list(argv))
     return code, capsys.readouterr().err
@@ -102,7 +102,7 @@ def test_port_out_of_range_from_the_command_line(tmp_path):
 def test_requests_made_while_the_model_loads_are_answered_on_the_bound_socket():
     """listen() binds first; a request sent before the engine is there waits in the backlog and is
     answered once serve() attaches the engine to that same socket."""
-    from clipvip.search.server import listen, serve as serve_engine
+    from clipvip.apps.search.server import listen, serve as serve_engine
 
     class Index:  # what /api/info reads of an index
         meta = {"created": "then", "updated": None}
@@ -137,7 +137,7 @@ def test_requests_made_while_the_model_loads_are_answered_on_the_bound_socket():
 # The precision notice: only training talks about training
 # ----------------------------------------------------------------------------------------------
 def test_fp16_on_a_cpu_warns_only_when_training(messages):
-    from clipvip.train.precision import precision_from_config
+    from clipvip.precision import precision_from_config
 
     cfg = clipvip.load_config(None, ["--fp16", "1"])
     assert precision_from_config(cfg, "cpu") == "fp32"
@@ -151,7 +151,7 @@ def test_fp16_on_a_cpu_warns_only_when_training(messages):
 
 def test_search_encoder_does_not_talk_about_training(tmp_path, messages):
     """`clipvip index/search/serve` build an Encoder from the (fp16) config of the index."""
-    from clipvip.search.encode import Encoder
+    from clipvip.apps.search.encode import Encoder
     from tiny_models import tiny_cfg, write_hf_clip
 
     folder = str(tmp_path / "clip")
@@ -165,7 +165,7 @@ def test_search_encoder_does_not_talk_about_training(tmp_path, messages):
 # Training: the plan line, epochs, the last line, log.txt, model_best.pt
 # ----------------------------------------------------------------------------------------------
 def test_plan_line_explains_its_total():
-    from clipvip.train import TrainPlan
+    from clipvip.engine import TrainPlan
 
     cfg = clipvip.load_config(None, ["--train_batch_size", "8", "--num_train_epochs", "2"])
     plan = TrainPlan.from_config(cfg, num_examples=100, world_size=1)
@@ -190,7 +190,7 @@ def tiny_run(tmp_path, r1s: list[float], *overrides):
     steps 0, 2 and 4 with the text-to-video R@1 values ``r1s`` in turn."""
     from clipvip.distributed import DistEnv
     from clipvip.loss import build_loss
-    from clipvip.train import Trainer, TrainPlan
+    from clipvip.engine import Trainer, TrainPlan
     from tiny_models import fixed_batches, tiny_cfg, write_hf_clip
 
     folder = str(tmp_path / "clip")

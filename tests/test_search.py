@@ -11,8 +11,8 @@ import pytest
 
 from search_helpers import clipvip, json_lines, make_bench, one_line_error
 
-from clipvip.__main__ import main
-from clipvip.cli import run_main
+from clipvip.apps.main import main
+from clipvip.apps.cli import run_main
 
 pytest.importorskip("faiss")
 
@@ -54,8 +54,8 @@ def test_index_lists_every_readable_video_and_skips_the_broken_one(bench):
 
 
 def test_search_returns_k_results_best_first_and_matches_the_features(bench):
-    from clipvip.search import Encoder, VideoIndex
-    from clipvip.search.encode import resolve_config
+    from clipvip.apps.search import Encoder, VideoIndex
+    from clipvip.apps.search.encode import resolve_config
 
     query = bench["test"][0]["text"]
     result = clipvip("search", bench["idx"], query, "-k", "4", "--json")
@@ -118,8 +118,8 @@ def test_add_appends_only_new_videos_and_replaces_the_files(bench, tmp_path):
 
 
 def test_a_failed_commit_leaves_the_old_index_readable(bench, tmp_path, monkeypatch):
-    from clipvip.search import VideoIndex
-    from clipvip.search import index as index_mod
+    from clipvip.apps.search import VideoIndex
+    from clipvip.apps.search import index as index_mod
 
     idx = str(tmp_path / "idx")
     shutil.copytree(bench["idx"], idx)
@@ -143,8 +143,8 @@ def test_a_failed_commit_leaves_the_old_index_readable(bench, tmp_path, monkeypa
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_the_exact_neighbours_on_easy_data(tmp_path, kind):
-    from clipvip.search import IndexSpec, VideoIndex
-    from clipvip.search.index import write_index
+    from clipvip.apps.search import IndexSpec, VideoIndex
+    from clipvip.apps.search.index import write_index
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((400, 16)).astype(np.float32)
@@ -230,8 +230,8 @@ def test_bad_input_gives_one_line_errors(bench, tmp_path, capsys):
 def test_missing_faiss_is_one_line_saying_how_to_install(monkeypatch, tmp_path):
     import sys
 
-    from clipvip.search import FaissMissingError
-    from clipvip.search.index import faiss_module
+    from clipvip.apps.search import FaissMissingError
+    from clipvip.apps.search.index import faiss_module
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
     with pytest.raises(FaissMissingError, match="pip install faiss-cpu"):
@@ -240,8 +240,8 @@ def test_missing_faiss_is_one_line_saying_how_to_install(monkeypatch, tmp_path):
 
 
 def test_encode_is_resumable_and_lists_unreadable_files(bench, tmp_path, monkeypatch):
-    from clipvip.search import Encoder, encode_to_folder, list_videos, read_features
-    from clipvip.search.encode import resolve_config
+    from clipvip.apps.search import Encoder, encode_to_folder, list_videos, read_features
+    from clipvip.apps.search.encode import resolve_config
 
     encoder = Encoder(resolve_config(bench["config"]))
     videos = list_videos(bench["videos"])  # 6 clips and broken.mp4
@@ -297,7 +297,7 @@ def test_encode_command_videos_and_texts(bench, tmp_path):
 
 
 def test_a_config_stored_by_another_version_still_loads(bench):
-    from clipvip.search.encode import config_fingerprint, resolve_config
+    from clipvip.apps.search.encode import config_fingerprint, resolve_config
 
     cfg = resolve_config(bench["config"])
     stored = cfg.to_dict()

@@ -26,8 +26,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """An index of the synthetic test clips, its engine, and a server on a free port in a thread."""
-    from clipvip.search import SearchEngine, index_videos, list_videos
-    from clipvip.search.server import SearchServer
+    from clipvip.apps.search import SearchEngine, index_videos, list_videos
+    from clipvip.apps.search.server import SearchServer
 
     bench = make_bench(tmp_path_factory.mktemp("serve"))
     idx = os.path.join(bench["root"], "idx")

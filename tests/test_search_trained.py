@@ -18,7 +18,7 @@ EPOCHS, N_TRAIN, N_TEST, BATCH = 25, 32, 16, 8
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny CLIP-ViP fine-tuned on synthetic clips by ``python -m clipvip.retrieval`` (as test_retrieval_app)."""
+    """A tiny CLIP-ViP fine-tuned on synthetic clips by ``python -m clipvip retrieval`` (as test_retrieval_app)."""
     root = tmp_path_factory.mktemp("search_trained")
     data = str(root / "data")
     # Clips drawn at the model's 32 px, as in test_retrieval_app: the run measures learning, not resampling.
@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
         warmup_ratio=0.05, num_train_epochs=EPOCHS, num_valid=1, only_valid_steps=1000, save_steps_ratio=1.0,
         log_interval=10)
     run = str(root / "run")
-    result = subprocess.run([sys.executable, "-m", "clipvip.retrieval", "--config", bench["config"], "--is_train",
+    result = subprocess.run([sys.executable, "-m", "clipvip", "retrieval", "--config", bench["config"], "--is_train",
                              "--output_dir", run], capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     bench["weights"] = os.path.join(run, "ckpt", "model_best.pt")
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
 def test_top1_hit_rate_equals_evaluation_r1(trained, tmp_path):
     # The retrieval evaluation of the checkpoint on the test set (16 videos, one unique caption each).
     out = str(tmp_path / "eval")
-    result = subprocess.run([sys.executable, "-m", "clipvip.retrieval", "--config", trained["config"],
+    result = subprocess.run([sys.executable, "-m", "clipvip", "retrieval", "--config", trained["config"],
                              "--e2e_weights_path", trained["weights"], "--output_dir", out],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

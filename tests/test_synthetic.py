@@ -7,8 +7,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from clipvip.data import synthetic  # noqa: E402
-from clipvip.data.synthetic import (COLOURS, DIRECTIONS, OPPOSITE, ClipSpec, generate,  # noqa: E402
+from clipvip.apps import synthetic
+from clipvip.apps.synthetic import (COLOURS, DIRECTIONS, OPPOSITE, ClipSpec, generate,  # noqa: E402
                                     render_clip, draw_test_specs, draw_train_specs)
 from clipvip.data.video import count_folder_frames, count_frames, load_frames  # noqa: E402
 

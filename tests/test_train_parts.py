@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import clipvip
-from clipvip.train import TrainPlan, learning_rate_at, lr_multiplier, param_groups
-from clipvip.train.optim import build_optimizer, set_learning_rate
+from clipvip.engine import TrainPlan, learning_rate_at, lr_multiplier, param_groups
+from clipvip.engine.optim import build_optimizer, set_learning_rate
 from clipvip.data.loader import MixedStream, ResumableSampler
 
 from tiny_models import ListStream
@@ -149,7 +149,7 @@ def test_mixed_stream_ratio_same_on_every_rank_and_resumable():
 def _tiny_trainer(tmp_path, *overrides, precision="fp32"):
     from clipvip.distributed import DistEnv
     from clipvip.loss import build_loss
-    from clipvip.train import Trainer
+    from clipvip.engine import Trainer
     from tiny_models import fixed_batches, tiny_cfg, write_hf_clip
 
     folder = str(tmp_path / "clip")
@@ -286,7 +286,7 @@ def test_deferred_fp16_overflow_is_skipped_not_counted_as_nan(tmp_path):
 
 def test_nonfinite_check_is_resolved_by_device_and_optimizer(tmp_path):
     from clipvip.errors import ConfigError
-    from clipvip.train.guard import resolve_nonfinite_check
+    from clipvip.engine.guard import resolve_nonfinite_check
 
     fused = torch.optim.AdamW([nn.Parameter(torch.ones(2))], fused=True)
     plain = torch.optim.Adamax([nn.Parameter(torch.ones(2))])

@@ -7,11 +7,11 @@
     tokenizer = clipvip.build_tokenizer(cfg)
     video = clipvip.load_clip("video7010.mp4", cfg)   # [T, 3, H, W], sampled as evaluation does
 """
-from .config import Config, load_config, save_config
-from .data.retrieval import load_clip
-from .errors import CheckpointError, ClipvipError, ConfigError, DataError
-from .model import build_model
-from .tokenizer import build_tokenizer
+from clipvip.config import Config, load_config, save_config
+from clipvip.data.retrieval_dataset import load_clip
+from clipvip.errors import CheckpointError, ClipvipError, ConfigError, DataError
+from clipvip.model import build_model
+from clipvip.tokenizer import build_tokenizer
 
 __version__ = "0.1.0"
 __all__ = [

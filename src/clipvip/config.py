@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
-from .errors import ConfigError
+from clipvip.errors import ConfigError
 
 
 class Config(dict):

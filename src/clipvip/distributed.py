@@ -34,8 +34,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
-from .logging_utils import get_logger
+from clipvip.errors import ConfigError
+from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("distributed")
 
@@ -126,7 +126,7 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
 
     launcher, rank, world, local_rank = detect_launcher()
     if backend == "horovod" or (backend is None and launcher == "horovod"):
-        from . import horovod_adapter  # lazily: horovod is optional
+        from clipvip import horovod_adapter  # lazily: horovod is optional
 
         rank, world, local_rank = horovod_adapter.init()
         _ENV = DistEnv(rank, world, local_rank, "horovod", device or _default_device(local_rank))
@@ -182,7 +182,7 @@ def _active_backend() -> str | None:
 
 
 def _hvd():
-    from . import horovod_adapter  # lazily: horovod is optional
+    from clipvip import horovod_adapter  # lazily: horovod is optional
 
     return horovod_adapter
 

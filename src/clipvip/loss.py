@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_gather_with_grad
-from .errors import ConfigError
-from .logging_utils import get_logger
+from clipvip.distributed import all_gather_with_grad
+from clipvip.errors import ConfigError
+from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("loss")
 

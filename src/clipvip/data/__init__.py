@@ -1,7 +1,7 @@
 """Data: video decoding, frame sampling, transforms, synthetic benchmark (and datasets)."""
-from .sampling import middle_frame_index, sample_frame_indices
-from .transforms import CLIP_MEAN, CLIP_STD, center_crop, frames_to_model_input, normalize, resize
-from .video import (
+from clipvip.data.sampling import middle_frame_index, sample_frame_indices
+from clipvip.data.transforms import CLIP_MEAN, CLIP_STD, center_crop, frames_to_model_input, normalize, resize
+from clipvip.data.video import (
     VideoDecodeError,
     available_backends,
     count_folder_frames,
@@ -11,7 +11,7 @@ from .video import (
     load_sampled_frames,
     resolve_backend,
 )
-from .annotations import (
+from clipvip.data.annotations import (
     ANNOTATION_RULES,
     AnnotationRule,
     ClipRecord,
@@ -19,15 +19,15 @@ from .annotations import (
     read_records,
     select_rule,
 )
-from .loader import (
+from clipvip.data.loader import (
     ContiguousShardSampler,
     LoaderStream,
     MixedStream,
     ResumableSampler,
     build_eval_loader,
 )
-from .pretrain import VID_TXT_MODES, PretrainCollator, PretrainDataset
-from .retrieval import (
+from clipvip.data.pretrain_dataset import VID_TXT_MODES, PretrainCollator, PretrainDataset
+from clipvip.data.retrieval_dataset import (
     RetrievalCollator,
     TextOnlyView,
     VideoOnlyView,

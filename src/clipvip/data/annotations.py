@@ -33,8 +33,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-from ..errors import DataError
-from ..logging_utils import get_logger
+from clipvip.errors import DataError
+from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger(__name__)
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from ..errors import ConfigError
-from ..logging_utils import get_logger
+from clipvip.errors import ConfigError
+from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger(__name__)
 
@@ -49,7 +49,7 @@ def _rank_world(dist_env=None, rank: int | None = None, world_size: int | None =
     if rank is not None or world_size is not None:
         return int(rank or 0), int(world_size or 1)
     if dist_env is None:
-        from ..distributed import get_env
+        from clipvip.distributed import get_env
 
         dist_env = get_env()
     return int(dist_env.rank), int(dist_env.world_size)

@@ -1,10 +1,10 @@
 """The CLIP-ViP model: shared CLIP encoder layer, video proxies, retrieval wrapper, weights."""
-from .clip_vip import CLIPViPModel, VideoSettings
-from .factory import KNOWN_ARCHITECTURES, build_model, compile_model, resolve_clip_config
-from .layers import (ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer, ProxyLayout, eager_attention,
+from clipvip.model.clip_vip import CLIPViPModel, VideoSettings
+from clipvip.model.factory import KNOWN_ARCHITECTURES, build_model, compile_model, resolve_clip_config
+from clipvip.model.layers import (ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer, ProxyLayout, eager_attention,
                      eager_proxy_guided_attention, proxy_guided_attention)
-from .retrieval import CLIPViPRetrieval
-from .weights import LoadReport, load_checkpoint, load_clip_weights, read_state_dict, save_checkpoint
+from clipvip.model.retrieval_model import CLIPViPRetrieval
+from clipvip.model.weights import LoadReport, load_checkpoint, load_clip_weights, read_state_dict, save_checkpoint
 
 __all__ = [
     "CLIPViPModel", "CLIPViPRetrieval", "VideoSettings", "CLIPEncoderLayer", "ProxyLayout",

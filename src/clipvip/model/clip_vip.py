@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CLIPAttention, CLIPEncoder, CLIPEncoderLayer, ProxyLayout, check_attention_implementation
+from clipvip.model.layers import CLIPAttention, CLIPEncoder, CLIPEncoderLayer, ProxyLayout, check_attention_implementation
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ class CLIPViPModel(nn.Module):
     def set_attention(self, implementation: str = "sdpa") -> None:
         """``"sdpa"`` (fast, the default) or ``"eager"`` (the original formulation: three
         projections, bmm + softmax, quick_gelu written out; the baseline of ``python -m
-        clipvip.bench``) in every encoder layer of both towers. The same function either way."""
+        clipvip bench``) in every encoder layer of both towers. The same function either way."""
         check_attention_implementation(implementation)
         for module in self.modules():
             if isinstance(module, CLIPEncoderLayer):

@@ -6,12 +6,12 @@ import os
 import torch
 from transformers import CLIPConfig
 
-from ..errors import CheckpointError, ConfigError
-from ..logging_utils import get_logger
-from .clip_vip import VideoSettings
-from .layers import ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer
-from .retrieval import CLIPViPRetrieval
-from .weights import HF_WEIGHT_FILES, load_checkpoint, load_clip_weights
+from clipvip.errors import CheckpointError, ConfigError
+from clipvip.logging_utils import get_logger
+from clipvip.model.clip_vip import VideoSettings
+from clipvip.model.layers import ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer
+from clipvip.model.retrieval_model import CLIPViPRetrieval
+from clipvip.model.weights import HF_WEIGHT_FILES, load_checkpoint, load_clip_weights
 
 LOGGER = get_logger("model")
 

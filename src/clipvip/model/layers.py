@@ -125,7 +125,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 # ---------------------------------------------------------------------------------------------
 # Attention implementations. "sdpa" (default) is the fast path; "eager" is the original
 # formulation (HF CLIP's bmm + softmax, CLIP-ViP's per-frame copies of the proxy keys/values),
-# kept as the measurable baseline of ``python -m clipvip.bench --attn eager`` and selected with
+# kept as the measurable baseline of ``python -m clipvip bench --attn eager`` and selected with
 # ``model.set_attention("eager")`` or the config key ``attn_implementation``. Both compute the
 # same function (tests hold them within 1e-5); they differ in speed and memory only.
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..logging_utils import get_logger
+from clipvip.errors import CheckpointError
+from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("weights")
 
@@ -25,7 +25,7 @@ SUMMARY_KEYS_SHOWN = 8
 # Suffixes of weight files, for "did you mean" when a folder is given where a file is expected.
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 SUGGESTIONS_SHOWN = 3
-# A run folder's resumable training state (clipvip.train.state.STATE_FILE): optimizer and all,
+# A run folder's resumable training state (clipvip.engine.state.STATE_FILE): optimizer and all,
 # not model weights, so never suggested as a checkpoint.
 TRAIN_STATE_FILE = "train_state.pt"
 
@@ -206,7 +206,7 @@ def load_clip_weights(model, path: str) -> LoadReport:
     The proxies keep their standard-normal init and the temporal embedding its zeros; the
     logit scale is reset to ``logit_scale_init_value`` afterwards, as the original does.
     """
-    from .factory import resolve_pretrained_path
+    from clipvip.model.factory import resolve_pretrained_path
 
     folder_or_file = resolve_pretrained_path(path, kind="clip_weights")
     weights_file = hf_weights_file(folder_or_file) if os.path.isdir(folder_or_file) else folder_or_file

@@ -36,12 +36,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError
-from ..logging_utils import get_logger
-from .annotations import AnnotationRule, ClipRecord, load_annotations, select_rule
-from .sampling import middle_frame_index, sample_frame_indices
-from .transforms import frames_to_model_input
-from .video import count_folder_frames, count_frames, load_frame_folder, load_sampled_frames, resolve_backend
+from clipvip.errors import DataError
+from clipvip.logging_utils import get_logger
+from clipvip.data.annotations import AnnotationRule, ClipRecord, load_annotations, select_rule
+from clipvip.data.sampling import middle_frame_index, sample_frame_indices
+from clipvip.data.transforms import frames_to_model_input
+from clipvip.data.video import count_folder_frames, count_frames, load_frame_folder, load_sampled_frames, resolve_backend
 
 LOGGER = get_logger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
-from ..logging_utils import get_logger
+from clipvip.errors import ConfigError
+from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("train")
 NONFINITE_CHECKS = ("auto", "step", "deferred")

@@ -17,11 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.sampling import middle_frame_index
-from ..data.video import load_sampled_frames
-from .encode import Encoder, VideoItem, resolve_config
-from .errors import EmptyQueryError, IndexMismatchError, SearchError
-from .index import SIDECAR, IndexSpec, VideoIndex, index_writer, write_index, write_skipped
+from clipvip.data.sampling import middle_frame_index
+from clipvip.data.video import load_sampled_frames
+from clipvip.apps.search.encode import Encoder, VideoItem, resolve_config
+from clipvip.apps.search.errors import EmptyQueryError, IndexMismatchError, SearchError
+from clipvip.apps.search.index import SIDECAR, IndexSpec, VideoIndex, index_writer, write_index, write_skipped
 
 THUMBNAIL_WIDTH = 320
 THUMBNAIL_CACHE = 1024
@@ -178,7 +178,7 @@ def index_videos(path: str, videos: Sequence[VideoItem], *, config: str | None =
     is already there are skipped, and the model must match the index. Unreadable videos are
     skipped and listed (``IDX/skipped.tsv``), never fatal.
     """
-    from .. import __version__
+    from clipvip import __version__
 
     with index_writer(path):
         exists = os.path.isfile(os.path.join(path, SIDECAR))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_vip import CLIPViPModel, VideoSettings
+from clipvip.model.clip_vip import CLIPViPModel, VideoSettings
 
 
 class CLIPViPRetrieval(nn.Module):

@@ -1,7 +1,7 @@
 """What every training/evaluation app does around the loop: set up, train or evaluate, report.
 
-The apps (``clipvip.retrieval``, ``clipvip.pretrain``) only choose their data; this module builds
-the process group, the run folder, the model, and runs :class:`~clipvip.train.loop.Trainer` or a
+The apps (``clipvip.apps.retrieval``, ``clipvip.apps.pretrain``) only choose their data; this module builds
+the process group, the run folder, the model, and runs :class:`~clipvip.engine.trainer.Trainer` or a
 plain evaluation, writing ``eval_results.json``.
 """
 from __future__ import annotations
@@ -15,17 +15,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import distributed
-from ..config import save_config
-from ..data.retrieval import VideoRetrievalDataset
-from ..errors import ConfigError
-from ..logging_utils import add_log_file, get_logger
-from ..loss import build_loss
-from ..model import build_model
-from ..tokenizer import build_tokenizer
-from .evaluate import evaluate_all, format_results_table, write_results
-from .loop import Trainer, TrainPlan
-from .precision import precision_from_config
+from clipvip import distributed
+from clipvip.config import save_config
+from clipvip.data.retrieval_dataset import VideoRetrievalDataset
+from clipvip.errors import ConfigError
+from clipvip.logging_utils import add_log_file, get_logger
+from clipvip.loss import build_loss
+from clipvip.model import build_model
+from clipvip.tokenizer import build_tokenizer
+from clipvip.engine.evaluate import evaluate_all, format_results_table, write_results
+from clipvip.engine.trainer import Trainer, TrainPlan
+from clipvip.precision import precision_from_config
 
 LOGGER = get_logger("runner")
 

@@ -48,8 +48,8 @@ from urllib.request import pathname2url
 
 import numpy as np
 
-from .errors import CorruptIndexError, FaissMissingError, IndexNotFoundError, SearchError
-from .storage import atomic_write, atomic_write_text, fsync_dir, writer_lock
+from clipvip.apps.search.errors import CorruptIndexError, FaissMissingError, IndexNotFoundError, SearchError
+from clipvip.apps.search.storage import atomic_write, atomic_write_text, fsync_dir, writer_lock
 
 FORMAT_VERSION = 1
 SIDECAR = "index.sqlite"

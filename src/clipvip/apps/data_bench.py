@@ -13,7 +13,7 @@ Wall-clock rates are what a worker delivers on this machine as it is; clips per 
 (CPU time of this process and its finished children, the ffmpeg runs) is the cost of a clip,
 which other jobs on a shared machine disturb much less: it is the column to compare.
 
-Used by ``python -m clipvip.bench --mode data`` and ``scripts/bench_decode.py``.
+Used by ``python -m clipvip bench --mode data`` and ``scripts/bench_decode.py``.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def write_clips(root: str, n: int, height: int, width: int, frames: int, fps: in
     """
     import numpy as np
 
-    from .synthetic import draw_train_specs, render_clip, write_video
+    from clipvip.apps.synthetic import draw_train_specs, render_clip, write_video
 
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -141,9 +141,9 @@ def run_data_bench(num_frms: int = 12, input_res: int = 224, clips: int = 8, fra
     are there) or to a temporary folder that is deleted afterwards."""
     import torch
 
-    from .sampling import sample_frame_indices
-    from .transforms import frames_to_model_input
-    from .video import available_backends, load_sampled_frames
+    from clipvip.data.sampling import sample_frame_indices
+    from clipvip.data.transforms import frames_to_model_input
+    from clipvip.data.video import available_backends, load_sampled_frames
 
     torch.set_num_threads(1)  # what torch's DataLoader sets in each worker
     tmp = None

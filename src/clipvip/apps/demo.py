@@ -1,8 +1,8 @@
 """`make demo`: CLIP-ViP against the mean-pool CLIP baseline on the synthetic benchmark, end to end.
 
-    python -m clipvip.demo [--out demo_output] [--quick]
+    python -m clipvip demo [--out demo_output] [--quick]
 
-1. draws the synthetic benchmark (:mod:`clipvip.data.synthetic`: moving shapes, 200 test clips
+1. draws the synthetic benchmark (:mod:`clipvip.apps.synthetic`: moving shapes, 200 test clips
    with unique captions, 140 of them in time-reversed twin pairs) into ``OUT/data``; the training
    clips carry their canonical caption (``DemoSpec.n_paraphrases``);
 2. times a few CLIP-ViP training steps and keeps the vision tower and the epochs that fit the
@@ -15,7 +15,7 @@
 3. fine-tunes CLIP-ViP (``configs/demo/vip.json``) and the frame-wise mean-pool CLIP baseline
    (``configs/demo/meanpool.json``, the same recipe with ``type`` "meanpool") with the same budget
    (twins share a batch, the random text tower stays fixed: ``freeze_text_encoder``), each
-   through the retrieval app (``python -m clipvip.retrieval --config ... --is_train``), the two
+   through the retrieval app (``python -m clipvip retrieval --config ... --is_train``), the two
    side by side, one CPU thread each;
 4. evaluates both final checkpoints again through the library to rank every query, and reports
    text-to-video R@1 on the *direction-sensitive* queries: those whose clip has its time-reversed
@@ -44,7 +44,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .logging_utils import get_logger
+from clipvip.apps.cli import prog_name
+from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("demo")
 
@@ -130,7 +131,7 @@ def write_start_clip(folder: str, architecture: dict, seed: int, position_init_s
     from safetensors.torch import save_file
     from transformers import CLIPConfig
 
-    from .model.clip_vip import CLIPViPModel, VideoSettings
+    from clipvip.model.clip_vip import CLIPViPModel, VideoSettings
 
     os.makedirs(folder, exist_ok=True)
     config = CLIPConfig(**architecture)
@@ -154,7 +155,7 @@ def train_overrides(out: str, clip_config: str) -> list[str]:
 
 
 def train_command(config: str, out: str, clip_config: str, overrides: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "clipvip.retrieval", "--config", config, "--is_train",
+    return [sys.executable, "-m", "clipvip", "retrieval", "--config", config, "--is_train",
             *train_overrides(out, clip_config), *overrides]
 
 
@@ -164,16 +165,16 @@ def measure_step_seconds(cfg, threads: int, steps: int = 8, warmup: int = 3) -> 
     What a step of the run does, on its own data: a batch of ``train_batch_size`` training clips
     read and collated by the run's dataset (frames from the clip cache after the first pass,
     captions tokenized and padded as the run pads them), the model the run builds (its start
-    weights, its frozen text tower), and the optimizer step of ``python -m clipvip.bench``. The
+    weights, its frozen text tower), and the optimizer step of ``python -m clipvip bench``. The
     median of ``steps`` timed steps: the run's speed includes its neighbours' load, so the budget
     follows the machine as it is now.
     """
     import torch
 
-    from .bench import TrainStep
-    from .data.retrieval import VideoRetrievalDataset
-    from .model import build_model
-    from .tokenizer import build_tokenizer
+    from clipvip.apps.bench import TrainStep
+    from clipvip.data.retrieval_dataset import VideoRetrievalDataset
+    from clipvip.model import build_model
+    from clipvip.tokenizer import build_tokenizer
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -289,13 +290,13 @@ def query_ranks(run_dir: str) -> tuple[list[int], list[bool]]:
     """
     import torch
 
-    from .config import load_config
-    from .data.retrieval import VideoRetrievalDataset
-    from .metrics import retrieval_ranks, similarity_chunked
-    from .model import build_model
-    from .tokenizer import build_tokenizer
-    from .train.evaluate import encode_retrieval_set
-    from .train.precision import precision_from_config
+    from clipvip.config import load_config
+    from clipvip.data.retrieval_dataset import VideoRetrievalDataset
+    from clipvip.metrics import retrieval_ranks, similarity_chunked
+    from clipvip.model import build_model
+    from clipvip.tokenizer import build_tokenizer
+    from clipvip.engine.evaluate import encode_retrieval_set
+    from clipvip.precision import precision_from_config
 
     cfg = load_config(os.path.join(run_dir, "config.json"), ["--e2e_weights_path", final_checkpoint(run_dir)])
     device = torch.device("cpu")
@@ -395,7 +396,7 @@ def fit_budget(vip_config: str, out: str, spec: DemoSpec, parallel: bool, thread
     as fit. Timed on CLIP-ViP, the slower of the two models (its proxies see every frame's
     patches); with the runs one after the other, each gets half the budget.
     """
-    from .config import load_config
+    from clipvip.config import load_config
 
     per_run = spec.train_budget_s if parallel else spec.train_budget_s / 2
     folder = os.path.join(out, "clip_config")
@@ -427,7 +428,7 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
 
-    from .data import synthetic
+    from clipvip.apps import synthetic
 
     LOGGER.info("drawing the synthetic benchmark: %d training clips, %d test clips", spec.n_train, spec.n_test)
     synthetic.generate(os.path.join(out, "data"), n_train=spec.n_train, n_test=spec.n_test, seed=spec.seed,
@@ -453,7 +454,7 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
 
     import torch
 
-    from .train.evaluate import write_results
+    from clipvip.engine.evaluate import write_results
 
     torch.set_num_threads(cpus)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -480,7 +481,7 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipvip.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog_name("demo"), description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--quick", action="store_true", help="tiny data, model and budget: a smoke test")
     order = parser.add_mutually_exclusive_group()
@@ -491,6 +492,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_demo(args.out, quick=args.quick, parallel=args.parallel)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

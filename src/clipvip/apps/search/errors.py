@@ -1,7 +1,7 @@
-"""Errors of the search app: each prints as one line through ``clipvip.cli.run_main``."""
+"""Errors of the search app: each prints as one line through ``clipvip.apps.cli.run_main``."""
 from __future__ import annotations
 
-from ..errors import ClipvipError
+from clipvip.errors import ClipvipError
 
 
 class SearchError(ClipvipError):

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from clipvip.errors import ConfigError
 
 # As the original's e2e optimizer: no weight decay on biases, LayerNorm parameters (a name that
 # matches nothing in HF CLIP, kept for fidelity) and the temperature.

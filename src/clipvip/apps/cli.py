@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .errors import ClipvipError, ConfigError
+from clipvip.errors import ClipvipError, ConfigError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -39,16 +39,15 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         return EXIT_INTERRUPTED
 
 
-def prog_name(module: str) -> str:
-    """The program as it was started: ``clipvip-bench`` (console script) or ``python -m clipvip.bench``.
+def prog_name(command: str | None = None) -> str:
+    """The program as it was started: ``clipvip bench`` (console script) or ``python -m clipvip bench``.
 
     argparse's own default is the basename of ``sys.argv[0]``, which under ``python -m`` is the
-    module's file name (``bench.py``), a command that does not exist.
+    package's ``__main__.py``, a command that does not exist.
     """
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if not script or script.endswith(".py") or script in ("-m", "-c"):
-        return f"python -m {module}"
-    return script
+    base = "python -m clipvip" if not script or script.endswith(".py") or script in ("-m", "-c") else script
+    return f"{base} {command}" if command else base
 
 
 def wants_help(argv: Sequence[str]) -> bool:

@@ -1,10 +1,10 @@
 """Post-pretraining with Omnisource Cross-modal Learning (HD-VILA videos, subtitles, captions).
 
-    python -m clipvip.pretrain --config configs/pretrain/pretrain_vip_base_32.json --blob_mount_dir /data
-    torchrun --nnodes 4 --nproc_per_node 8 ... -m clipvip.pretrain --config ...
-    horovodrun -np 8 python -m clipvip.pretrain --config ...   # where horovod is installed
+    python -m clipvip pretrain --config configs/pretrain/pretrain_vip_base_32.json --blob_mount_dir /data
+    torchrun --nnodes 4 --nproc_per_node 8 ... -m clipvip pretrain --config ...
+    horovodrun -np 8 python -m clipvip pretrain --config ...   # where horovod is installed
 
-The same loop as retrieval fine-tuning (:mod:`clipvip.train.loop`): training sets mixed by
+The same loop as retrieval fine-tuning (:mod:`clipvip.engine.trainer`): training sets mixed by
 ``ratio`` (one set per optimizer step, the same on every process), the OCL loss named in
 ``loss_config`` fed with video, middle-frame, subtitle and caption features, validation on
 ``val_datasets`` (zero-shot at step 0). ``ckpt/model_step_N.pt`` is in the released layout and
@@ -13,16 +13,15 @@ loads into retrieval fine-tuning as ``--e2e_weights_path``.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
-from .cli import OVERRIDES_HELP, prog_name, require_config, run_main, wants_help
-from .config import load_config
-from .data.loader import LoaderStream, MixedStream
-from .data.pretrain import PretrainDataset
-from .errors import ConfigError
-from .logging_utils import get_logger
-from .train import runner
+from clipvip.apps.cli import OVERRIDES_HELP, prog_name, require_config, wants_help
+from clipvip.config import load_config
+from clipvip.data.loader import LoaderStream, MixedStream
+from clipvip.data.pretrain_dataset import PretrainDataset
+from clipvip.errors import ConfigError
+from clipvip.logging_utils import get_logger
+from clipvip.apps import runner
 
 LOGGER = get_logger("pretrain")
 
@@ -49,8 +48,8 @@ options:
 
 examples:
   {prog} --config configs/pretrain/pretrain_vip_base_32.json --blob_mount_dir /data
-  torchrun --nnodes 4 --nproc_per_node 8 ... -m clipvip.pretrain --config ...
-  horovodrun -np 8 python -m clipvip.pretrain --config ...      # where horovod is installed
+  torchrun --nnodes 4 --nproc_per_node 8 ... -m clipvip pretrain --config ...
+  horovodrun -np 8 python -m clipvip pretrain --config ...      # where horovod is installed
 """
 
 
@@ -89,7 +88,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    prog = prog_name("clipvip.pretrain")
+    prog = prog_name("pretrain")
     if wants_help(argv):
         print(HELP.format(prog=prog, overrides=OVERRIDES_HELP))
         return 0
@@ -99,10 +98,3 @@ def main(argv: Sequence[str]) -> int:
     run(cfg)
     return 0
 
-
-def entry() -> None:
-    sys.exit(run_main(main))
-
-
-if __name__ == "__main__":
-    entry()

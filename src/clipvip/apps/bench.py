@@ -1,14 +1,14 @@
-"""``python -m clipvip.bench``: throughput and peak memory of CLIP-ViP, one JSON object on stdout.
+"""``python -m clipvip bench``: throughput and peak memory of CLIP-ViP, one JSON object on stdout.
 
 Modes (``--mode``):
 
 - ``encode``: video encoding for evaluation (eval mode, no gradient), clips/s;
-- ``train``: one training step as :class:`clipvip.train.loop.Trainer` runs it (forward of both
+- ``train``: one training step as :class:`clipvip.engine.trainer.Trainer` runs it (forward of both
   towers under autocast, contrastive loss, backward, gradient clipping, AdamW, clamp of the
   temperature), clips/s, with model-FLOPs utilisation against ``--peak-tflops``;
 - ``both``: the two above;
 - ``data``: what one DataLoader worker does per clip (decode + sample + transform) against the
-  ``ffmpeg`` command line decoding the same frames (:mod:`clipvip.data.benchmark`).
+  ``ffmpeg`` command line decoding the same frames (:mod:`clipvip.apps.data_bench`).
 
 Models have random weights and are built from a :data:`clipvip.model.KNOWN_ARCHITECTURES` name
 (``--arch b32|b16`` or the full name), with optional overrides of the vision tower
@@ -17,9 +17,9 @@ Models have random weights and are built from a :data:`clipvip.model.KNOWN_ARCHI
 alternating between them round after round so that other load on the machine falls on both alike,
 and reports their ratio.
 
-    python -m clipvip.bench --mode both --arch b32 --width 384 --heads 6 --batch 8 --frames 12 \\
+    python -m clipvip bench --mode both --arch b32 --width 384 --heads 6 --batch 8 --frames 12 \\
         --precision fp32 --threads 2 --attn eager sdpa
-    python -m clipvip.bench --mode train --arch b32 --batch 32 --precision bf16 --compile \\
+    python -m clipvip bench --mode train --arch b32 --batch 32 --precision bf16 --compile \\
         --peak-tflops 989
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measurement); on CPU
@@ -46,8 +46,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .cli import HelpFormatter, prog_name, run_main
-from .errors import ConfigError
+from clipvip.apps.cli import HelpFormatter, prog_name
+from clipvip.errors import ConfigError
 
 ARCH_ALIASES = {"b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16"}
 
@@ -67,7 +67,7 @@ PEAK_TFLOPS = {
 # ---------------------------------------------------------------------------------------------
 def bench_clip_config(args) -> dict:
     """The CLIP architecture dict of ``args.arch`` with the shape overrides applied."""
-    from .model import KNOWN_ARCHITECTURES
+    from clipvip.model import KNOWN_ARCHITECTURES
 
     name = ARCH_ALIASES.get(args.arch, args.arch)
     if name not in KNOWN_ARCHITECTURES:
@@ -97,7 +97,7 @@ def build_bench_model(arch: dict, add_cls_num: int = 3, seed: int = 0):
     """A randomly initialised :class:`CLIPViPRetrieval` of architecture ``arch`` (ViP, 12-frame table)."""
     from transformers import CLIPConfig
 
-    from .model import CLIPViPRetrieval, VideoSettings
+    from clipvip.model import CLIPViPRetrieval, VideoSettings
 
     torch.manual_seed(seed)
     config = CLIPConfig(**{k: v for k, v in arch.items() if not k.startswith("_")})
@@ -220,16 +220,16 @@ def _inputs(arch: dict, batch: int, frames: int, text_len: int, device: torch.de
 
 
 class TrainStep:
-    """One optimizer step as :meth:`clipvip.train.loop.Trainer.train_step` runs it, with the same
-    non-finite guard (:mod:`clipvip.train.guard`): ``nonfinite_check`` ``auto`` (deferred to the
+    """One optimizer step as :meth:`clipvip.engine.trainer.Trainer.train_step` runs it, with the same
+    non-finite guard (:mod:`clipvip.engine.guard`): ``nonfinite_check`` ``auto`` (deferred to the
     device on CUDA), ``step`` (the host reads loss and gradient norm every step) or ``deferred``."""
 
     def __init__(self, model, precision: str, device: torch.device, lr: float = 1e-5, nonfinite_check: str = "auto"):
-        from .config import load_config
-        from .loss import build_loss
-        from .train.guard import GuardedUpdate, resolve_nonfinite_check
-        from .train.optim import build_optimizer
-        from .train.precision import grad_scaler
+        from clipvip.config import load_config
+        from clipvip.loss import build_loss
+        from clipvip.engine.guard import GuardedUpdate, resolve_nonfinite_check
+        from clipvip.engine.optim import build_optimizer
+        from clipvip.precision import grad_scaler
 
         cfg = load_config(None, ["--learning_rate", str(lr)])
         self.model, self.precision, self.device = model, precision, device
@@ -243,7 +243,7 @@ class TrainStep:
         self.grad_norm = float(cfg.grad_norm)
 
     def __call__(self, video, ids, mask) -> torch.Tensor:
-        from .train.precision import autocast
+        from clipvip.precision import autocast
 
         with autocast(self.precision, self.device.type):
             out = self.model(video, ids, mask)
@@ -355,7 +355,7 @@ def run_model_bench(args) -> dict:
     compile_error = None
     if args.compile:
         try:
-            from .model import compile_model
+            from clipvip.model import compile_model
 
             compile_model(model, backend=args.compile_backend)
         except Exception as e:  # noqa: BLE001 - reported, then the run goes on without compile
@@ -367,8 +367,8 @@ def run_model_bench(args) -> dict:
     if peak is None and args.measure_peak:
         peak, peak_source = measure_peak_tflops(args.precision, device), "measured matmul"
 
-    from .model import layers
-    from .train.precision import autocast
+    from clipvip.model import layers
+    from clipvip.precision import autocast
 
     modes = ["encode", "train"] if args.mode == "both" else [args.mode]
     results: dict = {}
@@ -456,7 +456,7 @@ def run_model_bench(args) -> dict:
 
 
 def machine_info(device: Optional[torch.device] = None) -> dict:
-    from .data.benchmark import cpu_name
+    from clipvip.apps.data_bench import cpu_name
 
     info = {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
@@ -474,13 +474,13 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog_name("clipvip.bench"), formatter_class=HelpFormatter,
+        prog=prog_name("bench"), formatter_class=HelpFormatter,
         description="Throughput and peak memory of CLIP-ViP with random weights; one JSON object on stdout.",
         epilog="examples:\n"
                "  %(prog)s --mode both --arch b32 --width 384 --heads 6 --batch 8 --threads 2 --attn eager sdpa\n"
                "  %(prog)s --mode train --arch b32 --batch 32 --precision bf16 --compile --peak-tflops 989\n"
                "  %(prog)s --mode data --clips 8 --threads 1\n"
-               "Modes and the memory measurement are described in the module docstring (src/clipvip/bench.py).")
+               "Modes and the memory measurement are described in the module docstring (src/clipvip/apps/bench.py).")
     p.add_argument("--mode", choices=("encode", "train", "both", "data"), default="both",
                    help="encode: evaluation video encoding; train: one Trainer step (forward, loss, backward, "
                         "AdamW); both; data: decode + sample + transform per clip against the ffmpeg CLI")
@@ -533,7 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode == "data":
-        from .data.benchmark import run_data_bench
+        from clipvip.apps.data_bench import run_data_bench
 
         report = run_data_bench(num_frms=args.frames, input_res=args.res, clips=args.clips,
                                 frames=args.clip_frames, size=args.size, fps=args.fps,
@@ -544,10 +544,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(json.dumps(report, indent=1))
     return 0
 
-
-def entry() -> None:
-    sys.exit(run_main(main))
-
-
-if __name__ == "__main__":
-    entry()

@@ -29,10 +29,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from ..errors import ClipvipError
-from ..logging_utils import get_logger
-from .engine import SearchEngine
-from .errors import SearchError
+from clipvip.errors import ClipvipError
+from clipvip.logging_utils import get_logger
+from clipvip.apps.search.engine import SearchEngine
+from clipvip.apps.search.errors import SearchError
 
 LOGGER = get_logger("search.server")
 DEFAULT_K = 12
@@ -47,7 +47,7 @@ VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktim
 
 
 def page() -> bytes:
-    return resources.files("clipvip.search").joinpath("static", "index.html").read_bytes()
+    return resources.files("clipvip.apps.search").joinpath("static", "index.html").read_bytes()
 
 
 def video_type(path: str) -> str:

@@ -1,6 +1,6 @@
 """Features of videos and sentences for search: the model loaded once, videos decoded by workers.
 
-A video's frames are read exactly as evaluation reads them: :class:`clipvip.data.retrieval.ClipReader`
+A video's frames are read exactly as evaluation reads them: :class:`clipvip.data.retrieval_dataset.ClipReader`
 built with ``training=False`` (the config's ``test_n_clips * test_num_frms`` frames, uniform
 when ``sample_rate`` is 0, the same decoder and transform), encoded under the config's precision
 in batches of ``test_batch_size``. Sentences are tokenised as evaluation does (``max_txt_len``).
@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, load_config
-from ..data.loader import DevicePrefetcher
-from ..data.retrieval import BAD_SAMPLE_ERRORS, ClipReader, tokenize
-from ..errors import DataError
-from ..logging_utils import get_logger
-from ..model import build_model
-from ..tokenizer import build_tokenizer
-from ..train.precision import autocast, precision_from_config
-from .errors import IndexMismatchError
-from .storage import atomic_save_npy, atomic_write_text, writer_lock
+from clipvip.config import Config, load_config
+from clipvip.data.loader import DevicePrefetcher
+from clipvip.data.retrieval_dataset import BAD_SAMPLE_ERRORS, ClipReader, tokenize
+from clipvip.errors import DataError
+from clipvip.logging_utils import get_logger
+from clipvip.model import build_model
+from clipvip.tokenizer import build_tokenizer
+from clipvip.precision import autocast, precision_from_config
+from clipvip.apps.search.errors import IndexMismatchError
+from clipvip.apps.search.storage import atomic_save_npy, atomic_write_text, writer_lock
 
 LOGGER = get_logger("search.encode")
 
@@ -140,7 +140,7 @@ def _reload(stored: Mapping, overrides: Sequence[str]) -> Config:
     """
     import tempfile
 
-    from ..config import DATASET_KEYS, DEFAULTS, NESTED_DEFAULTS
+    from clipvip.config import DATASET_KEYS, DEFAULTS, NESTED_DEFAULTS
 
     values = {}
     for key, value in json.loads(json.dumps(stored)).items():
@@ -484,7 +484,7 @@ def encode_to_folder(encoder: Encoder, out: str, *, videos: Sequence[VideoItem] 
 
 
 def _version() -> str:
-    from .. import __version__
+    from clipvip import __version__
 
     return __version__
 

@@ -30,10 +30,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..logging_utils import get_logger
-from .annotations import hdvila_video_path, iter_annotation_file
-from .retrieval import ClipReader, SubstitutingDataset, tokenize
+from clipvip.errors import ConfigError, DataError
+from clipvip.logging_utils import get_logger
+from clipvip.data.annotations import hdvila_video_path, iter_annotation_file
+from clipvip.data.retrieval_dataset import ClipReader, SubstitutingDataset, tokenize
 
 LOGGER = get_logger(__name__)
 

@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from ..logging_utils import get_logger
+from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("precision")
 PRECISIONS = ("fp32", "fp16", "bf16")

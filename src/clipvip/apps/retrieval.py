@@ -1,9 +1,9 @@
 """Text-to-video retrieval: fine-tune (``--is_train``) or evaluate a CLIP-ViP model.
 
-    python -m clipvip.retrieval --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \\
+    python -m clipvip retrieval --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \\
         --blob_mount_dir /data --e2e_weights_path pretrain_clipvip_base_32.pt [--is_train]
-    torchrun --nproc_per_node 8 -m clipvip.retrieval --config ... --is_train
-    accelerate launch -m clipvip.retrieval --config ... --is_train
+    torchrun --nproc_per_node 8 -m clipvip retrieval --config ... --is_train
+    accelerate launch -m clipvip retrieval --config ... --is_train
 
 Without ``--is_train`` it evaluates ``e2e_weights_path`` (or plain ``clip_weights``: zero-shot) on
 ``inference_datasets`` and writes ``<output_dir>/eval_results.json``. Training validates on
@@ -11,16 +11,15 @@ Without ``--is_train`` it evaluates ``e2e_weights_path`` (or plain ``clip_weight
 """
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
-from .cli import OVERRIDES_HELP, prog_name, require_config, run_main, wants_help
-from .config import load_config
-from .data.loader import LoaderStream
-from .data.retrieval import VideoRetrievalDataset
-from .errors import ConfigError
-from .logging_utils import get_logger
-from .train import runner
+from clipvip.apps.cli import OVERRIDES_HELP, prog_name, require_config, wants_help
+from clipvip.config import load_config
+from clipvip.data.loader import LoaderStream
+from clipvip.data.retrieval_dataset import VideoRetrievalDataset
+from clipvip.errors import ConfigError
+from clipvip.logging_utils import get_logger
+from clipvip.apps import runner
 
 LOGGER = get_logger("retrieval")
 
@@ -50,8 +49,8 @@ examples:
       --blob_mount_dir /data --e2e_weights_path pretrain_clipvip_base_32.pt --is_train
   {prog} --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \\
       --blob_mount_dir /data --e2e_weights_path output/ckpt/model_best.pt      # evaluate
-  torchrun --nproc_per_node 8 -m clipvip.retrieval --config ... --is_train
-  accelerate launch -m clipvip.retrieval --config ... --is_train
+  torchrun --nproc_per_node 8 -m clipvip retrieval --config ... --is_train
+  accelerate launch -m clipvip retrieval --config ... --is_train
 """
 
 
@@ -76,7 +75,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    prog = prog_name("clipvip.retrieval")
+    prog = prog_name("retrieval")
     if wants_help(argv):
         print(HELP.format(prog=prog, overrides=OVERRIDES_HELP))
         return 0
@@ -84,10 +83,3 @@ def main(argv: Sequence[str]) -> int:
     run(load_config(None, argv))
     return 0
 
-
-def entry() -> None:
-    sys.exit(run_main(main))
-
-
-if __name__ == "__main__":
-    entry()

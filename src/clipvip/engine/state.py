@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
-from ..model.weights import atomic_torch_save, unwrap_model
+from clipvip.errors import CheckpointError
+from clipvip.model.weights import atomic_torch_save, unwrap_model
 
 STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1

@@ -6,8 +6,8 @@ import math
 import os
 from typing import Any
 
-from ..logging_utils import LOGGER as ROOT_LOGGER
-from ..logging_utils import add_log_file, get_logger
+from clipvip.logging_utils import LOGGER as ROOT_LOGGER
+from clipvip.logging_utils import add_log_file, get_logger
 
 LOGGER = get_logger("run")
 

@@ -26,7 +26,7 @@ The same seed gives byte-identical annotation files and identical frames; the tr
 pretraining sets draw from separate random streams, so changing ``n_train`` leaves the test set
 unchanged.
 
-    python -m clipvip.data.synthetic --out data/synthetic --n-train 2000 --n-test 200
+    python -m clipvip synthetic --out data/synthetic --n-train 2000 --n-test 200
 """
 from __future__ import annotations
 
@@ -531,14 +531,14 @@ def _help_epilog(prog: str) -> str:
     return "\n".join([
         "writes (DIR = --out):", *layout, "",
         "The same seed gives the same files. configs/demo/*.json read DIR as <blob_mount_dir>/data",
-        "(python -m clipvip.demo draws it into <out>/data; docs/first-run.md).", "",
+        "(python -m clipvip demo draws it into <out>/data; docs/first-run.md).", "",
         "example:", f"  {prog} --out data/synthetic --n-train 2000 --n-test 200"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import HelpFormatter, prog_name
+    from clipvip.apps.cli import HelpFormatter, prog_name
 
-    prog = prog_name("clipvip.data.synthetic")
+    prog = prog_name("synthetic")
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=HelpFormatter, epilog=_help_epilog(prog),
         description="Draw the synthetic benchmark: moving coloured shapes whose captions name colour,\n"
@@ -570,11 +570,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          frame_folders=not args.no_frame_folders, workers=args.workers,
                          backdrop=args.backdrop)
     except ValueError as e:
-        print(f"clipvip-synthetic: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(paths, indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ What it does per optimizer step (DESIGN §4):
    loss sees the whole accumulated batch of negatives (open_clip's scheme);
 3. unscale (fp16), clip at ``grad_norm``, and step the optimizer only if loss and gradient are
    finite: a non-finite step is skipped and counted; ``max_nonfinite_steps`` in a row stop the run
-   with a checkpoint. ``nonfinite_check`` decides where (:mod:`clipvip.train.guard`): on the host
+   with a checkpoint. ``nonfinite_check`` decides where (:mod:`clipvip.engine.guard`): on the host
    every step (the step's one host-device sync), or on the device, read at the loop's sync points
    only (logging, validation and state steps; the default on CUDA);
 4. clamp ``logit_scale`` to ``[0, ln 200]``.
@@ -45,16 +45,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import distributed
-from ..data.loader import MODEL_INPUTS, DevicePrefetcher
-from ..errors import CheckpointError, ClipvipError
-from ..logging_utils import get_logger
-from ..model.weights import save_checkpoint
-from .logger import RunLogger
-from .guard import GuardedUpdate, UpdateReport, resolve_nonfinite_check
-from .optim import build_optimizer, learning_rate_at, set_learning_rate
-from .precision import autocast, grad_scaler
-from .state import Progress, load_training_state, restore_rng, save_training_state
+from clipvip import distributed
+from clipvip.data.loader import MODEL_INPUTS, DevicePrefetcher
+from clipvip.errors import CheckpointError, ClipvipError
+from clipvip.logging_utils import get_logger
+from clipvip.model.weights import save_checkpoint
+from clipvip.engine.logger import RunLogger
+from clipvip.engine.guard import GuardedUpdate, UpdateReport, resolve_nonfinite_check
+from clipvip.engine.optim import build_optimizer, learning_rate_at, set_learning_rate
+from clipvip.precision import autocast, grad_scaler
+from clipvip.engine.state import Progress, load_training_state, restore_rng, save_training_state
 
 LOGGER = get_logger("train")
 

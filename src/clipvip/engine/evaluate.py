@@ -19,12 +19,12 @@ from typing import Callable
 
 import torch
 
-from .. import distributed
-from ..data.loader import DevicePrefetcher, build_eval_loader
-from ..errors import DataError
-from ..logging_utils import get_logger
-from ..metrics import evaluate_retrieval
-from .precision import autocast
+from clipvip import distributed
+from clipvip.data.loader import DevicePrefetcher, build_eval_loader
+from clipvip.errors import DataError
+from clipvip.logging_utils import get_logger
+from clipvip.metrics import evaluate_retrieval
+from clipvip.precision import autocast
 
 LOGGER = get_logger("evaluate")
 PROTOCOL = "multi-caption: every caption is a query, its video the target"
@@ -54,7 +54,7 @@ def encode_readable_in_order(encode: Callable[[dict], torch.Tensor], loader, exp
     """``(features [expected - F, P], failed)`` of the dataset behind ``loader``, in dataset order.
 
     Batches may list items that could not be read, ``failed = [(index, reason), ...]``
-    (:class:`clipvip.data.retrieval.MarkedVideoCollator`); they are not encoded. ``failed`` comes
+    (:class:`clipvip.data.retrieval_dataset.MarkedVideoCollator`); they are not encoded. ``failed`` comes
     back with every rank's F failures in dataset order, the same list on every rank, and the
     features are those of the other items in dataset order, so dropping the failed indices from
     the dataset leaves both aligned. A batch of failures only (no ``indices``) is not encoded.
@@ -103,7 +103,7 @@ def encode_retrieval_set(model, dataset, cfg, precision: str, device: torch.devi
     """``(videos [n_videos, P], texts [n_texts, P])``: every video and caption of ``dataset``, in order.
 
     A video that cannot be decoded is dropped from ``dataset`` with its captions
-    (:meth:`~clipvip.data.retrieval.VideoRetrievalDataset.drop_videos`, the same on every rank)
+    (:meth:`~clipvip.data.retrieval_dataset.VideoRetrievalDataset.drop_videos`, the same on every rank)
     before the captions are encoded, so ``n_videos``, ``n_texts`` and ``dataset.text_to_video()``
     describe what comes back. ``video_workers``: loader workers for the videos (default the
     config's ``n_workers``).
