@@ -19,6 +19,7 @@ import os
 from typing import Any, Iterable, Sequence
 
 from clipvip.errors import ConfigError
+from clipvip.files import atomic_write_json
 
 
 class Config(dict):
@@ -429,10 +430,6 @@ def save_config(cfg: Config, output_dir: str | None = None, name: str = "config.
     resolved = cfg.to_dict()
     resolved["blob_mount_dir"] = ""
     target = os.path.join(output_dir, name)
-    tmp = f"{target}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(resolved, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, target)
+    atomic_write_json(target, resolved, indent=2, sort_keys=True)
     return target
 

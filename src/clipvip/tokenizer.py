@@ -12,11 +12,13 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
+
 from functools import lru_cache
 from importlib import resources
 
 from transformers import CLIPTokenizerFast
+
+from clipvip.files import atomic_write_text
 
 BPE_ASSET = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP keeps the first 48894 merges of the file (49152 - 256 - 2).
@@ -67,10 +69,7 @@ def write_vocab_files(folder: str, merges: list[tuple[str, str]] | None = None) 
         ("vocab.json", json.dumps(vocab, ensure_ascii=False)),
         ("merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"),
     ):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(folder, name))
+        atomic_write_text(os.path.join(folder, name), text)
 
 
 def _cache_folder() -> str:

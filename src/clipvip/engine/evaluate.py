@@ -13,7 +13,6 @@ those clips would score, and the results block lists them (``skipped_videos``, `
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
@@ -25,6 +24,7 @@ from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
 from clipvip.metrics import evaluate_retrieval
 from clipvip.precision import autocast
+from clipvip.files import atomic_write_json
 
 LOGGER = get_logger("evaluate")
 PROTOCOL = "multi-caption: every caption is a query, its video the target"
@@ -173,9 +173,5 @@ def format_results_table(results: dict) -> str:
 
 def write_results(results: dict, output_dir: str, name: str = "eval_results.json") -> str:
     path = os.path.join(output_dir, name)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, results, indent=2)
     return path

@@ -8,6 +8,7 @@ from typing import Any
 
 from clipvip.logging_utils import LOGGER as ROOT_LOGGER
 from clipvip.logging_utils import add_log_file, get_logger
+from clipvip.files import atomic_write_text
 
 LOGGER = get_logger("run")
 
@@ -56,10 +57,7 @@ class RunLogger:
             return
         with open(self.metrics_path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.metrics_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.metrics_path)
+        atomic_write_text(self.metrics_path, "".join(kept))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from clipvip.errors import CheckpointError
+from clipvip.files import atomic_write
 from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("weights")
@@ -260,17 +261,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(model: nn.Module, path: str) -> None:

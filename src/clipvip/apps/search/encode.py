@@ -38,7 +38,8 @@ from clipvip.model import build_model
 from clipvip.tokenizer import build_tokenizer
 from clipvip.precision import autocast, precision_from_config
 from clipvip.apps.search.errors import IndexMismatchError
-from clipvip.apps.search.storage import atomic_save_npy, atomic_write_text, writer_lock
+from clipvip.apps.search.storage import atomic_save_npy, writer_lock
+from clipvip.files import atomic_write_text
 
 LOGGER = get_logger("search.encode")
 

@@ -49,7 +49,8 @@ from urllib.request import pathname2url
 import numpy as np
 
 from clipvip.apps.search.errors import CorruptIndexError, FaissMissingError, IndexNotFoundError, SearchError
-from clipvip.apps.search.storage import atomic_write, atomic_write_text, fsync_dir, writer_lock
+from clipvip.apps.search.storage import writer_lock
+from clipvip.files import atomic_path, atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 SIDECAR = "index.sqlite"
@@ -319,35 +320,23 @@ def write_index(path: str, vectors: np.ndarray, records: Sequence[tuple[str, str
     atomic_write(os.path.join(path, faiss_file), lambda f: f.write(memoryview(data)))
 
     sidecar = os.path.join(path, SIDECAR)
-    tmp = os.path.join(path, f".tmp-{os.getpid()}-{SIDECAR}")
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    if base is not None:
-        shutil.copyfile(sidecar, tmp)
-    conn = sqlite3.connect(tmp)
-    try:
-        if base is None:
-            conn.executescript(_SCHEMA)
-        now = _now()
-        conn.executemany("INSERT INTO videos (row, id, path, duration, added) VALUES (?, ?, ?, ?, ?)",
-                         [(start + k, vid, vpath, dur, now) for k, (vid, vpath, dur) in enumerate(records)])
-        values = dict(meta)
-        values.update(format_version=FORMAT_VERSION, faiss_file=faiss_file, count=int(index.ntotal),
-                      spec=spec.to_dict(), updated=now, faiss_version=getattr(faiss, "__version__", ""))
-        if base is None:
-            values["created"] = now
-        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                         [(k, json.dumps(v)) for k, v in values.items()])
-        conn.commit()
-    except BaseException:
-        conn.close()
-        os.remove(tmp)
-        raise
-    conn.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, sidecar)  # the commit
-    fsync_dir(path)
+    with atomic_path(sidecar) as tmp:  # the rename of the sidecar is the commit
+        if base is not None:
+            shutil.copyfile(sidecar, tmp)
+        with contextlib.closing(sqlite3.connect(tmp)) as conn:
+            if base is None:
+                conn.executescript(_SCHEMA)
+            now = _now()
+            conn.executemany("INSERT INTO videos (row, id, path, duration, added) VALUES (?, ?, ?, ?, ?)",
+                             [(start + k, vid, vpath, dur, now) for k, (vid, vpath, dur) in enumerate(records)])
+            values = dict(meta)
+            values.update(format_version=FORMAT_VERSION, faiss_file=faiss_file, count=int(index.ntotal),
+                          spec=spec.to_dict(), updated=now, faiss_version=getattr(faiss, "__version__", ""))
+            if base is None:
+                values["created"] = now
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             [(k, json.dumps(v)) for k, v in values.items()])
+            conn.commit()
     write_skipped(path, skipped)
     _remove_unreferenced(path, keep=faiss_file)
     return int(index.ntotal)
