@@ -27,6 +27,14 @@ import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+import torch
+
+from clipvip.apps.synthetic import draw_train_specs, render_clip, write_video
+from clipvip.data.sampling import sample_frame_indices
+from clipvip.data.transforms import frames_to_model_input
+from clipvip.data.video import available_backends, load_sampled_frames
+
 
 def cpu_name() -> str:
     try:
@@ -69,10 +77,6 @@ def write_clips(root: str, n: int, height: int, width: int, frames: int, fps: in
     background moving like a slow camera pan gives bitrates in the range of pre-processed web
     video, so decoding costs what it costs on real data.
     """
-    import numpy as np
-
-    from clipvip.apps.synthetic import draw_train_specs, render_clip, write_video
-
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = []
@@ -139,12 +143,6 @@ def run_data_bench(num_frms: int = 12, input_res: int = 224, clips: int = 8, fra
                    folder: Optional[str] = None) -> dict:
     """The report (a JSON-able dict) of one run; clips are written to ``folder`` (reused if they
     are there) or to a temporary folder that is deleted afterwards."""
-    import torch
-
-    from clipvip.data.sampling import sample_frame_indices
-    from clipvip.data.transforms import frames_to_model_input
-    from clipvip.data.video import available_backends, load_sampled_frames
-
     torch.set_num_threads(1)  # what torch's DataLoader sets in each worker
     tmp = None
     root = folder

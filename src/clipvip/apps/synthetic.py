@@ -35,12 +35,18 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from fractions import Fraction
 from typing import Optional, Sequence, Union
 
+import av
+import lmdb
 import numpy as np
+from PIL import Image
 
+from clipvip.apps.cli import HelpFormatter, prog_name
+from clipvip.files import atomic_path
 from clipvip.logging_utils import get_logger
 
 logger = get_logger("data.synthetic")  # not __name__: that is "__main__" under python -m
@@ -230,15 +236,14 @@ def render_clip(spec: ClipSpec, height: int, width: int, frames: int) -> np.ndar
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = 6, crf: int = 17) -> None:
-    """Encode uint8 RGB ``[T, H, W, 3]`` as H.264 (yuv420p) in an mp4 through PyAV."""
-    import av
+    """Encode uint8 RGB ``[T, H, W, 3]`` as H.264 (yuv420p) in an mp4 through PyAV.
 
+    Written under a temporary name first: a crash never leaves a half-written clip under the
+    final one (the temporary name keeps the extension, from which PyAV picks the container)."""
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs even frame sizes, got {h}x{w}")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.mp4"
-    with av.open(tmp, "w") as out:
+    with atomic_path(path) as tmp, av.open(tmp, "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.time_base = Fraction(1, fps)
@@ -251,13 +256,10 @@ def write_video(path: str, frames: np.ndarray, fps: int = 6, crf: int = 17) -> N
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    os.replace(tmp, path)  # a crash never leaves a half-written clip under the final name
 
 
 def write_frame_folder(folder: str, clip_id: str, frames: np.ndarray, quality: int = 95) -> None:
     """``{folder}/{clip_id}/{clip_id}_{i:03d}.jpg`` for i = 0..T-1 (what load_frame_folder reads)."""
-    from PIL import Image
-
     clip_dir = os.path.join(folder, clip_id)
     os.makedirs(clip_dir, exist_ok=True)
     for i, array in enumerate(frames):
@@ -390,10 +392,6 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def _write_lmdb(path: str, items: dict[str, str]) -> None:
-    import shutil
-
-    import lmdb
-
     if os.path.isdir(path):
         shutil.rmtree(path)  # a stale database would keep keys of an earlier run
     env = lmdb.open(path, map_size=1 << 28, subdir=True)
@@ -536,8 +534,6 @@ def _help_epilog(prog: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from clipvip.apps.cli import HelpFormatter, prog_name
-
     prog = prog_name("synthetic")
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=HelpFormatter, epilog=_help_epilog(prog),
