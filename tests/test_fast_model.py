@@ -1,6 +1,8 @@
 """The fast model path (sdpa, fused QKV, folded quick_gelu, oneDNN matmuls, fused AdamW, compile)
 computes what the original formulation (``attn_implementation: eager``) computes."""
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -9,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import clipvip
-from clipvip.model import layers
-from clipvip.model.layers import ProxyLayout, eager_proxy_guided_attention, quick_gelu, quick_gelu_mlp
+from clipvip.model import fast_paths
+from clipvip.model.fast_paths import quick_gelu_mlp
+from clipvip.model.layers import ProxyLayout, eager_proxy_guided_attention, quick_gelu
 from test_model import eager_proxy_attention
 from tiny_models import random_text, tiny_cfg, write_hf_clip
 
@@ -119,7 +122,7 @@ def test_quick_gelu_mlp_is_the_written_formula(monkeypatch):
     x = torch.randn(3, 7, 16, requires_grad=True)
     ref = fc2(quick_gelu(fc1(x)))
     for onednn in (False, True):
-        monkeypatch.setattr(layers, "ONEDNN_LINEAR", onednn and layers._ONEDNN is not None)
+        monkeypatch.setattr(fast_paths, "onednn_linear_faster", lambda: onednn and fast_paths._onednn_op() is not None)
         out = quick_gelu_mlp(x, fc1, fc2)
         assert torch.allclose(out, ref, atol=1e-6)
         g_ref = torch.autograd.grad(ref.sum(), [x, fc1.weight, fc2.bias], retain_graph=True)
@@ -130,13 +133,13 @@ def test_quick_gelu_mlp_is_the_written_formula(monkeypatch):
         assert torch.allclose(quick_gelu_mlp(x, fc1, fc2), ref, atol=1e-6)
 
 
-@pytest.mark.skipif(layers._ONEDNN is None, reason="torch without oneDNN's dense linear op")
+@pytest.mark.skipif(fast_paths._onednn_op() is None, reason="torch without oneDNN's dense linear op")
 def test_onednn_linear_forward_and_backward():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 24, requires_grad=True)
     w = torch.randn(40, 24, requires_grad=True)
     b = torch.randn(40, requires_grad=True)
-    out = layers._OneDNNLinear.apply(x, w, b)
+    out = fast_paths.OneDNNLinear.apply(x, w, b)
     ref = F.linear(x, w, b)
     assert torch.allclose(out, ref, atol=1e-5)
     g = torch.randn_like(ref)
@@ -146,13 +149,13 @@ def test_onednn_linear_forward_and_backward():
         assert torch.allclose(a, e, atol=1e-4)
     # without bias, and only some inputs needing a gradient
     w.requires_grad_(False)
-    out = layers._OneDNNLinear.apply(x, w, None)
+    out = fast_paths.OneDNNLinear.apply(x, w, None)
     (gx,) = torch.autograd.grad(out.sum(), [x])
     assert torch.allclose(gx, F.linear(torch.ones(2, 9, 40), w.t()), atol=1e-4)
     # bf16 autocast and other dtypes stay with F.linear (autocast would not see our Function)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layers._uses_onednn(x, w)
-    assert not layers._uses_onednn(x.double(), w.double())
+        assert not fast_paths.uses_onednn(x, w)
+    assert not fast_paths.uses_onednn(x.double(), w.double())
 
 
 def test_fused_adamw_on_cpu_skips_a_nonfinite_update(clip_folder):
@@ -216,3 +219,81 @@ def test_cpu_bf16_uses_the_bmm_kernels(clip_folder, monkeypatch):
         fast = (model.encode_video(video), model.encode_text(ids, mask))
     for a, b in zip(slow, fast):
         assert torch.allclose(a.float(), b.float(), atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The switch: each fast path only where it is faster here, and all of them off at once
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_onednn_decision():
+    """The once-per-process oneDNN decision, measured again inside the test and after it."""
+    fast_paths.onednn_linear_faster.cache_clear()
+    yield
+    fast_paths.onednn_linear_faster.cache_clear()
+
+
+def forbid_onednn(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("oneDNN must not be used here")
+
+    monkeypatch.setattr(fast_paths.OneDNNLinear, "apply", forbidden)
+
+
+def test_onednn_measured_slower_is_not_used(monkeypatch, fresh_onednn_decision):
+    monkeypatch.setattr(fast_paths, "_cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(fast_paths, "_probe_speedup", lambda op: 0.85)  # the AVX2 EPYC's ratio
+    forbid_onednn(monkeypatch)
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    assert not fast_paths.onednn_linear_faster()
+    assert torch.allclose(fast_paths.linear(x, w), F.linear(x, w))
+
+
+def test_onednn_needs_avx512_before_it_is_timed(monkeypatch, fresh_onednn_decision):
+    monkeypatch.setattr(fast_paths, "_cpu_has_avx512", lambda: False)
+    monkeypatch.setattr(fast_paths, "_probe_speedup", lambda op: 1 / 0)  # never measured
+    forbid_onednn(monkeypatch)
+    assert not fast_paths.onednn_linear_faster()
+    fast_paths.linear(torch.randn(4, 8), torch.randn(6, 8))
+
+
+@pytest.mark.skipif(fast_paths._onednn_op() is None, reason="torch without oneDNN's dense linear op")
+def test_onednn_measured_faster_is_used_and_measured_once(monkeypatch, fresh_onednn_decision):
+    calls = []
+    monkeypatch.setattr(fast_paths, "_cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(fast_paths, "_probe_speedup", lambda op: calls.append(op) or 2.0)
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    assert fast_paths.uses_onednn(x, w) and fast_paths.uses_onednn(x, w)
+    assert len(calls) == 1
+    assert torch.allclose(fast_paths.linear(x, w), F.linear(x, w), atol=1e-5)
+
+
+def test_the_real_probe_compares_the_two_kernels():
+    if fast_paths._onednn_op() is None:
+        pytest.skip("torch without oneDNN's dense linear op")
+    state = torch.random.get_rng_state()
+    assert fast_paths._probe_speedup(fast_paths._onednn_op()) > 0
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run's random stream is untouched
+
+
+def test_nothing_is_measured_at_import():
+    code = ("import clipvip, clipvip.model.fast_paths as f; "
+            "assert f.onednn_linear_faster.cache_info().currsize == 0")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_one_switch_turns_every_fast_path_off(clip_folder, monkeypatch):
+    model = build(clip_folder).eval()
+    video = torch.randn(2, 3, 3, 32, 32)
+    ids, mask = random_text(2, 10, lengths=[10, 4])
+    with torch.no_grad():
+        fast = (model.encode_video(video), model.encode_text(ids, mask))
+        previous = fast_paths.set_enabled(False)
+        try:
+            for name in ("fused_qkv", "quick_gelu_mlp", "linear", "prefers_bmm_attention"):
+                monkeypatch.setattr(fast_paths, name, lambda *a, name=name: 1 / 0)
+            plain = (model.encode_video(video), model.encode_text(ids, mask))
+        finally:
+            fast_paths.set_enabled(previous)
+    assert model.clipmodel.attention_implementation == "sdpa"
+    for a, b in zip(fast, plain):
+        assert torch.allclose(a, b, atol=ATOL)

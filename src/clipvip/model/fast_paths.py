@@ -1,0 +1,210 @@
+"""Faster ways to compute what the encoder layer of :mod:`clipvip.model.layers` computes.
+
+Every fast path here computes the same function as the plain PyTorch it replaces (up to float
+summation order; tests/test_fast_model.py holds them together) and is taken only where it is
+faster on the machine running it:
+
+- ``fused_qkv``: one (D, 3D) projection instead of three (D, D) ones, one pass over x; and
+- ``quick_gelu_mlp``: quick_gelu's two scalings folded into the MLP's matmuls, one elementwise
+  pass (silu) left of the three (mul, sigmoid, mul). Both are PyTorch and do less work than what
+  they replace on any device, so they need no measurement;
+- ``linear``: fp32 CPU matmuls through oneDNN instead of MKL, on CPUs with AVX-512 and only
+  where a one-time measurement at the first matmul finds it faster (:func:`onednn_linear_faster`);
+- ``prefers_bmm_attention``: in bf16/fp16 on a CPU, attention as bmm + softmax, because torch's
+  CPU SDPA kernel is 2.5-3x slower there for these short sequences (docs/performance.md).
+
+All of them sit behind ONE switch, :data:`ENABLED` (``CLIPVIP_FAST_PATHS=0`` in the environment
+or :func:`set_enabled` turns them off: then the ``sdpa`` layers run the plain PyTorch of
+layers.py). The ``eager`` implementation (the original formulation) never takes them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipvip.logging_utils import get_logger
+
+LOGGER = get_logger("fast_paths")
+
+SWITCH_ENV = "CLIPVIP_FAST_PATHS"
+ENABLED = os.environ.get(SWITCH_ENV, "1") != "0"
+
+QUICK_GELU_ALPHA = 1.702  # quick_gelu(h) = h * sigmoid(1.702 * h)
+
+# The oneDNN decision: a matmul of a mid-sized layer of the model (rows x in -> out), timed
+# forward and as the two backward products, against MKL; oneDNN is taken only when it is at
+# least ONEDNN_MIN_SPEEDUP times faster. The margin keeps the decision the same run after run
+# (runs that resume each other must take the same kernels): measured 1.7-2.2x on an AVX-512
+# EPYC, 0.8-0.9x on an AVX2-only one, about 1x where MKL has AVX-512 kernels itself (Intel).
+ONEDNN_PROBE_SHAPE = (1024, 512, 512)
+ONEDNN_MIN_SPEEDUP = 1.25
+ONEDNN_PROBE_ROUNDS = 5
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn every fast path on or off (process-wide); returns the previous setting."""
+    global ENABLED
+    previous, ENABLED = ENABLED, bool(enabled)
+    return previous
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 CPU matmuls through oneDNN. torch's fp32 F.linear goes to MKL's sgemm, which on AMD
+# processors runs its AVX2 kernels; oneDNN (bundled with torch, what it already uses for bf16)
+# runs AVX-512 there. Its dense linear primitive is the op torch's own compiler emits
+# (``torch.ops.mkldnn._linear_pointwise``): fp32 products and fp32 sums, as MKL.
+# ---------------------------------------------------------------------------------------------
+def _onednn_op() -> Optional[Callable]:
+    """The op, where this torch build has it and oneDNN can use it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _cpu_has_avx512() -> bool:
+    """oneDNN has no kernels wider than MKL's without AVX-512 (or AMX)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _probe_speedup(op: Callable) -> float:
+    """MKL time / oneDNN time of one layer's forward and backward products; 0 where oneDNN's
+    result differs from MKL's (a broken build)."""
+    rows, fan_in, fan_out = ONEDNN_PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)  # a private generator: the caller's random stream is untouched
+    x, w = torch.randn(rows, fan_in, generator=g), torch.randn(fan_out, fan_in, generator=g)
+    grad, b = torch.randn(rows, fan_out, generator=g), torch.randn(fan_out, generator=g)
+    if not torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-4, atol=1e-3):
+        return 0.0
+
+    def mkl():
+        F.linear(x, w, b), grad.t() @ x, grad @ w
+
+    def onednn():
+        op(x, w, b, "none", [], ""), op(grad.t(), x.t(), None, "none", [], ""), op(grad, w.t(), None, "none", [], "")
+
+    mkl(), onednn()  # warm-up: oneDNN builds its primitives
+    best = {mkl: float("inf"), onednn: float("inf")}
+    for _ in range(ONEDNN_PROBE_ROUNDS):  # alternating, so that other load falls on both alike
+        for fn in best:
+            best[fn] = min(best[fn], _seconds(fn))
+    return best[mkl] / best[onednn]
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_faster() -> bool:
+    """Whether fp32 CPU matmuls go to oneDNN: measured once, at the first matmul that could."""
+    op = _onednn_op()
+    if op is None or not _cpu_has_avx512():
+        return False
+    speedup = _probe_speedup(op)
+    LOGGER.debug("oneDNN fp32 linear: %.2fx MKL's speed on %s", speedup, torch.backends.cpu.get_cpu_capability())
+    return speedup >= ONEDNN_MIN_SPEEDUP
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` through oneDNN, with its three backward matmuls through oneDNN as well."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad, weight.t())  # (..., in) = grad @ W
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn(grad2.t(), x.reshape(-1, x.shape[-1]).t())  # (out, in) = grad^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 on a CPU, outside autocast (which would not see the Function) and outside compiled
+    code (where inductor picks its own kernels), on a machine where oneDNN measured faster."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and onednn_linear_faster())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where that is faster (see above)."""
+    if uses_onednn(x, weight):
+        return OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer's pieces
+# ---------------------------------------------------------------------------------------------
+def fused_qkv(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+              num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three projections as one (B*S, D) x (D, 3D) matmul. The weights are concatenated per
+    call (3*D*D elements, small next to the activations) so that they stay HF's three parameters.
+    x: (B, S, D) -> q, k, v: 3 x (B, H, S, hd) views of one (B, S, 3, H, hd) buffer."""
+    B, S, D = x.shape
+    weight = torch.cat([q_proj.weight, k_proj.weight, v_proj.weight])  # (3D, D)
+    bias = torch.cat([q_proj.bias, k_proj.bias, v_proj.bias])  # (3D,)
+    qkv = linear(x, weight, bias).view(B, S, 3, num_heads, D // num_heads)
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def quick_gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+    """``fc2(quick_gelu(fc1(x)))`` with the activation's scalings folded into the two matmuls.
+
+    quick_gelu(h) = h * sigmoid(a*h) = silu(a*h) / a, with a = 1.702. ``a`` goes into fc1's GEMM
+    (``addmm`` alpha/beta) and ``1/a`` into fc2's, so one elementwise pass (silu) is left of the
+    three of the written-out formula. x: (..., D) -> (..., D).
+    """
+    a = QUICK_GELU_ALPHA
+    # In place where no gradient needs z (evaluation): one buffer less.
+    in_place = lambda z: not (torch.is_grad_enabled() and z.requires_grad)  # noqa: E731
+    if uses_onednn(x, fc1.weight):
+        # oneDNN's primitive has no alpha/beta: scale the weights instead (weight-sized, not
+        # activation-sized work).
+        z = linear(x, fc1.weight * a, fc1.bias * a)  # (..., I) = a*h
+        return linear(F.silu(z, inplace=in_place(z)), fc2.weight * (1.0 / a), fc2.bias)
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # (N, D)
+    z = torch.addmm(fc1.bias, x, fc1.weight.t(), beta=a, alpha=a)  # (N, I) = a*h
+    out = torch.addmm(fc2.bias, F.silu(z, inplace=in_place(z)), fc2.weight.t(), alpha=1.0 / a)  # (N, D)
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+def prefers_bmm_attention(q: torch.Tensor) -> bool:
+    """bf16/fp16 on a CPU: bmm + softmax beats torch's CPU SDPA kernel for these short sequences."""
+    return q.device.type == "cpu" and q.dtype != torch.float32
+
+
+def describe(device: torch.device) -> dict:
+    """What the fast paths do on ``device`` (for benchmark reports); measures oneDNN if not yet done."""
+    return {"enabled": ENABLED, "switch": f"{SWITCH_ENV}={int(ENABLED)}",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_fp32_linear": device.type == "cpu" and onednn_linear_faster()}
