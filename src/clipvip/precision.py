@@ -9,14 +9,20 @@ import contextlib
 
 import torch
 
+from clipvip.config import Config
 from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("precision")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def precision_from_config(cfg, device_type: str, purpose: str = "inference") -> str:
-    """fp32 | fp16 | bf16 from the config's ``fp16`` / ``bf16`` switches and the device.
+def precision_from_config(cfg: Config, device_type: str, purpose: str = "inference") -> str:
+    """fp32 | fp16 | bf16 from the config's ``fp16`` / ``bf16`` switches and the device (:func:`resolve_precision`)."""
+    return resolve_precision(bool(cfg.fp16), bool(cfg.bf16), device_type, purpose)
+
+
+def resolve_precision(fp16: bool, bf16: bool, device_type: str, purpose: str = "inference") -> str:
+    """fp32 | fp16 | bf16 from the two switches and the device.
 
     ``fp16`` is CUDA-only here (fp16 matmuls on a CPU are emulated and slow), so elsewhere it
     falls back to fp32. The official configs all say ``fp16: 1``, and the search apps read the
@@ -24,9 +30,9 @@ def precision_from_config(cfg, device_type: str, purpose: str = "inference") -> 
     training asked for and not given); inference (encoding, evaluation, search) just runs in fp32
     and says so at DEBUG level.
     """
-    if cfg.get("bf16"):
+    if bf16:
         return "bf16"
-    if cfg.get("fp16"):
+    if fp16:
         if device_type != "cuda":
             if purpose == "training":
                 LOGGER.warning("fp16 was asked for on %s: training in fp32 (use --bf16 1 for mixed precision)",

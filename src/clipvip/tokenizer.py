@@ -12,12 +12,12 @@ import gzip
 import hashlib
 import json
 import os
-
 from functools import lru_cache
 from importlib import resources
 
 from transformers import CLIPTokenizerFast
 
+from clipvip.config import Config
 from clipvip.files import atomic_write_text
 
 BPE_ASSET = "bpe_simple_vocab_16e6.txt.gz"
@@ -97,9 +97,15 @@ def load_clip_tokenizer(folder: str) -> CLIPTokenizerFast:
     )
 
 
-def build_tokenizer(cfg=None) -> CLIPTokenizerFast:
-    """The tokenizer for ``cfg.clip_config``: its folder's files if it has them, else the packaged BPE."""
-    folder = cfg.get("clip_config") if cfg is not None else None
+def tokenizer_for(clip_config: str | None) -> CLIPTokenizerFast:
+    """The tokenizer of the ``clip_config`` folder if it holds tokenizer files, else the packaged
+    BPE (a known model name, a folder with only config.json, or None)."""
+    folder = clip_config
     if folder and os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
         return load_clip_tokenizer(folder)
     return load_clip_tokenizer(packaged_tokenizer_folder())
+
+
+def build_tokenizer(cfg: Config | None = None) -> CLIPTokenizerFast:
+    """The tokenizer for ``cfg.clip_config`` (:func:`tokenizer_for`); without a config, the packaged BPE."""
+    return tokenizer_for(cfg.clip_config if cfg is not None else None)

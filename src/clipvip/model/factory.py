@@ -1,17 +1,24 @@
-"""Build the retrieval model from a config: architecture, initialisation, checkpoint."""
+"""Build the retrieval model: architecture, initialisation, checkpoint, attention, compile.
+
+:class:`ModelSettings` is what the model needs of a config; :func:`build_model` takes those
+settings, or a whole :class:`clipvip.config.Config` and reads them from it.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from transformers import CLIPConfig
 
+from clipvip.config import Config
 from clipvip.errors import CheckpointError, ConfigError
 from clipvip.logging_utils import get_logger
 from clipvip.model.clip_vip import VideoSettings
 from clipvip.model.layers import ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer
 from clipvip.model.retrieval_model import CLIPViPRetrieval
-from clipvip.model.weights import HF_WEIGHT_FILES, load_checkpoint, load_clip_weights
+from clipvip.model.weights import hub_cached_folder, load_checkpoint, load_clip_weights
 
 LOGGER = get_logger("model")
 
@@ -39,34 +46,6 @@ KNOWN_ARCHITECTURES = {
 }
 
 
-def _hub_cached_folder(name: str, filename: str) -> str | None:
-    """The local HF cache folder holding ``filename`` of repo ``name``, if it was downloaded before."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return None
-    try:
-        found = try_to_load_from_cache(name, filename)
-    except Exception:  # not a valid repo id
-        return None
-    return os.path.dirname(found) if isinstance(found, str) else None
-
-
-def resolve_pretrained_path(name_or_path: str, kind: str) -> str:
-    """A local folder or file with weights for ``name_or_path``: as given, or from the HF cache."""
-    if os.path.exists(name_or_path):
-        return name_or_path
-    for filename in HF_WEIGHT_FILES:
-        folder = _hub_cached_folder(name_or_path, filename)
-        if folder:
-            return folder
-    raise CheckpointError(
-        f"{kind} '{name_or_path}' is not a local folder or file and is not in the Hugging Face cache; "
-        f"download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "
-        f"and pass --{kind} DIR, or pass --{kind} none for random weights (docs/first-run.md)"
-    )
-
-
 def resolve_clip_config(name_or_path: str) -> CLIPConfig:
     """The CLIP architecture: a HF folder (or its config.json), or a known model name."""
     if not name_or_path:
@@ -82,7 +61,7 @@ def resolve_clip_config(name_or_path: str) -> CLIPConfig:
             raise ConfigError(f"{path}: not a CLIP config.json: {e}") from None
     if name_or_path in KNOWN_ARCHITECTURES:
         return CLIPConfig(**KNOWN_ARCHITECTURES[name_or_path])
-    cached = _hub_cached_folder(name_or_path, "config.json")
+    cached = hub_cached_folder(name_or_path, "config.json")
     if cached:
         return CLIPConfig.from_json_file(os.path.join(cached, "config.json"))
     raise ConfigError(
@@ -91,7 +70,41 @@ def resolve_clip_config(name_or_path: str) -> CLIPConfig:
     )
 
 
-def check_input_sizes(cfg, clip_config: CLIPConfig) -> None:
+@dataclass(frozen=True)
+class ModelSettings:
+    """What :func:`build_model` reads of a config (the keys of the same names)."""
+
+    clip_config: str  # HF CLIP folder (or its config.json) or a KNOWN_ARCHITECTURES name
+    input_res: tuple[int, ...]  # (H, W) of the frames fed to the model
+    max_txt_len: int  # text tokens per caption
+    video: VideoSettings  # clip_vision_additional_config
+    e2e_weights_path: Optional[str]  # a released or fine-tuned checkpoint, loaded exactly
+    clip_weights: Optional[str]  # image CLIP to initialise from, where there is no checkpoint
+    gradient_checkpointing: bool
+    attn_implementation: str  # "sdpa" or "eager"
+    compile: bool  # torch.compile the encoder layers
+
+    def __post_init__(self):
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attn_implementation: unknown '{self.attn_implementation}'; "
+                              f"known: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "ModelSettings":
+        return cls(
+            clip_config=cfg.clip_config,
+            input_res=tuple(int(v) for v in cfg.input_res),  # load_config makes it [H, W]
+            max_txt_len=int(cfg.max_txt_len),
+            video=VideoSettings.from_config(cfg.clip_vision_additional_config),
+            e2e_weights_path=cfg.e2e_weights_path or None,
+            clip_weights=cfg.clip_weights or None,
+            gradient_checkpointing=bool(cfg.gradient_checkpointing),
+            attn_implementation=cfg.attn_implementation,
+            compile=bool(cfg.compile),
+        )
+
+
+def check_input_sizes(settings: ModelSettings, clip_config: CLIPConfig) -> None:
     """``max_txt_len`` and ``input_res`` must fit the position embeddings of the two towers.
 
     Checked when the model is built, before any data is read: otherwise the first text batch,
@@ -99,17 +112,17 @@ def check_input_sizes(cfg, clip_config: CLIPConfig) -> None:
     first video batch with a ValueError from inside the vision tower.
     """
     side = int(clip_config.vision_config.image_size)
-    res = [int(v) for v in cfg.input_res]  # load_config makes it [H, W]
+    res = list(settings.input_res)
     if res != [side, side]:
         raise ConfigError(
-            f"input_res {res} does not match clip_config '{cfg.clip_config}': its vision position "
+            f"input_res {res} does not match clip_config '{settings.clip_config}': its vision position "
             f"embedding is for {side}x{side} frames (vision_config.image_size); use --input_res {side}")
     limit = int(clip_config.text_config.max_position_embeddings)
-    length = int(cfg.max_txt_len)
+    length = settings.max_txt_len
     if length > limit:
         raise ConfigError(
             f"max_txt_len {length} is more than the {limit} text positions of clip_config "
-            f"'{cfg.clip_config}' (text_config.max_position_embeddings); use --max_txt_len {limit} or less")
+            f"'{settings.clip_config}' (text_config.max_position_embeddings); use --max_txt_len {limit} or less")
     if length < 2:
         raise ConfigError(f"max_txt_len {length}: a caption needs at least 2 tokens (start and end)")
 
@@ -138,36 +151,35 @@ def compile_model(model, **compile_kwargs):
     return model
 
 
-def build_model(cfg, load_weights: bool = True) -> CLIPViPRetrieval:
-    """The retrieval model of ``cfg``: CLIP-ViP (``type: ViP``) or the mean-pool CLIP baseline.
+def build_model(settings: Union[ModelSettings, Config], load_weights: bool = True) -> CLIPViPRetrieval:
+    """The retrieval model: CLIP-ViP (``type: ViP``) or the mean-pool CLIP baseline.
 
-    Weights: ``e2e_weights_path`` (a released or fine-tuned checkpoint) loads exactly and makes
-    ``clip_weights`` unnecessary; otherwise ``clip_weights`` initialises from image CLIP;
-    with neither the model is randomly initialised.
+    ``settings``: :class:`ModelSettings`, or a config to read them from (the public entry:
+    ``clipvip.build_model(load_config(...))``). Weights: ``e2e_weights_path`` (a released or
+    fine-tuned checkpoint) loads exactly and makes ``clip_weights`` unnecessary; otherwise
+    ``clip_weights`` initialises from image CLIP; with neither the model is randomly initialised.
     """
-    clip_config = resolve_clip_config(cfg.clip_config)
-    check_input_sizes(cfg, clip_config)
-    video = VideoSettings.from_config(cfg.clip_vision_additional_config)
-    model = CLIPViPRetrieval(clip_config, video)
+    if not isinstance(settings, ModelSettings):
+        settings = ModelSettings.from_config(settings)
+    clip_config = resolve_clip_config(settings.clip_config)
+    check_input_sizes(settings, clip_config)
+    model = CLIPViPRetrieval(clip_config, settings.video)
     if load_weights:
-        if cfg.get("e2e_weights_path"):
-            path = cfg.e2e_weights_path
+        if settings.e2e_weights_path:
+            path = settings.e2e_weights_path
             if not os.path.exists(path):  # the official retrieval configs hold a placeholder path
-                start = f"clip_weights '{cfg.clip_weights}'" if cfg.get("clip_weights") else "random weights"
+                start = f"clip_weights '{settings.clip_weights}'" if settings.clip_weights else "random weights"
                 raise CheckpointError(
                     f"e2e_weights_path '{path}' not found: pass --e2e_weights_path FILE (a released or "
                     f"fine-tuned .pt), or --e2e_weights_path none to start from {start}")
             load_checkpoint(model, path)
-        elif cfg.get("clip_weights"):
-            load_clip_weights(model, cfg.clip_weights)
+        elif settings.clip_weights:
+            load_clip_weights(model, settings.clip_weights)
         else:
             LOGGER.info("no clip_weights or e2e_weights_path: the model is randomly initialised")
-    if cfg.get("gradient_checkpointing"):
+    if settings.gradient_checkpointing:
         model.set_grad_checkpointing(True)
-    attention = cfg.get("attn_implementation") or "sdpa"
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        raise ConfigError(f"attn_implementation: unknown '{attention}'; known: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    model.set_attention(attention)
-    if cfg.get("compile"):
+    model.set_attention(settings.attn_implementation)
+    if settings.compile:
         compile_model(model)
     return model

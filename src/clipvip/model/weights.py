@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import load_file
 from torch import nn
 
 from clipvip.errors import CheckpointError
@@ -88,8 +90,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         kind = _file_format(path)
         if kind == "safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(path, device="cpu")
         elif kind == "torch":
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -201,14 +201,36 @@ def hf_weights_file(folder: str) -> str:
     raise CheckpointError(f"no {' or '.join(HF_WEIGHT_FILES)} in {folder}")
 
 
+def hub_cached_folder(name: str, filename: str) -> str | None:
+    """The local HF cache folder holding ``filename`` of repo ``name``, if it was downloaded before."""
+    try:
+        found = try_to_load_from_cache(name, filename)
+    except Exception:  # not a valid repo id
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def resolve_pretrained_path(name_or_path: str, kind: str) -> str:
+    """A local folder or file with weights for ``name_or_path``: as given, or from the HF cache."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    for filename in HF_WEIGHT_FILES:
+        folder = hub_cached_folder(name_or_path, filename)
+        if folder:
+            return folder
+    raise CheckpointError(
+        f"{kind} '{name_or_path}' is not a local folder or file and is not in the Hugging Face cache; "
+        f"download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "
+        f"and pass --{kind} DIR, or pass --{kind} none for random weights (docs/first-run.md)"
+    )
+
+
 def load_clip_weights(model, path: str) -> LoadReport:
     """Initialise ``model.clipmodel`` from image CLIP (a HF folder, or a weights file).
 
     The proxies keep their standard-normal init and the temporal embedding its zeros; the
     logit scale is reset to ``logit_scale_init_value`` afterwards, as the original does.
     """
-    from clipvip.model.factory import resolve_pretrained_path
-
     folder_or_file = resolve_pretrained_path(path, kind="clip_weights")
     weights_file = hf_weights_file(folder_or_file) if os.path.isdir(folder_or_file) else folder_or_file
     state = read_state_dict(weights_file)
