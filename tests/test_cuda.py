@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import clipvip
-from clipvip.data.loader import DevicePrefetcher, LoaderStream
+from clipvip.data.loader import DevicePrefetcher, LoaderSettings, LoaderStream
 from clipvip.distributed import DistEnv
 from clipvip.loss import build_loss
 from clipvip.engine import Trainer, TrainPlan
@@ -53,7 +53,7 @@ def make_trainer(tmp_path, *overrides, precision="fp32", run="run"):
                    "--learning_rate", "1e-3", *overrides)
     torch.manual_seed(0)
     model = clipvip.build_model(cfg)
-    stream = LoaderStream(TinyClips(), cfg, rank=0, world_size=1)
+    stream = LoaderStream(TinyClips(), LoaderSettings.from_config(cfg), rank=0, world_size=1)
     plan = TrainPlan.from_config(cfg, num_examples=CLIPS, world_size=1)
     trainer = Trainer(cfg, model, build_loss(cfg.loss_config), stream, plan, evaluate=lambda m: {},
                       env=DistEnv(device="cuda:0"), precision=precision)

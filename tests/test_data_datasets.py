@@ -11,9 +11,10 @@ import lmdb
 import pytest
 import torch
 
-from clipvip.data.annotations import ANNOTATION_RULES, load_annotations, read_records, select_rule
+from clipvip.data.annotations import ANNOTATION_RULES, DatasetEntry, load_annotations, read_records, select_rule
 from clipvip.data.loader import (
     ContiguousShardSampler,
+    LoaderSettings,
     LoaderStream,
     build_eval_loader,
     shard_range,
@@ -64,29 +65,29 @@ def test_malformed_and_missing_annotations(tmp_path):
         read_records(str(tmp_path / "nope.jsonl"))
     no_text = _jsonl(tmp_path / "nt.jsonl", [{"clip_id": "a", "text": "x"}, {"clip_id": "b"}])
     with pytest.raises(DataError, match=r"nt\.jsonl:2: record has no 'text'"):
-        load_annotations(no_text, {"vis": "v"})
+        load_annotations(no_text, DatasetEntry.from_config({"vis": "v"}))
     no_frames = _jsonl(tmp_path / "nf.jsonl", [{"clip_id": "a", "text": "x"}])
     with pytest.raises(DataError, match=r"nf\.jsonl:1: .*num_frame"):
-        load_annotations(no_frames, {"vis": "v", "vis_format": "frame"})
+        load_annotations(no_frames, DatasetEntry.from_config({"vis": "v", "vis_format": "frame"}))
     (tmp_path / "l.json").write_text('{"clip_id": "a"}')
     with pytest.raises(DataError, match="list"):
         read_records(str(tmp_path / "l.json"))
 
 
 def test_rules_and_paths(tmp_path):
-    assert select_rule({"name": "msrvtt-9k", "vis": "x"}).name == "default"
-    assert select_rule({"name": "x", "txt": "task/didemo/test.jsonl"}).name == "didemo"
-    assert select_rule({"name": "x", "vis": "datasets/lsmdc"}).name == "lsmdc"  # the original's test
-    assert select_rule({"name": "actnet", "vis_format": "frame"}).name == "frame"
+    assert select_rule(DatasetEntry.from_config({"name": "msrvtt-9k", "vis": "x"})).name == "default"
+    assert select_rule(DatasetEntry.from_config({"name": "x", "txt": "task/didemo/test.jsonl"})).name == "didemo"
+    assert select_rule(DatasetEntry.from_config({"name": "x", "vis": "datasets/lsmdc"})).name == "lsmdc"  # the original's test
+    assert select_rule(DatasetEntry.from_config({"name": "actnet", "vis_format": "frame"})).name == "frame"
     assert set(ANNOTATION_RULES) >= {"default", "didemo", "lsmdc", "frame", "hdvila"}
     p = _jsonl(tmp_path / "a.jsonl", [{"clip_id": "sub/video7", "text": ["s1", "s2"]}])
-    (rec,) = load_annotations(p, {"vis": "V"})
+    (rec,) = load_annotations(p, DatasetEntry.from_config({"vis": "V"}))
     assert rec.path == os.path.join("V", "video7.mp4") and rec.texts == ("s1", "s2")
-    (rec,) = load_annotations(p, {"vis": "V", "name": "didemo-test"})
+    (rec,) = load_annotations(p, DatasetEntry.from_config({"vis": "V", "name": "didemo-test"}))
     assert rec.texts == ("s1 s2",)  # one paragraph, single spaces
-    (rec,) = load_annotations(p, {"vis": "V", "name": "lsmdc-1k"})
+    (rec,) = load_annotations(p, DatasetEntry.from_config({"vis": "V", "name": "lsmdc-1k"}))
     assert rec.path == os.path.join("V", "sub/video7.avi")
-    (rec,) = load_annotations(p, {"vis": "V"}, rule="hdvila")
+    (rec,) = load_annotations(p, DatasetEntry.from_config({"vis": "V"}), rule="hdvila")
     assert rec.path == os.path.join("V", "sub/video7", "sub/video7")
 
 
@@ -94,7 +95,7 @@ def test_rules_and_paths(tmp_path):
 def test_msrvtt_like_training(synthetic_data, make_cfg, tokenizer):
     cfg = make_cfg()
     dcfg = {"name": "synthetic-train", "txt": synthetic_data["train"], "vis": synthetic_data["videos"]}
-    ds = VideoRetrievalDataset(cfg, dcfg, tokenizer, training=True)
+    ds = VideoRetrievalDataset.from_config(cfg, dcfg, tokenizer, training=True)
     records = read_records(synthetic_data["train"])
     assert len(ds) == len(records) == 6
     item = ds[0]
@@ -127,7 +128,7 @@ def test_multi_caption_evaluation(synthetic_data, make_cfg, tokenizer, tmp_path)
     records[0] = {**records[0], "text": ["first a", "first b"]}
     records.append({"clip_id": records[1]["clip_id"], "text": "second again"})
     txt = _jsonl(tmp_path / "test.jsonl", records)
-    ds = VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": txt, "vis": synthetic_data["videos"]}, tokenizer)
+    ds = VideoRetrievalDataset.from_config(make_cfg(), {"name": "t", "txt": txt, "vis": synthetic_data["videos"]}, tokenizer)
     assert ds.videos == [r["clip_id"] for r in records[:6]]
     assert ds.texts[:4] == [("first a", 0), ("first b", 0), (records[1]["text"], 1), ("second again", 1)]
     assert len(ds.texts) == 8 and ds.text_to_video() == [v for _, v in ds.texts]
@@ -146,16 +147,16 @@ def test_multi_caption_evaluation(synthetic_data, make_cfg, tokenizer, tmp_path)
     assert long["text_input_ids"].shape == (1, 6) and long["text_input_ids"][0, -1] == 49407  # truncated, EOT kept
     empty = _jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match="lists no clips"):
-        VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": empty, "vis": synthetic_data["videos"]})
+        VideoRetrievalDataset.from_config(make_cfg(), {"name": "t", "txt": empty, "vis": synthetic_data["videos"]})
 
 
 def test_didemo_paragraph(synthetic_data, make_cfg, tmp_path):
     clip = read_records(synthetic_data["test"])[0]["clip_id"]
     txt = _jsonl(tmp_path / "didemo_test.jsonl", [{"clip_id": clip, "text": ["a man walks.", "he sits down."]}])
     dcfg = {"name": "didemo-test", "txt": txt, "vis": synthetic_data["videos"]}
-    ds = VideoRetrievalDataset(make_cfg(), dcfg, training=False)
+    ds = VideoRetrievalDataset.from_config(make_cfg(), dcfg, training=False)
     assert ds.texts == [("a man walks. he sits down.", 0)]
-    train = VideoRetrievalDataset(make_cfg(), dcfg, training=True)
+    train = VideoRetrievalDataset.from_config(make_cfg(), dcfg, training=True)
     assert train[0]["text"] == "a man walks. he sits down."
 
 
@@ -164,7 +165,7 @@ def test_lsmdc_relative_avi(make_cfg, tmp_path):
     clip_id = "1001_Movie/1001_Movie_00.01.00-00.01.05"
     write_clip(vis / (clip_id + ".avi"), n_frames=8, size=64)
     txt = _jsonl(tmp_path / "test_1k.jsonl", [{"clip_id": clip_id, "text": "someone opens a door"}])
-    ds = VideoRetrievalDataset(make_cfg(), {"name": "lsmdc-1k", "txt": txt, "vis": str(vis)}, training=False)
+    ds = VideoRetrievalDataset.from_config(make_cfg(), {"name": "lsmdc-1k", "txt": txt, "vis": str(vis)}, training=False)
     assert ds.records[0].path == os.path.join(str(vis), clip_id + ".avi")
     assert ds.video_view()[0]["video"].shape == (4, 3, 32, 32)
     assert scan_readable(ds) == []
@@ -178,10 +179,10 @@ def test_activitynet_frame_folders(make_cfg, tmp_path):
                                            for k in range(2)])
     cfg = make_cfg(train_num_frms=32, test_num_frms=32)
     dcfg = {"name": "actnet-test", "vis_format": "frame", "txt": txt, "vis": str(vis)}
-    ds = VideoRetrievalDataset(cfg, dcfg, training=False)
+    ds = VideoRetrievalDataset.from_config(cfg, dcfg, training=False)
     assert ds.rule.name == "frame" and ds.records[0].num_frame == 32
     assert ds.video_view()[1]["video"].shape == (32, 3, 32, 32)
-    train = VideoRetrievalDataset(cfg, dcfg, training=True)
+    train = VideoRetrievalDataset.from_config(cfg, dcfg, training=True)
     assert train[0]["video"].shape == (32, 3, 32, 32)
     shutil.rmtree(vis / "v_clip1")
     assert scan_readable(ds) == ["v_clip1"] and ds.videos == ["v_clip0"] and ds.texts == [("clip 0", 0)]
@@ -210,7 +211,7 @@ def _pretrain_texts(synthetic_data):
 @pytest.mark.parametrize("vid_txt", ["subtitle", "caption", "caption_subtitle_concat", "caption_subtitle_random"])
 def test_pretrain_vid_txt_modes(synthetic_data, make_cfg, pretrain_cfg, vid_txt):
     subs, caps = _pretrain_texts(synthetic_data)
-    ds = PretrainDataset(make_cfg(), pretrain_cfg(vid_txt=vid_txt), training=True)
+    ds = PretrainDataset.from_config(make_cfg(), pretrain_cfg(vid_txt=vid_txt), training=True)
     assert len(ds) == 4
     clip = ds.clip_ids[0]
     assert ds.video_path(0) == os.path.join(synthetic_data["pretrain_videos"], clip.split(".")[0], clip)
@@ -227,7 +228,7 @@ def test_pretrain_videoframe_and_collator(synthetic_data, make_cfg, pretrain_cfg
     _, caps = _pretrain_texts(synthetic_data)
     # Captions from the json list as well as from the LMDB.
     for cap_path in (synthetic_data["pretrain_captions"], synthetic_data["pretrain_captions_json"]):
-        ds = PretrainDataset(make_cfg(), pretrain_cfg(vis_format="videoframe", vid_cap_path=cap_path),
+        ds = PretrainDataset.from_config(make_cfg(), pretrain_cfg(vis_format="videoframe", vid_cap_path=cap_path),
                              training=True, tokenizer=tokenizer)
         item = ds[1]
         assert item["image"].shape == (3, 32, 32) and item["caption"] == caps[ds.clip_ids[1]]
@@ -235,11 +236,11 @@ def test_pretrain_videoframe_and_collator(synthetic_data, make_cfg, pretrain_cfg
     assert batch["video"].shape == (3, 4, 3, 32, 32) and batch["image"].shape == (3, 3, 32, 32)
     assert batch["text_input_ids"].shape == batch["caption_ids"].shape == batch["caption_masks"].shape == (3, 16)
     assert batch["indices"].tolist() == [0, 1, 2] and batch["num_skipped"] == 0
-    plain = PretrainDataset(make_cfg(), pretrain_cfg(), training=True)
+    plain = PretrainDataset.from_config(make_cfg(), pretrain_cfg(), training=True)
     b = PretrainCollator(tokenizer, 16)([plain[0], plain[1]])
     assert b["image"] is None and b["caption_ids"] is None and b["video"].shape == (2, 4, 3, 32, 32)
     with pytest.raises(ConfigError, match="vid_txt"):
-        PretrainDataset(make_cfg(), pretrain_cfg(vid_txt="captions"), training=True)
+        PretrainDataset.from_config(make_cfg(), pretrain_cfg(vid_txt="captions"), training=True)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -259,7 +260,7 @@ def test_training_replaces_unreadable_video(synthetic_data, make_cfg, tmp_path, 
     bad_path = str(vis / "broken.mp4")
     _bad_video(kind, bad_path, str(vis / (records[0]["clip_id"] + ".mp4")))
     txt = _jsonl(tmp_path / "train.jsonl", [{"clip_id": "broken", "text": "nothing"}] + records[:3])
-    ds = VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": txt, "vis": str(vis)}, training=True)
+    ds = VideoRetrievalDataset.from_config(make_cfg(), {"name": "t", "txt": txt, "vis": str(vis)}, training=True)
     item = ds[0]
     assert item["clip_id"] != "broken" and item["video"].shape == (4, 3, 32, 32)
     warnings = _warnings(clipvip_log, "skipping")
@@ -271,7 +272,7 @@ def test_training_replaces_empty_caption_and_missing_lmdb_key(synthetic_data, ma
                                                               tmp_path, clipvip_log):
     records = read_records(synthetic_data["train"])[:3]
     txt = _jsonl(tmp_path / "train.jsonl", [{**records[0], "text": ["", "  "]}] + records[1:])
-    ds = VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": txt, "vis": synthetic_data["videos"]},
+    ds = VideoRetrievalDataset.from_config(make_cfg(), {"name": "t", "txt": txt, "vis": synthetic_data["videos"]},
                                training=True)
     item = ds[0]
     assert item["clip_id"] != records[0]["clip_id"] and item["num_skipped"] >= 1
@@ -282,7 +283,7 @@ def test_training_replaces_empty_caption_and_missing_lmdb_key(synthetic_data, ma
     ids = [r["clip_id"] for r in read_records(synthetic_data["pretrain_subtitles_jsonl"])]
     _jsonl(str(sub_db) + ".jsonl", [{"clip_id": "zzzzzzzzzzz.1.mp4"}] + [{"clip_id": c} for c in ids])
     clipvip_log.clear()
-    pre = PretrainDataset(make_cfg(), pretrain_cfg(txt=str(sub_db)), training=True)
+    pre = PretrainDataset.from_config(make_cfg(), pretrain_cfg(txt=str(sub_db)), training=True)
     item = pre[0]
     assert item["clip_id"] != "zzzzzzzzzzz.1.mp4" and item["num_skipped"] == len(_warnings(clipvip_log, "skipping")) >= 1
     assert "zzzzzzzzzzz" in _warnings(clipvip_log, "skipping")[0]
@@ -291,14 +292,14 @@ def test_training_replaces_empty_caption_and_missing_lmdb_key(synthetic_data, ma
     caps = [{"image_id": c, "caption": "" if c == ids[0] else "a caption"} for c in ids]
     cap_json = tmp_path / "caps.json"
     cap_json.write_text(json.dumps(caps))
-    pre = PretrainDataset(make_cfg(), pretrain_cfg(vid_txt="caption", vid_cap_path=str(cap_json)), training=True)
+    pre = PretrainDataset.from_config(make_cfg(), pretrain_cfg(vid_txt="caption", vid_cap_path=str(cap_json)), training=True)
     item = pre[0]
     assert item["clip_id"] != ids[0] and item["text"] == "a caption" and item["num_skipped"] >= 1
 
 
 def test_nothing_readable_is_a_data_error(make_cfg, tmp_path, clipvip_log):
     txt = _jsonl(tmp_path / "train.jsonl", [{"clip_id": f"gone{k}", "text": "x"} for k in range(3)])
-    ds = VideoRetrievalDataset(make_cfg(), {"name": "empty-set", "txt": txt, "vis": str(tmp_path)}, training=True)
+    ds = VideoRetrievalDataset.from_config(make_cfg(), {"name": "empty-set", "txt": txt, "vis": str(tmp_path)}, training=True)
     with pytest.raises(DataError, match=f"empty-set: {MAX_TRIES} clips in a row could not be read"):
         ds[0]
     assert len(_warnings(clipvip_log, "skipping")) == MAX_TRIES == ds.num_skipped
@@ -316,7 +317,7 @@ def test_evaluation_drops_unreadable_videos_with_captions(synthetic_data, make_c
     data = open(write_clip(cut, n_frames=8, faststart=True), "rb").read()
     open(cut, "wb").write(data[: len(data) // 2])
     txt = _jsonl(tmp_path / "test.jsonl", records)
-    ds = VideoRetrievalDataset(make_cfg(), {"name": "t", "txt": txt, "vis": str(vis)}, training=False)
+    ds = VideoRetrievalDataset.from_config(make_cfg(), {"name": "t", "txt": txt, "vis": str(vis)}, training=False)
     assert len(ds.texts) == 7
     with pytest.raises(DataError, match=records[2]["clip_id"]):  # never substituted
         ds.video_view()[2]
@@ -337,14 +338,14 @@ def test_two_workers_open_lmdb_per_worker(synthetic_data, make_cfg, pretrain_cfg
     ids = [r["clip_id"] for r in read_records(synthetic_data["pretrain_subtitles_jsonl"])]
     _jsonl(str(sub_db) + ".jsonl", [{"clip_id": c} for c in ids] + [{"clip_id": "missing0000.1.mp4"}])
     cfg = make_cfg(n_workers=2)
-    ds = PretrainDataset(cfg, pretrain_cfg(txt=str(sub_db), vis_format="videoframe"), training=True,
+    ds = PretrainDataset.from_config(cfg, pretrain_cfg(txt=str(sub_db), vis_format="videoframe"), training=True,
                          tokenizer=tokenizer)
     # Never pickled: the dataset pickles with its LMDB as a bare path.
     assert ds._texts(0)[0] and ds.subtitles.is_open
     assert vars(pickle.loads(pickle.dumps(ds)).subtitles) == {"path": str(sub_db)}
     # Workers forked while this process holds the LMDB open drop the inherited handle and open
     # their own (py-lmdb refuses a second open of the same files in one process).
-    stream = LoaderStream(ds, cfg, rank=0, world_size=1, batch_size=1)
+    stream = LoaderStream(ds, LoaderSettings.from_config(cfg), rank=0, world_size=1, batch_size=1)
     assert stream.loader.num_workers == 2 and stream.loader.persistent_workers
     batches = [next(stream) for _ in range(stream.sampler.batches_per_epoch)]
     assert len(batches) == 5 and all(b["image"].shape == (1, 3, 32, 32) for b in batches)
@@ -354,34 +355,34 @@ def test_two_workers_open_lmdb_per_worker(synthetic_data, make_cfg, pretrain_cfg
     assert ds.subtitles.is_open  # the parent's own handle is untouched
 
     ds.close()
-    stream = LoaderStream(ds, cfg, rank=0, world_size=1, batch_size=2)
+    stream = LoaderStream(ds, LoaderSettings.from_config(cfg), rank=0, world_size=1, batch_size=2)
     batches = [next(stream) for _ in range(stream.sampler.batches_per_epoch)]
     assert len(batches) == 2 and not ds.subtitles.is_open  # opened in the workers only
 
 
 def test_eval_loader_shards_contiguously_without_padding(synthetic_data, make_cfg, tokenizer):
     cfg = make_cfg()
-    ds = VideoRetrievalDataset(cfg, {"name": "t", "txt": synthetic_data["test"], "vis": synthetic_data["videos"]},
+    ds = VideoRetrievalDataset.from_config(cfg, {"name": "t", "txt": synthetic_data["test"], "vis": synthetic_data["videos"]},
                                tokenizer)
     texts = ds.text_view()
     seen = []
     for rank in range(4):  # 6 texts on 4 ranks: blocks of 1, 2, 1, 2
-        loader = build_eval_loader(texts, cfg, rank=rank, world_size=4, batch_size=4)
+        loader = build_eval_loader(texts, LoaderSettings.from_config(cfg), rank=rank, world_size=4, batch_size=4)
         for batch in loader:
             seen.extend(batch["indices"].tolist())
             assert batch["text_input_ids"].shape[1] == 16
     assert seen == list(range(6))  # dataset order, no duplicates, no gaps
     assert [shard_range(6, r, 4) for r in range(4)] == [(0, 1), (1, 3), (3, 4), (4, 6)]
     assert [len(ContiguousShardSampler(2, r, 4)) for r in range(4)] == [0, 1, 0, 1]  # ranks may get nothing
-    video_batches = list(build_eval_loader(ds.video_view(), cfg, rank=0, world_size=1))
+    video_batches = list(build_eval_loader(ds.video_view(), LoaderSettings.from_config(cfg), rank=0, world_size=1))
     assert [b["indices"].tolist() for b in video_batches] == [[0, 1], [2, 3], [4, 5]]
 
 
 def test_train_stream_shards_and_reshuffles(synthetic_data, make_cfg, tokenizer):
     cfg = make_cfg()
-    ds = VideoRetrievalDataset(cfg, {"name": "t", "txt": synthetic_data["train"], "vis": synthetic_data["videos"]},
+    ds = VideoRetrievalDataset.from_config(cfg, {"name": "t", "txt": synthetic_data["train"], "vis": synthetic_data["videos"]},
                                tokenizer, training=True)
-    streams = [LoaderStream(ds, cfg, rank=r, world_size=2, batch_size=3, seed=3) for r in range(2)]
+    streams = [LoaderStream(ds, LoaderSettings.from_config(cfg), rank=r, world_size=2, batch_size=3, seed=3) for r in range(2)]
     orders = [[index for index, _ in s.sampler] for s in streams]
     assert sorted(orders[0] + orders[1]) == list(range(6))
     streams[0].sampler.set_position(1, 0)
@@ -402,7 +403,7 @@ def test_resize_kernel_reaches_pretraining_and_search(synthetic_data, make_cfg, 
 
     items = {}
     for antialias in (0, 1):
-        ds = PretrainDataset(make_cfg(resize_antialias=antialias), pretrain_cfg(vis_format="videoframe"),
+        ds = PretrainDataset.from_config(make_cfg(resize_antialias=antialias), pretrain_cfg(vis_format="videoframe"),
                              training=True)
         assert ds.reader.antialias == bool(antialias)
         items[antialias] = ds[0]

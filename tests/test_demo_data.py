@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from clipvip.data.loader import LoaderStream, ResumableSampler, partner_groups  # noqa: E402
+from clipvip.data.loader import LoaderSettings, LoaderStream, ResumableSampler, partner_groups  # noqa: E402
 from clipvip.data.retrieval_dataset import VideoRetrievalDataset  # noqa: E402
 from clipvip.apps.synthetic import generate  # noqa: E402
 from clipvip.errors import ConfigError  # noqa: E402
@@ -22,7 +22,7 @@ def twins_data(tmp_path_factory):
 
 
 def _train_set(cfg, data, tokenizer):
-    return VideoRetrievalDataset(cfg, {"name": "t", "txt": data["train"], "vis": data["videos"]}, tokenizer,
+    return VideoRetrievalDataset.from_config(cfg, {"name": "t", "txt": data["train"], "vis": data["videos"]}, tokenizer,
                                  training=True)
 
 
@@ -45,8 +45,8 @@ def test_cached_frame_folders(make_cfg, tmp_path):
     records = tmp_path / "anet.jsonl"
     records.write_text('{"clip_id": "v0", "text": "a clip", "num_frame": 10}\n')
     entry = {"name": "anet", "txt": str(records), "vis": str(tmp_path / "frames"), "vis_format": "frame"}
-    plain = VideoRetrievalDataset(make_cfg(), entry, training=False)
-    cached = VideoRetrievalDataset(make_cfg(cache_clips=1), entry, training=False)
+    plain = VideoRetrievalDataset.from_config(make_cfg(), entry, training=False)
+    cached = VideoRetrievalDataset.from_config(make_cfg(cache_clips=1), entry, training=False)
     assert torch.equal(plain.load_video(0), cached.load_video(0))
     assert torch.equal(cached.load_video(0), cached.load_video(0))
     assert list(cached.reader.cache.values())[0].shape[0] == 10
@@ -62,7 +62,7 @@ def test_twins_share_a_batch(twins_data, make_cfg, tokenizer):
     partners = ds.partners("twin")
     assert sum(p >= 0 for p in partners) == 10
     assert all(partners[p] == i for i, p in enumerate(partners) if p >= 0)
-    stream = LoaderStream(ds, cfg, rank=0, world_size=1, batch_size=6, seed=1)
+    stream = LoaderStream(ds, LoaderSettings.from_config(cfg), rank=0, world_size=1, batch_size=6, seed=1)
     for epoch in range(3):
         stream.sampler.set_position(epoch, 0)
         order = [index for index, _ in stream.sampler]
@@ -98,7 +98,7 @@ def test_pair_field_needs_partners(make_cfg):
             return i
 
     with pytest.raises(ConfigError, match="train_pair_field"):
-        LoaderStream(Plain(), make_cfg(train_pair_field="twin"), 0, 1, collate_fn=list)
+        LoaderStream(Plain(), LoaderSettings.from_config(make_cfg(train_pair_field="twin")), 0, 1, collate_fn=list)
 
 
 def test_gradient_backdrop_shows_position_and_keeps_twins_exact():

@@ -74,6 +74,7 @@ def _cfg(bench, n_workers: int = 0):
 
 def _evaluate(bench, records, name: str, n_workers: int = 0):
     """(eval block, video features, text features) of ``records`` with the tiny model on the CPU."""
+    from clipvip.data.loader import LoaderSettings
     from clipvip.data.retrieval_dataset import VideoRetrievalDataset
     from clipvip.model import build_model
     from clipvip.tokenizer import build_tokenizer
@@ -83,11 +84,12 @@ def _evaluate(bench, records, name: str, n_workers: int = 0):
     torch.manual_seed(0)  # the proxy tokens start random: the same model on every call and rank
     model = build_model(cfg).eval()
     txt = _write_jsonl(bench["root"] / f"{name}.jsonl", records)
-    dataset = VideoRetrievalDataset(cfg, {"name": "bad-clips", "txt": txt, "vis": bench["vis"]},
-                                    build_tokenizer(cfg), training=False)
+    dataset = VideoRetrievalDataset.from_config(cfg, {"name": "bad-clips", "txt": txt, "vis": bench["vis"]},
+                                                build_tokenizer(cfg), training=False)
     assert dataset.scan_readable() == []  # the half files pass the cheap scan
-    block = evaluate_retrieval_set(model, dataset, cfg, "fp32", torch.device("cpu"))
-    videos, texts = encode_retrieval_set(model, dataset, cfg, "fp32", torch.device("cpu"), video_workers=0)
+    block = evaluate_retrieval_set(model, dataset, LoaderSettings.from_config(cfg), "fp32", torch.device("cpu"))
+    videos, texts = encode_retrieval_set(model, dataset, LoaderSettings.from_config(cfg), "fp32", torch.device("cpu"),
+                                         video_workers=0)
     return block, videos, texts
 
 
@@ -102,7 +104,7 @@ def test_half_file_passes_the_scan_and_fails_to_decode(bench):
     from clipvip.errors import DataError
 
     txt = _write_jsonl(bench["root"] / "one.jsonl", [{"clip_id": "half4", "text": "x"}, {"clip_id": "clip0", "text": "y"}])
-    dataset = VideoRetrievalDataset(_cfg(bench), {"name": "t", "txt": txt, "vis": bench["vis"]}, training=False)
+    dataset = VideoRetrievalDataset.from_config(_cfg(bench), {"name": "t", "txt": txt, "vis": bench["vis"]}, training=False)
     assert dataset.scan_readable() == []
     with pytest.raises(DataError, match="half4"):
         dataset.video_view()[0]  # without marking, reading it is an error naming the file

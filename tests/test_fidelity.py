@@ -337,7 +337,7 @@ def test_frame_folder_samples_the_annotations_num_frame(tmp_path, make_cfg):
     ann = tmp_path / "val.jsonl"
     ann.write_text('{"clip_id": "v_abc", "text": "a paragraph", "num_frame": 30}\n')
     cfg = make_cfg(test_num_frms=4, input_res=[32, 32])
-    ds = VideoRetrievalDataset(cfg, {"name": "anet", "vis_format": "frame", "txt": str(ann), "vis": str(vis)})
+    ds = VideoRetrievalDataset.from_config(cfg, {"name": "anet", "vis_format": "frame", "txt": str(ann), "vis": str(vis)})
     levels = _grey_levels(ds.load_video(0))
     expected = original_test_indices(30, 4)  # [0, 9, 19, 29]
     np.testing.assert_allclose(levels, 5 * expected, atol=1.0)

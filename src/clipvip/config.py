@@ -1,9 +1,10 @@
 """One config path: defaults <- JSON file <- command-line overrides, validated at load time.
 
 The official configs (``configs/``) are JSON files with the keys of the original CLIP-ViP code.
-``load_config(path, overrides)`` returns a :class:`Config` (a dict with attribute access, like the
-original's EasyDict) in which every known key has a value: keys a file leaves out take the
-defaults in :data:`DEFAULTS`. Unknown keys are errors that name the nearest known key.
+``load_config(path, overrides)`` (or a dict of a file's keys instead of the path) returns a
+:class:`Config` (a dict with attribute access, like the original's EasyDict) in which every known
+key has a value: keys a file leaves out take the defaults in :data:`DEFAULTS`. Unknown keys are
+errors that name the nearest known key.
 
 Overrides are command-line words: ``["--learning_rate", "1e-5", "--is_train"]``. A value is typed
 from the key's current value (bool, int, float, str, list, dict); a list takes several words or
@@ -16,7 +17,7 @@ import copy
 import difflib
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from clipvip.errors import ConfigError
 from clipvip.files import atomic_write_json
@@ -381,24 +382,37 @@ def _check_types(cfg: dict, where: str) -> None:
         raise ConfigError(f"{where}: loss_config.loss_name should be a string")
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] | None = None) -> Config:
-    """Read a config file, apply command-line overrides and fill in defaults.
+def dataset_entry(values: Mapping, where: str = "dataset") -> Config:
+    """One dataset entry (a dict of ``train_datasets`` etc.) with every key of :data:`DATASET_DEFAULTS`.
 
-    ``path`` may be None when ``overrides`` holds ``--config FILE`` (the seed's flag), or for
-    a config made of defaults and overrides alone.
+    Entries read by :func:`load_config` are complete already; a caller that builds a dataset from
+    its own dict (a test, a script) goes through here, so the data code reads every key plainly.
+    """
+    return Config(_merge_nested(DATASET_DEFAULTS, dict(values), where))
+
+
+def load_config(source: str | Mapping | None = None, overrides: Sequence[str] | None = None) -> Config:
+    """Read a config file (or take a dict of its keys), apply command-line overrides, fill in defaults.
+
+    ``source`` is a JSON file's path, or a dict holding what such a file would (a config stored
+    with a search index); it may be None when ``overrides`` holds ``--config FILE`` (the seed's
+    flag), or for a config made of defaults and overrides alone.
     """
     pairs = _split_overrides(list(overrides or []))
     for key, words in pairs:
         if key == "config":
             if len(words) != 1:
                 raise ConfigError("--config takes one file path")
-            path = words[0]
+            source = words[0]
 
     cfg: dict[str, Any] = copy.deepcopy(DEFAULTS)
     where = "defaults"
-    if path is not None:
-        where = str(path)
-        values = _read_json(where)
+    if source is not None:
+        if isinstance(source, Mapping):
+            where, values = "the given config", copy.deepcopy(dict(source))
+        else:
+            where = str(source)
+            values = _read_json(where)
         _check_keys(values, DEFAULTS, where)
         for key, value in values.items():
             if key in DATASET_KEYS:
@@ -406,7 +420,8 @@ def load_config(path: str | None = None, overrides: Sequence[str] | None = None)
             elif key in NESTED_DEFAULTS:
                 value = _merge_nested(NESTED_DEFAULTS[key], value, f"{where}: {key}")
             cfg[key] = value
-        cfg["config"] = str(path)
+        if not isinstance(source, Mapping):
+            cfg["config"] = str(source)
 
     for key, words in pairs:
         if key != "config":

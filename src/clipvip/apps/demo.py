@@ -183,7 +183,7 @@ def measure_step_seconds(cfg, threads: int, steps: int = 8, warmup: int = 3) -> 
         if cfg.freeze_text_encoder:
             model.freeze_text_encoder(bool(cfg.freeze_text_proj))
         step = TrainStep(model, "fp32", torch.device("cpu"), lr=float(cfg.learning_rate))
-        dataset = VideoRetrievalDataset(cfg, cfg.train_datasets[0], build_tokenizer(cfg), training=True)
+        dataset = VideoRetrievalDataset.from_config(cfg, cfg.train_datasets[0], build_tokenizer(cfg), training=True)
         batch_size = int(cfg.train_batch_size)
         seconds = []
         for i in range(warmup + steps):
@@ -291,6 +291,7 @@ def query_ranks(run_dir: str) -> tuple[list[int], list[bool]]:
     import torch
 
     from clipvip.config import load_config
+    from clipvip.data.loader import LoaderSettings
     from clipvip.data.retrieval_dataset import VideoRetrievalDataset
     from clipvip.metrics import retrieval_ranks, similarity_chunked
     from clipvip.model import build_model
@@ -303,10 +304,11 @@ def query_ranks(run_dir: str) -> tuple[list[int], list[bool]]:
     precision = precision_from_config(cfg, device.type)
     model = build_model(cfg).eval()
     entry = next(e for e in cfg.inference_datasets if e.name == TEST_SET)
-    dataset = VideoRetrievalDataset(cfg, entry, build_tokenizer(cfg), training=False)
+    dataset = VideoRetrievalDataset.from_config(cfg, entry, build_tokenizer(cfg), training=False)
     dataset.scan_readable()
 
-    videos, texts = encode_retrieval_set(model, dataset, cfg, precision, device, video_workers=0)
+    videos, texts = encode_retrieval_set(model, dataset, LoaderSettings.from_config(cfg), precision, device,
+                                         video_workers=0)
     targets = dataset.text_to_video()
     ranks = retrieval_ranks(similarity_chunked(texts, videos), targets)
     present = set(dataset.videos)

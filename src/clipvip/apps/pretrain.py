@@ -17,7 +17,7 @@ from typing import Sequence
 
 from clipvip.apps.cli import OVERRIDES_HELP, prog_name, require_config, wants_help
 from clipvip.config import load_config
-from clipvip.data.loader import LoaderStream, MixedStream
+from clipvip.data.loader import LoaderSettings, LoaderStream, MixedStream
 from clipvip.data.pretrain_dataset import PretrainDataset
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
@@ -78,9 +78,10 @@ def run(cfg) -> dict:
 
     def make_stream():
         streams, ratios = {}, {}
+        loader = LoaderSettings.from_config(cfg)
         for entry in cfg.train_datasets:
-            dataset = PretrainDataset(cfg, entry, training=True, tokenizer=run_.tokenizer)
-            streams[entry.name] = LoaderStream(dataset, cfg, run_.env.rank, run_.env.world_size)
+            dataset = PretrainDataset.from_config(cfg, entry, training=True, tokenizer=run_.tokenizer)
+            streams[entry.name] = LoaderStream(dataset, loader, run_.env.rank, run_.env.world_size)
             ratios[entry.name] = entry.ratio
         return MixedStream(streams, ratios, seed=int(cfg.seed), accumulation=int(cfg.gradient_accumulation_steps))
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from clipvip.apps.cli import OVERRIDES_HELP, prog_name, require_config, wants_help
 from clipvip.config import load_config
-from clipvip.data.loader import LoaderStream
+from clipvip.data.loader import LoaderSettings, LoaderStream
 from clipvip.data.retrieval_dataset import VideoRetrievalDataset
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
@@ -68,8 +68,8 @@ def run(cfg) -> dict:
     def make_stream():
         if len(cfg.train_datasets) > 1:
             LOGGER.warning("retrieval fine-tuning uses the first of %d train_datasets", len(cfg.train_datasets))
-        train_set = VideoRetrievalDataset(cfg, cfg.train_datasets[0], run_.tokenizer, training=True)
-        return LoaderStream(train_set, cfg, run_.env.rank, run_.env.world_size)
+        train_set = VideoRetrievalDataset.from_config(cfg, cfg.train_datasets[0], run_.tokenizer, training=True)
+        return LoaderStream(train_set, LoaderSettings.from_config(cfg), run_.env.rank, run_.env.world_size)
 
     return runner.train_or_evaluate(run_, eval_sets, make_stream)
 

@@ -17,14 +17,16 @@ import torch
 
 from clipvip import distributed
 from clipvip.config import save_config
+from clipvip.data.loader import LoaderSettings
 from clipvip.data.retrieval_dataset import VideoRetrievalDataset
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import add_log_file, get_logger
-from clipvip.loss import build_loss
+from clipvip.loss import LossSettings, build_loss
 from clipvip.model import build_model
 from clipvip.tokenizer import build_tokenizer
 from clipvip.engine.evaluate import evaluate_all, format_results_table, write_results
-from clipvip.engine.trainer import Trainer, TrainPlan
+from clipvip.engine.schedule import TrainPlan
+from clipvip.engine.trainer import Trainer, TrainerSettings
 from clipvip.precision import precision_from_config
 
 LOGGER = get_logger("runner")
@@ -78,7 +80,7 @@ def build_eval_sets(run: Run, entries, rule_for: Callable[[dict], str | None] = 
     """Retrieval evaluation sets for config ``entries``, unreadable videos dropped up front."""
     sets = []
     for entry in entries:
-        dataset = VideoRetrievalDataset(run.cfg, entry, run.tokenizer, training=False, rule=rule_for(entry))
+        dataset = VideoRetrievalDataset.from_config(run.cfg, entry, run.tokenizer, training=False, rule=rule_for(entry))
         dataset.scan_readable()
         sets.append(dataset)
     return sets
@@ -88,13 +90,17 @@ def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], objec
     """Fine-tune/pretrain on ``make_stream()`` when ``is_train``, else evaluate; report the results."""
     cfg, env = run.cfg, run.env
 
+    eval_loader = LoaderSettings.from_config(cfg)
+
     def evaluate(model):
-        return evaluate_all(model, eval_sets, cfg, run.precision, run.device)
+        return evaluate_all(model, eval_sets, eval_loader, run.precision, run.device)
 
     if cfg.is_train:
         stream = make_stream()
         plan = TrainPlan.from_config(cfg, stream.num_examples, env.world_size)
-        trainer = Trainer(cfg, run.model, build_loss(cfg.loss_config), stream, plan, evaluate, env, run.precision)
+        loss_fn = build_loss(LossSettings.from_config(cfg), env)
+        trainer = Trainer(TrainerSettings.from_config(cfg), run.model, loss_fn, stream, plan, evaluate, env,
+                          run.precision)
         trainer.fit()
         results = trainer.last_results
         del trainer  # DDP must be gone before its process group is destroyed (else an abort at exit)
@@ -102,7 +108,7 @@ def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], objec
     else:
         if not eval_sets:
             raise ConfigError("nothing to evaluate: the config has no inference_datasets or val_datasets")
-        if env.is_main and cfg.get("if_log2file", 1):
+        if env.is_main and cfg.if_log2file:
             add_log_file(os.path.join(cfg.output_dir, "log", "log.txt"))
         run.model.to(run.device)
         results = evaluate(run.model)

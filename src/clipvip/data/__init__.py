@@ -9,18 +9,21 @@ from clipvip.data.video import (
     load_frame_folder,
     load_frames,
     load_sampled_frames,
+    probe_duration,
     resolve_backend,
 )
 from clipvip.data.annotations import (
     ANNOTATION_RULES,
     AnnotationRule,
     ClipRecord,
+    DatasetEntry,
     load_annotations,
     read_records,
     select_rule,
 )
 from clipvip.data.loader import (
     ContiguousShardSampler,
+    LoaderSettings,
     LoaderStream,
     MixedStream,
     ResumableSampler,
@@ -28,10 +31,12 @@ from clipvip.data.loader import (
 )
 from clipvip.data.pretrain_dataset import VID_TXT_MODES, PretrainCollator, PretrainDataset
 from clipvip.data.retrieval_dataset import (
+    ClipReader,
+    DatasetSettings,
     RetrievalCollator,
     TextOnlyView,
+    VideoFiles,
     VideoOnlyView,
     VideoRetrievalDataset,
-    load_clip,
     scan_readable,
 )

@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
+from clipvip.config import dataset_entry
 from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
 
@@ -160,9 +161,32 @@ def hdvila_video_path(vis: str, clip_id: str) -> str:
     return os.path.join(vis, clip_id.split(".")[0], clip_id)
 
 
-def _mentions(word: str) -> Callable[[Mapping], bool]:
-    def match(dataset_cfg: Mapping) -> bool:
-        return any(word in str(dataset_cfg.get(key) or "").lower() for key in ("name", "txt", "vis"))
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One entry of ``train_datasets`` / ``val_datasets`` / ``inference_datasets``, as the data code reads it.
+
+    Built by :meth:`from_config` from the entry's dict; the keys it leaves out take the defaults of
+    ``clipvip.config.DATASET_DEFAULTS``, the keys it must not hold are errors there.
+    """
+
+    name: str  # the entry's name, or its ``txt`` where it has none (logs, eval_results.json)
+    txt: str
+    vis: str
+    vis_format: str
+    vid_cap_path: str
+    vid_txt: str
+
+    @classmethod
+    def from_config(cls, entry: Mapping) -> "DatasetEntry":
+        entry = dataset_entry(entry)
+        return cls(name=str(entry.name or entry.txt), txt=str(entry.txt), vis=str(entry.vis or ""),
+                   vis_format=str(entry.vis_format), vid_cap_path=str(entry.vid_cap_path or ""),
+                   vid_txt=str(entry.vid_txt))
+
+
+def _mentions(word: str) -> Callable[[DatasetEntry], bool]:
+    def match(entry: DatasetEntry) -> bool:
+        return any(word in text.lower() for text in (entry.name, entry.txt, entry.vis))
     return match
 
 
@@ -171,7 +195,7 @@ class AnnotationRule:
     """How the records of one kind of dataset become clips."""
 
     name: str
-    matches: Callable[[Mapping], bool]  # dataset config -> does this rule apply?
+    matches: Callable[[DatasetEntry], bool]  # does this rule apply to the dataset?
     locate: Callable[[str, str], str]  # (vis, clip_id) -> video file or frame folder
     merge_texts: Callable[[list[str]], list[str]] = _texts_as_given  # a record's captions -> queries
     frame_folders: bool = False  # clips are folders of jpgs with num_frame in the record
@@ -181,7 +205,7 @@ class AnnotationRule:
 ANNOTATION_RULES: dict[str, AnnotationRule] = {
     rule.name: rule
     for rule in (
-        AnnotationRule("frame", lambda d: d.get("vis_format") == "frame", _frame_folder, frame_folders=True),
+        AnnotationRule("frame", lambda d: d.vis_format == "frame", _frame_folder, frame_folders=True),
         AnnotationRule("didemo", _mentions("didemo"), _flat_mp4, merge_texts=_texts_as_paragraph),
         AnnotationRule("lsmdc", _mentions("lsmdc"), _relative_avi),
         AnnotationRule("hdvila", lambda d: False, hdvila_video_path),
@@ -190,13 +214,13 @@ ANNOTATION_RULES: dict[str, AnnotationRule] = {
 }
 
 
-def select_rule(dataset_cfg: Mapping, name: str | None = None) -> AnnotationRule:
-    """The rule for a dataset config; ``name`` forces one (e.g. "hdvila" for pretraining val sets)."""
+def select_rule(entry: DatasetEntry, name: str | None = None) -> AnnotationRule:
+    """The rule for a dataset; ``name`` forces one (e.g. "hdvila" for pretraining val sets)."""
     if name is not None:
         if name not in ANNOTATION_RULES:
             raise DataError(f"unknown annotation rule '{name}' (valid: {', '.join(ANNOTATION_RULES)})")
         return ANNOTATION_RULES[name]
-    return next(rule for rule in ANNOTATION_RULES.values() if rule.matches(dataset_cfg))
+    return next(rule for rule in ANNOTATION_RULES.values() if rule.matches(entry))
 
 
 def _record_texts(record: dict, where: str) -> list[str]:
@@ -219,16 +243,16 @@ def _record_clip_id(record: dict, where: str) -> str:
     return clip_id
 
 
-def load_annotations(path: str, dataset_cfg: Mapping, rule: AnnotationRule | str | None = None) -> list[ClipRecord]:
+def load_annotations(path: str, entry: DatasetEntry, rule: AnnotationRule | str | None = None) -> list[ClipRecord]:
     """Read a retrieval annotation file into :class:`ClipRecord` objects, in file order.
 
-    ``dataset_cfg`` supplies ``vis`` (and the name / vis_format the rule is chosen by).
+    ``entry`` supplies ``vis`` (and the name / vis_format the rule is chosen by).
     A record without ``clip_id`` or ``text``, or a frame record without an integer
     ``num_frame``, is a :class:`DataError` naming the file and line.
     """
     if not isinstance(rule, AnnotationRule):
-        rule = select_rule(dataset_cfg, rule)
-    vis = str(dataset_cfg.get("vis") or "")
+        rule = select_rule(entry, rule)
+    vis = entry.vis
     clips = []
     for where, record in iter_annotation_file(path):
         clip_id = _record_clip_id(record, where)

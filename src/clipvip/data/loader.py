@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -44,15 +45,25 @@ LOGGER = get_logger(__name__)
 MODEL_INPUTS = ("video", "text_input_ids", "text_input_mask", "image", "caption_ids", "caption_masks")
 
 
-def _rank_world(dist_env=None, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Rank and world size: explicit arguments, else ``dist_env``, else ``clipvip.distributed``."""
-    if rank is not None or world_size is not None:
-        return int(rank or 0), int(world_size or 1)
-    if dist_env is None:
-        from clipvip.distributed import get_env
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What every loader of a run shares: batch sizes, workers, pinned memory, the data-order seed.
 
-        dist_env = get_env()
-    return int(dist_env.rank), int(dist_env.world_size)
+    ``train_pair_field``: the record field naming a partner clip (``LoaderStream``), or "".
+    """
+
+    train_batch_size: int  # per process
+    test_batch_size: int  # per process
+    n_workers: int
+    pin_memory: bool  # asked for; used only where CUDA is there
+    seed: int
+    train_pair_field: str
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "LoaderSettings":
+        return cls(train_batch_size=int(cfg.train_batch_size), test_batch_size=int(cfg.test_batch_size),
+                   n_workers=int(cfg.n_workers), pin_memory=bool(cfg.pin_mem), seed=int(cfg.seed),
+                   train_pair_field=str(cfg.train_pair_field or ""))
 
 
 def derived_seed(*parts: int) -> int:
@@ -106,31 +117,31 @@ def collate_fn_for(dataset: Dataset, collate_fn: Callable | None) -> Callable:
     raise ValueError("no collate_fn given and the dataset has no collator (build it with a tokenizer)")
 
 
-def loader_kwargs(cfg: Mapping, n_workers: int | None, persistent: bool) -> dict:
-    workers = int(cfg.get("n_workers", 0) if n_workers is None else n_workers)
+def loader_kwargs(settings: LoaderSettings, n_workers: int | None, persistent: bool) -> dict:
+    """DataLoader keywords: ``n_workers`` workers (None: the settings'), persistent or not."""
+    workers = int(settings.n_workers if n_workers is None else n_workers)
     kwargs: dict[str, Any] = {
         "num_workers": workers,
         # Pinned memory only helps host->GPU copies; without CUDA torch warns and ignores it.
-        "pin_memory": bool(cfg.get("pin_mem", 0)) and torch.cuda.is_available(),
+        "pin_memory": settings.pin_memory and torch.cuda.is_available(),
     }
     if workers > 0:
         kwargs.update(persistent_workers=persistent, prefetch_factor=2, worker_init_fn=WorkerInit())
     return kwargs
 
 
-def build_eval_loader(dataset: Dataset, cfg: Mapping, dist_env=None, *, batch_size: int | None = None,
-                      collate_fn: Callable | None = None, n_workers: int | None = None,
-                      rank: int | None = None, world_size: int | None = None,
-                      persistent_workers: bool = True) -> DataLoader:
-    """An ordered, unpadded evaluation loader over this rank's contiguous block of ``dataset``.
+def build_eval_loader(dataset: Dataset, settings: LoaderSettings, *, rank: int = 0, world_size: int = 1,
+                      batch_size: int | None = None, collate_fn: Callable | None = None,
+                      n_workers: int | None = None, persistent_workers: bool = True) -> DataLoader:
+    """An ordered, unpadded evaluation loader over ``rank``'s contiguous block of ``dataset``.
 
     Pass a view (``dataset.video_view()`` / ``dataset.text_view()``) to iterate videos or texts.
+    ``batch_size`` / ``n_workers``: None takes the settings' ``test_batch_size`` / ``n_workers``.
     """
-    rank, world = _rank_world(dist_env, rank, world_size)
-    batch_size = int(batch_size or cfg.get("test_batch_size", 16))
-    sampler = ContiguousShardSampler(len(dataset), rank, world)
-    kwargs = loader_kwargs(cfg, n_workers, persistent=persistent_workers)
-    generator = torch.Generator().manual_seed(derived_seed(int(cfg.get("seed", 42)), rank, 2))
+    batch_size = int(batch_size or settings.test_batch_size)
+    sampler = ContiguousShardSampler(len(dataset), rank, world_size)
+    kwargs = loader_kwargs(settings, n_workers, persistent=persistent_workers)
+    generator = torch.Generator().manual_seed(derived_seed(settings.seed, rank, 2))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
                       collate_fn=collate_fn_for(dataset, collate_fn), generator=generator, **kwargs)
 
@@ -211,20 +222,21 @@ class LoaderStream:
 
     With ``train_pair_field`` set, the dataset's ``partners(field)`` (index of each item's partner
     or -1) makes the sampler keep partners in one batch (see :class:`ResumableSampler`).
+    ``batch_size`` / ``seed``: None takes the settings' ``train_batch_size`` / ``seed``.
     """
 
-    def __init__(self, dataset: Dataset, cfg: Mapping, rank: int, world_size: int, *, batch_size: int | None = None,
-                 collate_fn: Callable | None = None, seed: int | None = None):
+    def __init__(self, dataset: Dataset, settings: LoaderSettings, rank: int, world_size: int, *,
+                 batch_size: int | None = None, collate_fn: Callable | None = None, seed: int | None = None):
         self.dataset = dataset
-        self.batch_size = int(batch_size or cfg.get("train_batch_size", 16))
-        pair_field = cfg.get("train_pair_field") or ""
+        self.batch_size = int(batch_size or settings.train_batch_size)
+        pair_field = settings.train_pair_field
         if pair_field and not hasattr(dataset, "partners"):
             raise ConfigError(f"train_pair_field '{pair_field}': {type(dataset).__name__} has no partners()")
         partners = dataset.partners(pair_field) if pair_field else None
-        self.sampler = ResumableSampler(len(dataset), self.batch_size, int(cfg.get("seed", 42) if seed is None else seed),
+        self.sampler = ResumableSampler(len(dataset), self.batch_size, settings.seed if seed is None else int(seed),
                                         rank, world_size, partners=partners)
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
-                                 collate_fn=collate_fn_for(dataset, collate_fn), **loader_kwargs(cfg, None, True))
+                                 collate_fn=collate_fn_for(dataset, collate_fn), **loader_kwargs(settings, None, True))
         self.epoch, self.batch = 0, 0
         self._iterator = None
 
@@ -269,7 +281,7 @@ class MixedStream:
             raise ValueError("no training set")
         self.streams = dict(streams)
         self.names = list(self.streams)
-        self.weights = [float(ratios.get(name, 1)) for name in self.names]
+        self.weights = [float(ratios[name]) for name in self.names]
         if min(self.weights) < 0 or sum(self.weights) <= 0:
             raise ValueError(f"training-set ratios must be >= 0 with a positive sum, got {self.weights}")
         self.seed = seed

@@ -32,8 +32,8 @@ import torch
 
 from clipvip.errors import ConfigError, DataError
 from clipvip.logging_utils import get_logger
-from clipvip.data.annotations import hdvila_video_path, iter_annotation_file
-from clipvip.data.retrieval_dataset import ClipReader, SubstitutingDataset, tokenize
+from clipvip.data.annotations import DatasetEntry, hdvila_video_path, iter_annotation_file
+from clipvip.data.retrieval_dataset import ClipReader, DatasetSettings, SubstitutingDataset, tokenize
 
 LOGGER = get_logger(__name__)
 
@@ -158,20 +158,19 @@ def _load_caption_file(path: str) -> _DictTexts:
 
 
 class PretrainDataset(SubstitutingDataset):
-    """One HD-VILA-style pretraining set.
+    """One HD-VILA-style pretraining set: its ``entry`` (of ``train_datasets``) read by ``reader``.
 
     Item: ``{"video": [T, 3, H, W], "text": str, "clip_id", "index", "num_skipped"}`` plus, for
     ``vis_format == "videoframe"``, ``"image": [3, H, W]`` (the middle frame) and ``"caption"``.
+    :meth:`from_config` builds one from a run config.
     """
 
-    def __init__(self, cfg: Mapping, dataset_cfg: Mapping, training: bool = True, tokenizer=None,
-                 seed: int | None = None):
-        self.cfg = cfg
-        self.training = bool(training)
-        self.name = str(dataset_cfg.get("name") or dataset_cfg.get("txt"))
-        self.vis = str(dataset_cfg.get("vis") or "")
-        self.vis_format = dataset_cfg.get("vis_format", "video")
-        self.vid_txt = dataset_cfg.get("vid_txt", "subtitle")
+    def __init__(self, entry: DatasetEntry, reader: ClipReader, settings: DatasetSettings, tokenizer=None):
+        self.training = reader.training
+        self.name = entry.name
+        self.vis = entry.vis
+        self.vis_format = entry.vis_format
+        self.vid_txt = entry.vid_txt
         if self.vis_format not in VIS_FORMATS:
             raise ConfigError(f"{self.name}: vis_format '{self.vis_format}' is not one of {', '.join(VIS_FORMATS)} "
                               "for pretraining sets")
@@ -179,11 +178,11 @@ class PretrainDataset(SubstitutingDataset):
             raise ConfigError(f"{self.name}: unknown vid_txt '{self.vid_txt}' (valid: {', '.join(VID_TXT_MODES)})")
         self.needs_caption, self._make_text = VID_TXT_MODES[self.vid_txt]
         self.with_frame = self.vis_format == "videoframe"
-        self.reader = ClipReader.from_config(cfg, self.training)
-        self.collator = PretrainCollator(tokenizer, int(cfg.get("max_txt_len", 50))) if tokenizer is not None else None
-        self._init_state(int(cfg.get("seed", 42)) if seed is None else seed)
+        self.reader = reader
+        self.collator = PretrainCollator(tokenizer, settings.max_txt_len) if tokenizer is not None else None
+        self._init_state(settings.seed)
 
-        txt = str(dataset_cfg["txt"])
+        txt = entry.txt
         self.subtitles: LazyLmdb | None = None
         if _is_lmdb(txt):
             self.subtitles = LazyLmdb(txt)
@@ -196,13 +195,19 @@ class PretrainDataset(SubstitutingDataset):
 
         self.captions: LazyLmdb | _DictTexts | None = None
         if self.needs_caption or self.with_frame:
-            cap_path = str(dataset_cfg.get("vid_cap_path") or "")
+            cap_path = entry.vid_cap_path
             if not cap_path:
                 raise ConfigError(f"{self.name}: vid_txt '{self.vid_txt}' / vis_format '{self.vis_format}' "
                                   "needs 'vid_cap_path'")
             self.captions = LazyLmdb(cap_path) if _is_lmdb(cap_path) else _load_caption_file(cap_path)
         LOGGER.info("[%s] pretraining clips: %d (vid_txt %s, vis_format %s)",
                     self.name, len(self.clip_ids), self.vid_txt, self.vis_format)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, entry: Mapping, training: bool = True, tokenizer=None) -> "PretrainDataset":
+        """The set of config ``entry`` (a dict of ``cfg.train_datasets``), read as ``cfg`` says."""
+        return cls(DatasetEntry.from_config(entry), ClipReader.from_config(cfg, bool(training)),
+                   DatasetSettings.from_config(cfg), tokenizer)
 
     @staticmethod
     def _read_clip_list(path: str, with_text: bool) -> tuple[list[str], list[str] | None]:
@@ -227,7 +232,7 @@ class PretrainDataset(SubstitutingDataset):
     def video_path(self, index: int) -> str:
         return hdvila_video_path(self.vis, self.clip_ids[index])
 
-    def _describe(self, index: int) -> str:
+    def clip_path(self, index: int) -> str:
         return self.video_path(index)
 
     def init_worker(self, worker_id: int, seed: int) -> None:

@@ -38,10 +38,11 @@ from torch.utils.data import Dataset
 
 from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
-from clipvip.data.annotations import AnnotationRule, ClipRecord, load_annotations, select_rule
+from clipvip.data.annotations import AnnotationRule, ClipRecord, DatasetEntry, load_annotations, select_rule
 from clipvip.data.sampling import middle_frame_index, sample_frame_indices
 from clipvip.data.transforms import frames_to_model_input
-from clipvip.data.video import count_folder_frames, count_frames, load_frame_folder, load_sampled_frames, resolve_backend
+from clipvip.data.video import (count_folder_frames, count_frames, load_frame_folder, load_sampled_frames,
+                                probe_duration, resolve_backend)
 
 LOGGER = get_logger(__name__)
 
@@ -86,14 +87,14 @@ class ClipReader:
         return cls(
             n_clips=int(cfg[f"{prefix}_n_clips"]),
             num_frms=int(cfg[f"{prefix}_num_frms"]),
-            sample_rate=int(cfg.get("sample_rate", 0)),
-            input_res=_resolution(cfg.get("input_res", (224, 224))),
+            sample_rate=int(cfg.sample_rate),
+            input_res=_resolution(cfg.input_res),
             training=training,
             # Jitter is a training-time augmentation only.
-            jitter=training and bool(cfg.get("sample_jitter", 1)),
-            backend=resolve_backend(cfg.get("video_backend")),
-            antialias=bool(cfg["resize_antialias"]),
-            cache={} if cfg.get("cache_clips") else None,
+            jitter=training and bool(cfg.sample_jitter),
+            backend=resolve_backend(cfg.video_backend),
+            antialias=bool(cfg.resize_antialias),
+            cache={} if cfg.cache_clips else None,
         )
 
     @property
@@ -142,11 +143,24 @@ class ClipReader:
 # ----------------------------------------------------------------------------------------------
 # Replacement of unreadable training clips
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetSettings:
+    """What a dataset reads of the run config besides its own entry and its :class:`ClipReader`."""
+
+    seed: int  # the RNG behind caption choice, frame jitter and replacement picks starts from it
+    max_txt_len: int  # text tokens per caption: the collator pads and truncates to it
+    dummy_data: bool  # random frames instead of decoded ones (retrieval sets; a pipeline check)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "DatasetSettings":
+        return cls(seed=int(cfg.seed), max_txt_len=int(cfg.max_txt_len), dummy_data=bool(cfg.dummy_data))
+
+
 class SubstitutingDataset(Dataset):
     """Base of the training datasets: per-dataset RNG, per-worker reseeding, substitution.
 
     Subclasses implement ``_load(index) -> dict`` (raising a ``BAD_SAMPLE_ERRORS`` error for a
-    clip that cannot be used) and ``_describe(index) -> str`` (the path named in warnings).
+    clip that cannot be used) and ``clip_path(index) -> str`` (the path named in warnings).
     """
 
     training: bool
@@ -168,7 +182,7 @@ class SubstitutingDataset(Dataset):
     def _load(self, index: int) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _describe(self, index: int) -> str:  # pragma: no cover - abstract
+    def clip_path(self, index: int) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
@@ -193,7 +207,7 @@ class SubstitutingDataset(Dataset):
             except DataError:
                 raise
             except BAD_SAMPLE_ERRORS as e:
-                raise DataError(f"{self._describe(index)}: {type(e).__name__}: {e}") from e
+                raise DataError(f"{self.clip_path(index)}: {type(e).__name__}: {e}") from e
             item["num_skipped"] = 0
             return item
         skipped = 0
@@ -206,7 +220,7 @@ class SubstitutingDataset(Dataset):
                 skipped += 1
                 self.num_skipped += 1
                 LOGGER.warning("%s: skipping unreadable clip %s (%s); using a random other clip",
-                               self.name, self._describe(index), e)
+                               self.name, self.clip_path(index), e)
                 index = self.rng.randrange(len(self))
                 continue
             item["num_skipped"] = skipped
@@ -220,28 +234,28 @@ class SubstitutingDataset(Dataset):
 # The retrieval dataset
 # ----------------------------------------------------------------------------------------------
 class VideoRetrievalDataset(SubstitutingDataset):
-    """One retrieval set (``dataset_cfg`` is one entry of ``train_datasets`` / ``val_datasets``).
+    """One retrieval set: its ``entry`` (of ``train_datasets`` / ``val_datasets``) read by ``reader``.
 
-    Training item: ``{"video": [T, 3, H, W], "text": str, "clip_id", "index", "num_skipped"}``.
-    Evaluation item (videos): ``{"video", "clip_id", "index": video index, "num_skipped": 0}``.
-    ``rule`` forces an annotation rule by name (see :mod:`clipvip.data.annotations`).
+    Training (``reader.training``) item: ``{"video": [T, 3, H, W], "text": str, "clip_id", "index",
+    "num_skipped"}``. Evaluation item (videos): ``{"video", "clip_id", "index": video index,
+    "num_skipped": 0}``. ``rule`` forces an annotation rule by name (see
+    :mod:`clipvip.data.annotations`). :meth:`from_config` builds one from a run config.
     """
 
-    def __init__(self, cfg: Mapping, dataset_cfg: Mapping, tokenizer=None, training: bool = False,
-                 rule: AnnotationRule | str | None = None, seed: int | None = None):
-        self.cfg = cfg
-        self.training = bool(training)
-        self.name = str(dataset_cfg.get("name") or dataset_cfg.get("txt"))
-        self.vis = str(dataset_cfg.get("vis") or "")
-        self.rule = rule if isinstance(rule, AnnotationRule) else select_rule(dataset_cfg, rule)
-        self.reader = ClipReader.from_config(cfg, self.training)
-        self.dummy_data = bool(cfg.get("dummy_data", 0))
-        self.collator = RetrievalCollator(tokenizer, int(cfg.get("max_txt_len", 50))) if tokenizer is not None else None
-        self._init_state(int(cfg.get("seed", 42)) if seed is None else seed)
+    def __init__(self, entry: DatasetEntry, reader: ClipReader, settings: DatasetSettings, tokenizer=None,
+                 rule: AnnotationRule | str | None = None):
+        self.training = reader.training
+        self.name = entry.name
+        self.vis = entry.vis
+        self.rule = rule if isinstance(rule, AnnotationRule) else select_rule(entry, rule)
+        self.reader = reader
+        self.dummy_data = settings.dummy_data
+        self.collator = RetrievalCollator(tokenizer, settings.max_txt_len) if tokenizer is not None else None
+        self._init_state(settings.seed)
 
-        records = load_annotations(dataset_cfg["txt"], dataset_cfg, self.rule)
+        records = load_annotations(entry.txt, entry, self.rule)
         if not records:
-            raise DataError(f"{dataset_cfg['txt']}: the annotation file lists no clips")
+            raise DataError(f"{entry.txt}: the annotation file lists no clips")
         self.skip_reasons: dict[str, str] = {}  # clip id -> why it is not evaluated, in the order left out
         if self.training:
             self.records: list[ClipRecord] = records
@@ -251,6 +265,13 @@ class VideoRetrievalDataset(SubstitutingDataset):
             self._build_eval_index(records)
         LOGGER.info("[%s] %s: %d videos, %d captions (rule '%s')", self.name,
                     "train" if self.training else "eval", len(self.videos), len(self.texts), self.rule.name)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, entry: Mapping, tokenizer=None, training: bool = False,
+                    rule: AnnotationRule | str | None = None) -> "VideoRetrievalDataset":
+        """The set of config ``entry`` (a dict of ``cfg.train_datasets`` etc.), read as ``cfg`` says."""
+        return cls(DatasetEntry.from_config(entry), ClipReader.from_config(cfg, bool(training)),
+                   DatasetSettings.from_config(cfg), tokenizer, rule)
 
     @property
     def skipped_clip_ids(self) -> list[str]:
@@ -346,8 +367,15 @@ class VideoRetrievalDataset(SubstitutingDataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _describe(self, index: int) -> str:
+    def clip_id(self, index: int) -> str:
+        return self.records[index].clip_id
+
+    def clip_path(self, index: int) -> str:
         return self.records[index].path
+
+    def read_clip(self, index: int) -> dict:
+        """``{"video": [T, 3, H, W]}`` of video ``index`` (the item :class:`VideoOnlyView` completes)."""
+        return {"video": self.load_video(index)}
 
     def load_video(self, index: int) -> torch.Tensor:
         """``[T, 3, H, W]`` frames of video ``index`` (raises on a clip that cannot be read)."""
@@ -390,10 +418,14 @@ class VideoRetrievalDataset(SubstitutingDataset):
 
 
 class VideoOnlyView(Dataset):
-    """Every video of a retrieval set once, in ``dataset.videos`` order (no text, no substitution).
+    """Every clip of a source once, in its order (no text, no substitution): what encoders read.
 
-    A video that cannot be read raises a :class:`DataError` naming its path; with
-    ``mark_unreadable=True`` (what the evaluator uses) its item is a marker instead,
+    The source is a :class:`VideoRetrievalDataset` (evaluation) or :class:`VideoFiles` (``clipvip
+    encode``, search indexing); it has ``len()``, ``clip_id(index)``, ``clip_path(index)``,
+    ``read_clip(index) -> {"video": [T, 3, H, W], ...}`` and a ``collator`` (or None).
+
+    A clip that cannot be read raises a :class:`DataError` naming its path; with
+    ``mark_unreadable=True`` (what the encoders use) its item is a marker instead,
     ``{"clip_id", "index", "num_skipped": 0, "failed": reason}`` without ``"video"``. An exception
     in a DataLoader worker ends the whole loader, and so the whole evaluation, for one clip;
     a marker travels back like any item. The view's ``collator`` then leaves markers out of the
@@ -401,34 +433,66 @@ class VideoOnlyView(Dataset):
     (:class:`MarkedVideoCollator`).
     """
 
-    def __init__(self, dataset: VideoRetrievalDataset, mark_unreadable: bool = False):
-        self.dataset = dataset
+    def __init__(self, source, mark_unreadable: bool = False):
+        self.dataset = source
         self.mark_unreadable = bool(mark_unreadable)
 
     def __len__(self) -> int:
-        return len(self.dataset.records)
+        return len(self.dataset)
 
     @property
     def collator(self):
-        """The dataset's collator (or a tokenizer-free one: videos need none); marker-aware if marking."""
+        """The source's collator (or a tokenizer-free one: videos need none); marker-aware if marking."""
         inner = self.dataset.collator if self.dataset.collator is not None else RetrievalCollator(None)
         return MarkedVideoCollator(inner) if self.mark_unreadable else inner
 
     def __getitem__(self, index: int) -> dict:
-        ds = self.dataset
-        item = {"clip_id": ds.records[index].clip_id, "index": index, "num_skipped": 0}
+        source = self.dataset
+        item = {"clip_id": source.clip_id(index), "index": index, "num_skipped": 0}
         try:
-            item["video"] = ds.load_video(index)
+            item.update(source.read_clip(index))
         except BAD_SAMPLE_ERRORS as e:
             if not self.mark_unreadable:
                 if isinstance(e, DataError):
                     raise
-                raise DataError(f"{ds.records[index].path}: {type(e).__name__}: {e}") from e
+                raise DataError(f"{source.clip_path(index)}: {type(e).__name__}: {e}") from e
             item["failed"] = unreadable_reason(e)
         return item
 
     def init_worker(self, worker_id: int, seed: int) -> None:
-        self.dataset.init_worker(worker_id, seed)
+        if hasattr(self.dataset, "init_worker"):
+            self.dataset.init_worker(worker_id, seed)
+
+
+class VideoFiles(Dataset):
+    """Video files by path, each read as evaluation reads a test video: a :class:`VideoOnlyView` source.
+
+    ``read_clip`` also gives the container's duration in seconds (metadata, no decoding; None if
+    unknown), which a search index keeps beside each video.
+    """
+
+    collator = None  # the view's tokenizer-free default
+
+    def __init__(self, ids: Sequence[str], paths: Sequence[str], reader: ClipReader):
+        if len(ids) != len(paths):
+            raise ValueError(f"{len(ids)} ids for {len(paths)} video paths")
+        self.ids, self.paths = list(ids), list(paths)
+        self.reader = reader
+        self.rng = random.Random(0)  # evaluation sampling never draws from it
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def clip_id(self, index: int) -> str:
+        return self.ids[index]
+
+    def clip_path(self, index: int) -> str:
+        return self.paths[index]
+
+    def read_clip(self, index: int) -> dict:
+        path = self.paths[index]
+        video, _ = self.reader.read_video(path, self.rng)  # (T, 3, H, W)
+        return {"video": video, "duration": probe_duration(path)}
 
 
 class MarkedVideoCollator:
@@ -505,7 +569,8 @@ class RetrievalCollator:
     Keys, each present when the items carry it:
     ``video`` [B, T, 3, H, W] float; ``text_input_ids``, ``text_input_mask`` [B, L] long;
     ``clip_ids`` list[str]; ``indices`` [B] long (dataset index of each item: clip, video or text);
-    ``video_indices`` [B] long (text view: the target video); ``num_skipped`` int (clips replaced
+    ``video_indices`` [B] long (text view: the target video); ``durations`` list[float | None]
+    (:class:`VideoFiles`); ``num_skipped`` int (clips replaced
     to build this batch; the training loop sums it over steps, and so over workers).
     """
 
@@ -528,10 +593,7 @@ class RetrievalCollator:
         batch["indices"] = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (B,)
         if "video_index" in first:
             batch["video_indices"] = torch.tensor([it["video_index"] for it in items], dtype=torch.long)
+        if "duration" in first:  # VideoFiles: seconds, or None where the container does not say
+            batch["durations"] = [it["duration"] for it in items]
         batch["num_skipped"] = int(sum(it.get("num_skipped", 0) for it in items))
         return batch
-
-
-def load_clip(path: str, cfg: Mapping) -> torch.Tensor:
-    """``[T, 3, H, W]`` model input of one video, sampled and transformed as evaluation reads it."""
-    return ClipReader.from_config(cfg, training=False).read_video(path, random.Random(0))[0]

@@ -426,6 +426,24 @@ def count_frames(path, backend: str | None = None) -> int:
     return _with_reader(path, backend, _count)
 
 
+def probe_duration(path: str) -> float | None:
+    """Duration in seconds from the container's metadata (no decoding), or None if unknown."""
+    try:
+        import av
+
+        with av.open(path) as container:
+            if container.duration:
+                return float(container.duration / av.time_base)
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if stream.frames and stream.average_rate:
+                return float(stream.frames / stream.average_rate)
+    except Exception:  # noqa: BLE001 - metadata is a nicety; the frames were readable
+        return None
+    return None
+
+
 def load_frames(path, frame_indices: Sequence[int], backend: str | None = None) -> torch.Tensor:
     """Frames ``frame_indices`` (0-based, any order, repeats allowed) as uint8 RGB ``[N, H, W, 3]``."""
     indices = _check_indices(frame_indices)

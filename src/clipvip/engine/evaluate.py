@@ -2,8 +2,9 @@
 
 Each process encodes its contiguous block of the videos and of the captions (no padding, so no
 duplicates); the blocks are gathered in rank order, which is dataset order, and checked against
-the batches' dataset indices. Metrics are computed on the gathered features (identically on
-every process) with the multi-caption protocol: every caption is a query, its video the target.
+the batches' dataset indices (:mod:`clipvip.engine.encode`). Metrics are computed on the gathered
+features (identically on every process) with the multi-caption protocol: every caption is a
+query, its video the target.
 
 A video that passes the up-front scan but cannot be decoded (frame data cut behind an intact
 header) does not stop the evaluation: the loader hands it back as a marker, every rank learns
@@ -14,13 +15,12 @@ those clips would score, and the results block lists them (``skipped_videos``, `
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 
 from clipvip import distributed
-from clipvip.data.loader import DevicePrefetcher, build_eval_loader
-from clipvip.errors import DataError
+from clipvip.data.loader import LoaderSettings, build_eval_loader
+from clipvip.engine.encode import encode_in_order, encode_readable_in_order
 from clipvip.logging_utils import get_logger
 from clipvip.metrics import evaluate_retrieval
 from clipvip.precision import autocast
@@ -31,86 +31,21 @@ PROTOCOL = "multi-caption: every caption is a query, its video the target"
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
 
 
-@torch.no_grad()
-def encode_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: int, device: torch.device,
-                    desc: str) -> torch.Tensor:
-    """Features [expected, P] of the whole dataset behind ``loader`` (every rank's block), in order.
-
-    ``encode(batch)`` gets each batch with its model inputs
-    (:data:`clipvip.data.loader.MODEL_INPUTS`) already on ``device``; the batches carry their
-    dataset ``indices``. An item that could not be read (a batch's ``failed`` entry) is an error
-    here; :func:`encode_readable_in_order` leaves such items out instead.
-    """
-    features, failed = encode_readable_in_order(encode, loader, expected, device, desc)
-    if failed:
-        index, reason = failed[0]
-        raise DataError(f"{desc}: {len(failed)} of {expected} items could not be read (first: #{index}: {reason})")
-    return features
-
-
-@torch.no_grad()
-def encode_readable_in_order(encode: Callable[[dict], torch.Tensor], loader, expected: int, device: torch.device,
-                             desc: str) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    """``(features [expected - F, P], failed)`` of the dataset behind ``loader``, in dataset order.
-
-    Batches may list items that could not be read, ``failed = [(index, reason), ...]``
-    (:class:`clipvip.data.retrieval_dataset.MarkedVideoCollator`); they are not encoded. ``failed`` comes
-    back with every rank's F failures in dataset order, the same list on every rank, and the
-    features are those of the other items in dataset order, so dropping the failed indices from
-    the dataset leaves both aligned. A batch of failures only (no ``indices``) is not encoded.
-    """
-    feats, indices, failed = [], [], []
-    show = distributed.get_env().is_main
-    from tqdm.auto import tqdm
-
-    # The next batch's inputs travel to the GPU while this one is encoded; the indices stay on the
-    # host (reading a device tensor there would wait for the encoding) and travel once at the end.
-    batches = DevicePrefetcher(loader, device)
-    total = len(loader) if hasattr(loader, "__len__") else None
-    # Only the main process draws a bar, and none under TQDM_DISABLE=1 (the demo's runs and logs):
-    # read here, since tqdm reads its environment once, when it is imported (by transformers,
-    # before a caller such as the demo has set it), and then only for arguments left unset.
-    show = show and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
-    for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
-        failed.extend((int(i), str(reason)) for i, reason in batch.get("failed", ()))
-        if len(batch["indices"]) == 0:
-            continue
-        feats.append(encode(batch).float())
-        indices.append(batch["indices"])
-    local = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
-    local_indices = (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)).to(device)
-    gathered_indices = distributed.all_gather_variable(local_indices)
-    # A rank with an empty block (more ranks than items, or every item failed) has no feature
-    # width: learn it from the others.
-    width = int(distributed.all_gather_variable(torch.tensor([local.shape[1]], device=device)).max())
-    if local.shape[1] != width:
-        local = local.new_zeros((0, width))
-    gathered = distributed.all_gather_variable(local)
-    # A few (index, reason) pairs: the object collective's pickling costs nothing here. Rank
-    # order is dataset order, as for the features.
-    failed = [f for part in distributed.gather_objects(sorted(failed)) for f in part]
-    dropped = {i for i, _ in failed}
-    readable = torch.tensor([i for i in range(expected) if i not in dropped], dtype=torch.long)
-    if (len(dropped) != len(failed) or gathered.shape[0] != readable.numel()
-            or not torch.equal(gathered_indices.cpu(), readable)):
-        raise RuntimeError(f"{desc}: gathered {gathered.shape[0]} features and {len(failed)} failures "
-                           f"for {expected} items out of order")
-    return gathered, failed
-
-
-def encode_retrieval_set(model, dataset, cfg, precision: str, device: torch.device,
+def encode_retrieval_set(model, dataset, loader: LoaderSettings, precision: str, device: torch.device,
                          video_workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(videos [n_videos, P], texts [n_texts, P])``: every video and caption of ``dataset``, in order.
 
     A video that cannot be decoded is dropped from ``dataset`` with its captions
     (:meth:`~clipvip.data.retrieval_dataset.VideoRetrievalDataset.drop_videos`, the same on every rank)
     before the captions are encoded, so ``n_videos``, ``n_texts`` and ``dataset.text_to_video()``
-    describe what comes back. ``video_workers``: loader workers for the videos (default the
-    config's ``n_workers``).
+    describe what comes back. ``loader``: batch size, workers and seed of the evaluation loaders;
+    ``video_workers``: loader workers for the videos (default ``loader.n_workers``).
     """
     device_type = device.type
+    env = distributed.get_env()
+    shard = {"rank": env.rank, "world_size": env.world_size}
 
-    def encode_videos(batch):  # inputs already on the device (encode_in_order)
+    def encode_videos(batch):  # inputs already on the device (clipvip.engine.encode)
         with autocast(precision, device_type):
             return model.encode_video(batch["video"])
 
@@ -119,36 +54,39 @@ def encode_retrieval_set(model, dataset, cfg, precision: str, device: torch.devi
             return model.encode_text(batch["text_input_ids"], batch["text_input_mask"])
 
     # Marker items instead of exceptions: a DataLoader worker that raised would end the evaluation.
-    video_loader = build_eval_loader(dataset.video_view(mark_unreadable=True), cfg, n_workers=video_workers,
-                                     persistent_workers=False)
+    video_loader = build_eval_loader(dataset.video_view(mark_unreadable=True), loader, **shard,
+                                     n_workers=video_workers, persistent_workers=False)
     videos, failed = encode_readable_in_order(encode_videos, video_loader, len(dataset.videos), device,
                                               f"{dataset.name} videos")
     if failed:  # every rank holds the same list: every rank's copy of the dataset shrinks alike
-        dataset.drop_videos(dict(failed), log=distributed.get_env().is_main)
-    texts = encode_in_order(encode_texts, build_eval_loader(dataset.text_view(), cfg, n_workers=0),
+        dataset.drop_videos(dict(failed), log=env.is_main)
+    texts = encode_in_order(encode_texts, build_eval_loader(dataset.text_view(), loader, **shard, n_workers=0),
                             len(dataset.texts), device, f"{dataset.name} texts")
     return videos, texts
 
 
-def evaluate_retrieval_set(model, dataset, cfg, precision: str, device: torch.device) -> dict:
+def evaluate_retrieval_set(model, dataset, loader: LoaderSettings, precision: str, device: torch.device) -> dict:
     """The eval block of one retrieval dataset (see :func:`evaluate_all`).
 
     ``n_videos``/``n_texts`` count what was scored; ``skipped_videos`` lists the clip ids left out
     (no caption, unreadable up front or while encoding) and ``skip_reasons`` says why, per id.
     """
-    videos, texts = encode_retrieval_set(model, dataset, cfg, precision, device)
+    videos, texts = encode_retrieval_set(model, dataset, loader, precision, device)
     metrics = evaluate_retrieval(texts, videos, dataset.text_to_video())
     return {"protocol": PROTOCOL, "n_videos": len(dataset.videos), "n_texts": len(dataset.texts),
             "skipped_videos": dataset.skipped_clip_ids, "skip_reasons": dict(dataset.skip_reasons),
             **{d: metrics[d] for d in DIRECTIONS}}
 
 
-def evaluate_all(model, datasets: list, cfg, precision: str, device: torch.device) -> dict:
-    """``{dataset name: eval block}`` for every evaluation dataset; ``model`` is put in eval mode."""
+def evaluate_all(model, datasets: list, loader: LoaderSettings, precision: str, device: torch.device) -> dict:
+    """``{dataset name: eval block}`` for every evaluation dataset; ``model`` is put in eval mode.
+
+    ``loader``: the evaluation loaders' batch size (``test_batch_size``), workers and seed.
+    """
     model.eval()
     results = {}
     for dataset in datasets:
-        results[dataset.name] = block = evaluate_retrieval_set(model, dataset, cfg, precision, device)
+        results[dataset.name] = block = evaluate_retrieval_set(model, dataset, loader, precision, device)
         LOGGER.info("[%s] t2v R@1 %.2f R@5 %.2f R@10 %.2f | v2t R@1 %.2f | DSL t2v R@1 %.2f",
                     dataset.name, block["t2v"]["R1"], block["t2v"]["R5"], block["t2v"]["R10"],
                     block["v2t"]["R1"], block["t2v_dsl"]["R1"])

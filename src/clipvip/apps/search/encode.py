@@ -27,11 +27,12 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from clipvip.config import Config, load_config
-from clipvip.data.loader import DevicePrefetcher
-from clipvip.data.retrieval_dataset import BAD_SAMPLE_ERRORS, ClipReader, tokenize
+from clipvip import __version__
+from clipvip.config import DATASET_KEYS, DEFAULTS, NESTED_DEFAULTS, Config, load_config
+from clipvip.data.loader import LoaderSettings, build_eval_loader
+from clipvip.data.retrieval_dataset import ClipReader, VideoFiles, VideoOnlyView, tokenize
+from clipvip.engine.encode import iter_encoded
 from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
 from clipvip.model import build_model
@@ -125,7 +126,7 @@ def resolve_config(config: str | Mapping | None, weights: str | None = None,
     if weights:
         cfg.e2e_weights_path = weights
     for key in PATH_KEYS:
-        value = cfg.get(key)
+        value = cfg[key]
         if value and os.path.exists(value):
             cfg[key] = os.path.abspath(value)
     cfg.blob_mount_dir = ""  # already joined to the paths above (as save_config writes a config)
@@ -139,32 +140,21 @@ def _reload(stored: Mapping, overrides: Sequence[str]) -> Config:
     what changes a feature is in the fingerprints, which are checked against the index anyway.
     The datasets are dropped too: search never reads them.
     """
-    import tempfile
-
-    from clipvip.config import DATASET_KEYS, DEFAULTS, NESTED_DEFAULTS
-
     values = {}
     for key, value in json.loads(json.dumps(stored)).items():
-        if key not in DEFAULTS or key in DATASET_KEYS or key == "config":
+        if key not in DEFAULTS or key in DATASET_KEYS:
             continue
         if key in NESTED_DEFAULTS and isinstance(value, dict):
             value = {k: v for k, v in value.items() if k in NESTED_DEFAULTS[key]}
         values[key] = value
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(values, f)
-    try:
-        cfg = load_config(f.name, list(overrides))
-    finally:
-        os.remove(f.name)
-    cfg.config = stored.get("config")
-    return cfg
+    return load_config(values, list(overrides))
 
 
 def config_fingerprint(cfg: Mapping) -> str:
     """sha256 of the config keys that decide what a feature means (frames, transform, text length)."""
-    vision = dict(cfg.get("clip_vision_additional_config") or {})
-    vision.pop("logit_scale_init_value", None)
-    keyed = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
+    vision = dict(cfg.clip_vision_additional_config)
+    vision.pop("logit_scale_init_value")
+    keyed = {key: cfg[key] for key in FINGERPRINT_KEYS}
     keyed["clip_vision_additional_config"] = vision
     text = json.dumps(keyed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -181,57 +171,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode("utf-8"))
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding videos in DataLoader workers
-# ---------------------------------------------------------------------------------------------
-def probe_duration(path: str) -> float | None:
-    """Duration in seconds from the container's metadata (no decoding), or None if unknown."""
-    try:
-        import av
-
-        with av.open(path) as container:
-            if container.duration:
-                return float(container.duration / av.time_base)
-            stream = container.streams.video[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-            if stream.frames and stream.average_rate:
-                return float(stream.frames / stream.average_rate)
-    except Exception:  # noqa: BLE001 - metadata is a nicety; the frames were readable
-        return None
-    return None
-
-
-class _VideoFiles(Dataset):
-    """One item per video: its model input, or the reason it cannot be read."""
-
-    def __init__(self, items: Sequence[VideoItem], reader: ClipReader):
-        self.items = list(items)
-        self.reader = reader
-        self.rng = random.Random(0)  # evaluation sampling never draws from it
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        path = self.items[index].path
-        try:
-            video, _ = self.reader.read_video(path, self.rng)  # (T, 3, H, W)
-        except BAD_SAMPLE_ERRORS as e:
-            return {"index": index, "error": str(e)}
-        return {"index": index, "video": video, "duration": probe_duration(path)}
-
-
-def _collate(items: list[dict]) -> dict:
-    ok = [it for it in items if "video" in it]
-    return {
-        "video": torch.stack([it["video"] for it in ok]) if ok else None,  # (B, T, 3, H, W)
-        "indices": [it["index"] for it in ok],
-        "durations": [it["duration"] for it in ok],
-        "failed": [(it["index"], it["error"]) for it in items if "error" in it],
-    }
 
 
 @dataclass
@@ -259,13 +198,14 @@ class Encoder:
         self.device = torch.device(device) if device else default_device()
         # The same seed as the retrieval app: tensors the checkpoint does not hold (proxies
         # initialised from CLIP weights) come out identical on every build.
-        torch.manual_seed(int(cfg.get("seed", 42)))
+        torch.manual_seed(int(cfg.seed))
         self.model = build_model(cfg).eval().to(self.device)
         self.tokenizer = build_tokenizer(cfg)
         self.reader = ClipReader.from_config(cfg, training=False)
+        self.loader = LoaderSettings.from_config(cfg)
         self.precision = precision_from_config(cfg, self.device.type)
-        self.batch_size = int(cfg.get("test_batch_size", 16))
-        self.max_txt_len = int(cfg.get("max_txt_len", 50))
+        self.batch_size = self.loader.test_batch_size
+        self.max_txt_len = int(cfg.max_txt_len)
         self.dim = int(self.model.clipmodel.visual_projection.out_features)
         self.model_fingerprint = model_fingerprint(self.model)
         self.config_fingerprint = config_fingerprint(cfg)
@@ -290,9 +230,16 @@ class Encoder:
     @torch.no_grad()
     def encode_video_tensor(self, video: torch.Tensor) -> np.ndarray:
         """float32 [B, dim] for model input ``video`` (B, T, 3, H, W)."""
+        return self._as_numpy(self._encode_videos(video.to(self.device)))
+
+    def _encode_videos(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, dim] features of ``video`` (B, T, 3, H, W), already on the device."""
         with autocast(self.precision, self.device.type):
-            feats = self.model.encode_video(video.to(self.device))
-        return np.ascontiguousarray(feats.float().cpu().numpy(), dtype=np.float32)
+            return self.model.encode_video(video)
+
+    @staticmethod
+    def _as_numpy(features: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(features.float().cpu().numpy(), dtype=np.float32)
 
     def encode_video_file(self, path: str) -> np.ndarray:
         """float32 [dim] for one video file (raises :class:`clipvip.data.VideoDecodeError`)."""
@@ -301,24 +248,26 @@ class Encoder:
 
     def iter_videos(self, items: Sequence[VideoItem], batch_size: int | None = None,
                     workers: int = 0) -> Iterator[EncodedVideos]:
-        """Encode ``items`` in order, ``workers`` processes decoding; unreadable ones reported, not raised."""
+        """Encode ``items`` in order, ``workers`` processes decoding; unreadable ones reported, not raised.
+
+        The evaluation's encoder (:func:`clipvip.engine.encode.iter_encoded`) over the files read
+        as evaluation reads test videos, batch after batch, so a caller can store each as it comes.
+        """
         if not items:
             return
-        loader = DataLoader(_VideoFiles(items, self.reader), batch_size=max(1, int(batch_size or self.batch_size)),
-                            shuffle=False, num_workers=max(0, int(workers)), collate_fn=_collate,
-                            pin_memory=self.device.type == "cuda")
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(items), desc="videos", unit="clip", disable=None, leave=False) as bar:
-            # On a GPU the next batch is copied on a side stream while this one is encoded.
-            for batch in DevicePrefetcher(loader, self.device):
-                feats = (self.encode_video_tensor(batch["video"]) if batch["video"] is not None
-                         else np.zeros((0, self.dim), np.float32))
-                failed = [(items[i], reason) for i, reason in batch["failed"]]
-                for item, reason in failed:
-                    LOGGER.warning("skipping unreadable video %s: %s", item.path, reason)
-                bar.update(len(batch["indices"]) + len(failed))
-                yield EncodedVideos([items[i] for i in batch["indices"]], batch["durations"], feats, failed)
+        view = VideoOnlyView(VideoFiles([v.id for v in items], [v.path for v in items], self.reader),
+                             mark_unreadable=True)
+        loader = build_eval_loader(view, self.loader, batch_size=max(1, int(batch_size or self.batch_size)),
+                                   n_workers=max(0, int(workers)), persistent_workers=False)
+        for encoded in iter_encoded(lambda batch: self._encode_videos(batch["video"]), loader, self.device, "videos"):
+            failed = [(items[i], reason) for i, reason in encoded.failed]
+            for item, reason in failed:
+                LOGGER.warning("skipping unreadable video %s: %s", item.path, reason)
+            if encoded.features is None:
+                yield EncodedVideos([], [], np.zeros((0, self.dim), np.float32), failed)
+                continue
+            yield EncodedVideos([items[i] for i in encoded.batch["indices"].tolist()], encoded.batch["durations"],
+                                self._as_numpy(encoded.features), failed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +390,7 @@ def encode_to_folder(encoder: Encoder, out: str, *, videos: Sequence[VideoItem] 
     """``clipvip encode``: features of ``videos`` (or ``sentences``) into ``out``, skipping ids already there."""
     kind = "video" if videos is not None else "text"
     with writer_lock(out):
-        folder = FeatureFolder(out, {"kind": kind, **encoder.describe(), "clipvip_version": _version()})
+        folder = FeatureFolder(out, {"kind": kind, **encoder.describe(), "clipvip_version": __version__})
         done = folder.done_ids()
         failed: list[tuple[str, str]] = []
         encoded = 0
@@ -482,11 +431,4 @@ def encode_to_folder(encoder: Encoder, out: str, *, videos: Sequence[VideoItem] 
         folder.write_failed(failed)
         folder.merge()
     return EncodeSummary(encoded=encoded, already=already, failed=failed)
-
-
-def _version() -> str:
-    from clipvip import __version__
-
-    return __version__
-
 

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clipvip import __version__
 from clipvip.data.sampling import middle_frame_index
 from clipvip.data.video import load_sampled_frames
 from clipvip.apps.search.encode import Encoder, VideoItem, resolve_config
@@ -73,7 +74,7 @@ class SearchEngine:
             stored = index.meta["config"]
             cfg = resolve_config(config if config else stored, weights or index.meta.get("weights_path"),
                                  overrides)
-            ckpt = cfg.get("e2e_weights_path")
+            ckpt = cfg.e2e_weights_path
             if ckpt and not os.path.exists(ckpt):
                 raise SearchError(f"the weights {ckpt} that built {path} are not there; pass --weights CKPT "
                                   "(and --config CFG if the config moved too)")
@@ -178,8 +179,6 @@ def index_videos(path: str, videos: Sequence[VideoItem], *, config: str | None =
     is already there are skipped, and the model must match the index. Unreadable videos are
     skipped and listed (``IDX/skipped.tsv``), never fatal.
     """
-    from clipvip import __version__
-
     with index_writer(path):
         exists = os.path.isfile(os.path.join(path, SIDECAR))
         if exists and not (add or overwrite):
@@ -209,8 +208,8 @@ def index_videos(path: str, videos: Sequence[VideoItem], *, config: str | None =
                 skipped += [(v.path, reason) for v, reason in batch.failed]
             if base is None and not records:
                 raise SearchError(f"no readable video to index ({len(videos)} found, {len(skipped)} unreadable)")
-            meta = {"config": cfg.to_dict(), "config_path": cfg.get("config"),
-                    "weights_path": cfg.get("e2e_weights_path"), **encoder.describe(),
+            meta = {"config": cfg.to_dict(), "config_path": cfg.config,
+                    "weights_path": cfg.e2e_weights_path, **encoder.describe(),
                     "clipvip_version": __version__}
             stacked = np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32)
             if base is not None and not records:  # nothing new: leave the index files as they are
