@@ -13,9 +13,12 @@ Modes (``--mode``):
 Models have random weights and are built from a :data:`clipvip.model.KNOWN_ARCHITECTURES` name
 (``--arch b32|b16`` or the full name), with optional overrides of the vision tower
 (``--width --layers --heads``) and of the text tower (``--text-width --text-layers --text-heads``).
-``--attn eager sdpa`` measures both attention implementations side by side in one process,
-alternating between them round after round so that other load on the machine falls on both alike,
-and reports their ratio.
+Variants are measured side by side in one process, alternating round after round so that other
+load on the machine falls on all alike, and their ratios reported: ``--attn eager sdpa`` the two
+attention implementations (``eager``: the original formulation), and for ``sdpa``
+``--fast-paths on off`` the fast paths of :mod:`clipvip.model.fast_paths` on (``sdpa``, as the
+switch decides on this machine) against the plain PyTorch of :mod:`clipvip.model.layers`
+(``sdpa_plain``): ``speedup_fast_vs_plain``.
 
     python -m clipvip bench --mode both --arch b32 --width 384 --heads 6 --batch 8 --frames 12 \\
         --precision fp32 --threads 2 --attn eager sdpa
@@ -45,9 +48,13 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
+from transformers import CLIPConfig
 
 from clipvip.apps.cli import HelpFormatter, prog_name
+from clipvip.apps.data_bench import cpu_name, run_data_bench
 from clipvip.errors import ConfigError
+from clipvip.model import KNOWN_ARCHITECTURES, CLIPViPRetrieval, VideoSettings, compile_model, fast_paths
+from clipvip.precision import autocast
 
 ARCH_ALIASES = {"b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16"}
 
@@ -67,8 +74,6 @@ PEAK_TFLOPS = {
 # ---------------------------------------------------------------------------------------------
 def bench_clip_config(args) -> dict:
     """The CLIP architecture dict of ``args.arch`` with the shape overrides applied."""
-    from clipvip.model import KNOWN_ARCHITECTURES
-
     name = ARCH_ALIASES.get(args.arch, args.arch)
     if name not in KNOWN_ARCHITECTURES:
         raise ConfigError(f"unknown --arch '{args.arch}'; known: {', '.join([*ARCH_ALIASES, *KNOWN_ARCHITECTURES])}")
@@ -95,10 +100,6 @@ def bench_clip_config(args) -> dict:
 
 def build_bench_model(arch: dict, add_cls_num: int = 3, seed: int = 0):
     """A randomly initialised :class:`CLIPViPRetrieval` of architecture ``arch`` (ViP, 12-frame table)."""
-    from transformers import CLIPConfig
-
-    from clipvip.model import CLIPViPRetrieval, VideoSettings
-
     torch.manual_seed(seed)
     config = CLIPConfig(**{k: v for k, v in arch.items() if not k.startswith("_")})
     return CLIPViPRetrieval(config, VideoSettings(add_cls_num=add_cls_num, temporal_size=12))
@@ -337,6 +338,36 @@ def _chunks(values: list, size: int) -> list[list]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
 
+# (ratio name, baseline variant, faster variant): eager is the original formulation, sdpa the
+# default model with its fast paths as the switch decides here, sdpa_plain the same without them.
+SPEEDUPS = (("sdpa_vs_eager", "eager", "sdpa"), ("fast_vs_plain", "sdpa_plain", "sdpa"))
+
+
+def bench_variants(attns: Sequence[str], fast_settings: Sequence[str]) -> list[tuple[str, str, bool]]:
+    """(name, attention implementation, fast paths on) of every variant to measure: ``eager`` once
+    (the original formulation never takes the fast paths), ``sdpa`` with the fast paths on
+    (named ``sdpa``) and off (``sdpa_plain``)."""
+    variants = []
+    for attn in attns:
+        if attn == "eager":
+            variants.append(("eager", "eager", False))
+            continue
+        for setting in fast_settings:
+            variants.append((attn if setting == "on" else f"{attn}_plain", attn, setting == "on"))
+    return variants
+
+
+def _speedups(label: str, baseline: list[float], variant: list[float], steps: int) -> dict:
+    """How many times faster ``variant`` ran than ``baseline``: by the medians, by the best calls,
+    and round by round (the two ran back to back) then the median, the ratio least moved by load
+    that changes during the run."""
+    per_round = [statistics.median(b) / statistics.median(v) for b, v in zip(_chunks(baseline, steps),
+                                                                            _chunks(variant, steps))]
+    return {f"speedup_{label}": round(statistics.median(baseline) / statistics.median(variant), 3),
+            f"speedup_{label}_best": round(min(baseline) / min(variant), 3),
+            f"speedup_{label}_paired": round(statistics.median(per_round), 3)}
+
+
 def _summary(seconds: list[float], batch: int) -> dict:
     med = statistics.median(seconds)
     return {"clips_per_s": round(batch / med, 3), "ms_per_batch": round(1e3 * med, 2),
@@ -355,8 +386,6 @@ def run_model_bench(args) -> dict:
     compile_error = None
     if args.compile:
         try:
-            from clipvip.model import compile_model
-
             compile_model(model, backend=args.compile_backend)
         except Exception as e:  # noqa: BLE001 - reported, then the run goes on without compile
             compile_error = f"{type(e).__name__}: {e}"
@@ -367,19 +396,18 @@ def run_model_bench(args) -> dict:
     if peak is None and args.measure_peak:
         peak, peak_source = measure_peak_tflops(args.precision, device), "measured matmul"
 
-    from clipvip.model import layers
-    from clipvip.precision import autocast
-
     modes = ["encode", "train"] if args.mode == "both" else [args.mode]
+    switch_at_start = fast_paths.ENABLED
     results: dict = {}
     errors: dict = {}
     for mode in modes:
         variants: dict[str, Callable[[], None]] = {}
         memory: dict[str, dict] = {}
         step = TrainStep(model, args.precision, device, nonfinite_check=args.nonfinite_check) if mode == "train" else None
-        for attn in args.attn:
-            def call(attn=attn):
+        for name, attn, fast in bench_variants(args.attn, args.fast_paths):
+            def call(attn=attn, fast=fast):
                 model.set_attention(attn)
+                fast_paths.set_enabled(fast)
                 if mode == "train":
                     model.train()
                     step(video, ids, mask)
@@ -395,41 +423,36 @@ def run_model_bench(args) -> dict:
                     call()
             except Exception as e:  # noqa: BLE001 - torch.compile / out-of-memory: report, go on
                 hint = "torch.compile failed (rerun without --compile): " if args.compile else ""
-                errors[f"{mode}/{attn}"] = f"{hint}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                errors[f"{mode}/{name}"] = f"{hint}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 model.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            variants[attn] = call
-            memory[attn] = {"peak_bytes": mem.bytes, "peak_mib": round(mem.bytes / 2 ** 20, 1), "method": mem.method}
+            variants[name] = call
+            memory[name] = {"peak_bytes": mem.bytes, "peak_mib": round(mem.bytes / 2 ** 20, 1), "method": mem.method}
             if device.type == "cuda":
-                memory[attn]["peak_reserved_bytes"] = mem.reserved_bytes
+                memory[name]["peak_reserved_bytes"] = mem.reserved_bytes
         times = _timed_rounds(variants, device, args.steps, args.rounds)
         block = {}
-        for attn in variants:
-            entry = {**_summary(times[attn], args.batch), "memory": memory[attn]}
+        for name in variants:
+            entry = {**_summary(times[name], args.batch), "memory": memory[name]}
             fl = flops["train_step"] if mode == "train" else flops["video_forward"]
-            tflops = fl / statistics.median(times[attn]) / 1e12
+            tflops = fl / statistics.median(times[name]) / 1e12
             entry["model_tflops_per_s"] = round(tflops, 3)
             if peak:
                 entry["mfu"] = round(tflops / peak, 4)
             if args.profile:
-                entry["profile"] = profile_call(variants[attn], device, args.profile)
-            block[attn] = entry
-        if "eager" in block and "sdpa" in block:
-            block["speedup_sdpa_vs_eager"] = round(block["eager"]["ms_per_batch"] / block["sdpa"]["ms_per_batch"], 3)
-            block["speedup_sdpa_vs_eager_best"] = round(
-                block["eager"]["best_ms_per_batch"] / block["sdpa"]["best_ms_per_batch"], 3)
-            # Round by round (the two ran back to back), then the median: the ratio least moved
-            # by load that changes during the run.
-            per_round = [statistics.median(e) / statistics.median(f) for e, f in
-                         zip(_chunks(times["eager"], args.steps), _chunks(times["sdpa"], args.steps))]
-            block["speedup_sdpa_vs_eager_paired"] = round(statistics.median(per_round), 3)
+                entry["profile"] = profile_call(variants[name], device, args.profile)
+            block[name] = entry
+        for label, baseline, variant in SPEEDUPS:
+            if baseline in times and variant in times:
+                block.update(_speedups(label, times[baseline], times[variant], args.steps))
         if step is not None:
             block["fused_optimizer"] = step.fused
             block["nonfinite_check"] = step.nonfinite_check
         results[mode] = block
         del step
+    fast_paths.set_enabled(switch_at_start)
     report = {
         "machine": machine_info(device),
         "settings": {
@@ -438,7 +461,7 @@ def run_model_bench(args) -> dict:
             "threads": torch.get_num_threads(), "attn": list(args.attn),
             "compile": args.compile_backend if args.compile else False,
             "grad_checkpointing": bool(args.grad_checkpointing), "nonfinite_check": args.nonfinite_check,
-            "onednn_fp32_matmuls": bool(layers.ONEDNN_LINEAR and device.type == "cpu"),
+            "fast_paths": {"measured": list(args.fast_paths), **fast_paths.describe(device)},
             "steps": args.steps, "rounds": args.rounds,
             "warmup": args.warmup,
             "vision": {k: arch["vision_config"][k] for k in ("hidden_size", "num_hidden_layers",
@@ -456,8 +479,6 @@ def run_model_bench(args) -> dict:
 
 
 def machine_info(device: Optional[torch.device] = None) -> dict:
-    from clipvip.apps.data_bench import cpu_name
-
     info = {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
@@ -499,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     m.add_argument("--attn", nargs="+", choices=("eager", "sdpa"), default=["eager", "sdpa"],
                    help="attention implementations, measured side by side")
+    m.add_argument("--fast-paths", nargs="+", choices=("on", "off"), default=["on", "off"],
+                   help="sdpa with the fast paths of clipvip.model.fast_paths on (as this machine decides; "
+                        "variant sdpa) and off (plain PyTorch; variant sdpa_plain), measured side by side")
     m.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
     m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -533,8 +557,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode == "data":
-        from clipvip.apps.data_bench import run_data_bench
-
         report = run_data_bench(num_frms=args.frames, input_res=args.res, clips=args.clips,
                                 frames=args.clip_frames, size=args.size, fps=args.fps,
                                 repeats=args.repeats, folder=args.dir)
