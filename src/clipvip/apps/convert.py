@@ -1,0 +1,69 @@
+"""``clipvip convert``: a released or fine-tuned checkpoint -> a Hugging Face model folder.
+
+    python -m clipvip convert --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \\
+        --weights pretrain_clipvip_base_32.pt --out clipvip-b32 [--results eval_results.json] \\
+        [--push_to_hub owner/name]
+
+The config says the architecture (``clip_config``, ``clip_vision_additional_config``) and how
+evaluation reads a clip (``test_n_clips``, ``test_num_frms``, ``sample_rate``, ``input_res``,
+``resize_antialias``, ``max_txt_len``); the folder then loads with
+``transformers.AutoModel.from_pretrained`` after ``import clipvip`` (docs/hf.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+from clipvip.apps.cli import OVERRIDES_HELP, HelpFormatter, prog_name
+from clipvip.config import load_config
+from clipvip.errors import ClipvipError
+from clipvip.hf.convert import convert_checkpoint
+from clipvip.hf.hub import push_folder
+from clipvip.hf.processing import VideoInputSettings
+from clipvip.model.clip_vip import VideoSettings
+from clipvip.model.factory import resolve_clip_config
+from clipvip.tokenizer import build_tokenizer
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog_name("convert"), formatter_class=HelpFormatter, allow_abbrev=False,
+        description="Write a checkpoint as a Hugging Face model folder: config.json, model.safetensors, "
+                    "the tokenizer, preprocessor_config.json and a model card README.md.",
+        epilog=OVERRIDES_HELP)
+    p.add_argument("--config", required=True, help="the config the checkpoint was trained or evaluated with")
+    p.add_argument("--weights", required=True, metavar="CKPT",
+                   help="a released CLIP-ViP .pt (clipmodel.* keys) or a checkpoint this project wrote")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    p.add_argument("--results", metavar="JSON", help="an eval_results.json, shown as a table in the model card")
+    p.add_argument("--push_to_hub", metavar="OWNER/NAME", help="then upload the folder to this Hub repository")
+    p.add_argument("--private", action="store_true", help="with --push_to_hub: create the repository private")
+    return p
+
+
+def _read_results(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ClipvipError(f"--results {path}: {e}") from None
+    if not isinstance(results, dict):
+        raise ClipvipError(f"--results {path}: not a JSON object ({{dataset: eval block}})")
+    return results
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = _parser()
+    args, overrides = parser.parse_known_args(list(argv))
+    if overrides and not overrides[0].startswith("--"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    cfg = load_config(args.config, overrides)
+    results = _read_results(args.results) if args.results else None
+    convert_checkpoint(args.weights, resolve_clip_config(cfg.clip_config),
+                       VideoSettings.from_config(cfg.clip_vision_additional_config),
+                       VideoInputSettings.from_config(cfg), build_tokenizer(cfg), args.out, results)
+    print(f"wrote {args.out}")
+    if args.push_to_hub:
+        print(f"uploaded: {push_folder(args.out, args.push_to_hub, private=args.private or None)}")
+    return 0

@@ -1,0 +1,320 @@
+"""Issue 15: checkpoints as Hugging Face models (clipvip convert, Auto classes, processor, hub).
+
+A released-layout checkpoint (``clipmodel.*`` keys) of a tiny CLIP-ViP is written here, converted
+with the ``clipvip convert`` command, and read back through transformers; everything offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import huggingface_hub.constants
+import pytest
+import torch
+from huggingface_hub import HfApi
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoProcessor
+
+import clipvip
+from clipvip.apps.main import main as clipvip_main
+from clipvip.data.retrieval_dataset import tokenize
+from clipvip.data.video import count_frames, load_frames
+from clipvip.errors import CheckpointError, ClipvipError
+from clipvip.hf import CLIPViPConfig, CLIPViPModel, CLIPViPProcessor, push_folder
+from clipvip.hf.convert import convert_checkpoint
+from clipvip.hf.processing import VideoInputSettings
+from clipvip.model.clip_vip import VideoSettings
+from clipvip.model.factory import resolve_clip_config
+from clipvip.model.weights import save_checkpoint
+
+from conftest import write_clip
+from tiny_models import random_text, tiny_cfg, tiny_clip_config, write_hf_clip
+
+CLIP_VOCAB = 49408  # the real tokenizer's ids, so that the processor's captions fit the tiny model
+RESULTS = {"msrvtt_test": {"protocol": "multi-caption", "n_videos": 6, "n_texts": 6, "skipped_videos": [],
+                           "t2v": {"R1": 33.3, "R5": 66.7, "R10": 100.0, "MdR": 2.0, "MnR": 2.5},
+                           "v2t": {"R1": 50.0, "R5": 83.3, "R10": 100.0, "MdR": 1.5, "MnR": 2.2}}}
+PICKLE_HEADS = (b"PK\x03\x04", b"\x80")  # torch.save's zip, a raw pickle
+
+
+def released_checkpoint(tmp, name: str = "released", **vision_extra):
+    """A trained-looking tiny CLIP-ViP, its config file and its ``.pt`` in the released layout."""
+    clip_folder = os.path.join(tmp, f"{name}_clip")
+    write_hf_clip(clip_folder, vocab_size=CLIP_VOCAB)
+    cfg = tiny_cfg(clip_folder, "--test_num_frms", "4", "--output_dir", tmp, **vision_extra)
+    model = clipvip.build_model(cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the proxies and temporal embedding are not CLIP's: perturb them too
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    weights = os.path.join(tmp, f"{name}.pt")
+    save_checkpoint(model, weights)
+    config_path = clipvip.save_config(cfg, tmp, f"{name}.json")
+    return cfg, config_path, weights
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """``(cfg, config_path, weights, folder, uploads)``: the released checkpoint converted by
+    ``clipvip convert`` with results, and pushed with the Hub calls replaced by a recorder."""
+    tmp = str(tmp_path_factory.mktemp("hf"))
+    cfg, config_path, weights = released_checkpoint(tmp)
+    results = os.path.join(tmp, "eval_results.json")
+    with open(results, "w", encoding="utf-8") as f:
+        json.dump(RESULTS, f)
+    out = os.path.join(tmp, "converted")
+    uploads = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploads.append(("create", repo_id, kw))
+                   or type("Repo", (), {"repo_id": repo_id})())
+        mp.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.append(("upload", kw["repo_id"], kw))
+                   or f"https://huggingface.co/{kw['repo_id']}/commit/0")
+        assert clipvip_main(["convert", "--config", config_path, "--weights", weights, "--out", out,
+                             "--results", results, "--push_to_hub", "someone/clipvip-tiny"]) == 0
+    return cfg, config_path, weights, out, uploads
+
+
+def reference_model(config_path: str, weights: str):
+    """The ``.pt`` path: the config file with ``--e2e_weights_path`` (an exact load)."""
+    return clipvip.build_model(clipvip.load_config(config_path, ["--e2e_weights_path", weights])).eval()
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    """An 8-frame 64 px H.264 clip: more frames than the 4 the config samples, resized to 32 px."""
+    return write_clip(tmp_path_factory.mktemp("hf_video") / "clip.mp4", n_frames=8, size=64, seed=3)
+
+
+def _video_text(seed: int = 0):
+    video = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    ids, mask = random_text(2, 12, seed=seed)
+    return video, ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# clipvip convert: the folder
+# ---------------------------------------------------------------------------------------------
+def test_convert_writes_a_pickle_free_model_folder(converted):
+    cfg, _, _, out, _ = converted
+    names = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
+            "tokenizer.json", "tokenizer_config.json"} <= names
+    for name in names:  # no pickle anywhere: nothing torch.load would have to unpickle
+        assert not name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")), name
+        with open(os.path.join(out, name), "rb") as f:
+            assert not f.read(4).startswith(PICKLE_HEADS), name
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    extra = cfg.clip_vision_additional_config
+    assert config["model_type"] == "clipvip"
+    assert config["use_proxies"] is True and config["add_cls_num"] == extra["add_cls_num"]
+    assert config["temporal_size"] == extra["temporal_size"] and config["use_temporal_embed"] is True
+    assert config["vision_config"]["patch_size"] == 8 and config["text_config"]["vocab_size"] == CLIP_VOCAB
+    with open(os.path.join(out, "preprocessor_config.json"), encoding="utf-8") as f:
+        pre = json.load(f)
+    assert pre["processor_class"] == "CLIPViPProcessor"
+    assert (pre["n_clips"], pre["num_frms"], pre["sample_rate"], pre["input_res"]) == (1, 4, 0, [32, 32])
+    assert pre["resize_kernel"] == "bicubic" and pre["max_txt_len"] == cfg.max_txt_len
+    assert pre["image_mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+
+
+def test_model_card_names_the_source_and_shows_the_results(converted):
+    _, _, weights, out, _ = converted
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    with open(weights, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() in card
+    assert os.path.basename(weights) in card
+    assert card.startswith("---\n") and '\nlicense: ""\n' in card  # for the uploader to fill in
+    assert "| dataset | direction | R@1 | R@5 | R@10 | MdR | MnR |" in card
+    assert "| msrvtt_test | t2v | 33.3 | 66.7 | 100.0 | 2.0 | 2.5 |" in card
+    assert "| msrvtt_test | v2t | 50.0 | 83.3 | 100.0 | 1.5 | 2.2 |" in card
+    assert "AutoModel.from_pretrained" in card and "AutoProcessor.from_pretrained" in card
+
+
+def test_push_to_hub_uploads_the_converted_folder(converted):
+    _, _, _, out, uploads = converted
+    assert [call[:2] for call in uploads] == [("create", "someone/clipvip-tiny"), ("upload", "someone/clipvip-tiny")]
+    assert uploads[1][2]["folder_path"] == out  # the folder as written, model card included
+
+
+def test_push_refuses_a_folder_that_is_not_converted(tmp_path):
+    with pytest.raises(ClipvipError, match="not a converted CLIP-ViP folder"):
+        push_folder(str(tmp_path), "someone/nothing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformers integration: the same features as the .pt path
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loader", [AutoModel, CLIPViPModel], ids=["AutoModel", "CLIPViPModel"])
+def test_from_pretrained_gives_the_features_of_the_pt_path(converted, loader):
+    _, config_path, weights, out, _ = converted
+    model = loader.from_pretrained(out).eval()
+    assert type(model) is CLIPViPModel
+    reference = reference_model(config_path, weights)
+    assert list(model.state_dict()) == list(reference.state_dict())  # the released layout, clipmodel.*
+    video, ids, mask = _video_text()
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_video_features(video), reference.encode_video(video), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.get_text_features(ids, mask), reference.encode_text(ids, mask),
+                                   rtol=0, atol=1e-6)
+        out_features = model(input_ids=ids, pixel_values=video, attention_mask=mask)
+    unit = torch.ones(2)
+    torch.testing.assert_close(out_features.video_embeds.norm(dim=-1), unit)
+    scale = reference.clipmodel.logit_scale.exp()
+    torch.testing.assert_close(out_features.logits_per_text,
+                               scale * reference.encode_text(ids, mask) @ reference.encode_video(video).T,
+                               rtol=0, atol=1e-5)
+
+
+def test_auto_config_rebuilds_the_architecture(converted):
+    cfg, _, _, out, _ = converted
+    config = AutoConfig.from_pretrained(out)
+    assert isinstance(config, CLIPViPConfig)
+    assert config.video_settings() == VideoSettings.from_config(cfg.clip_vision_additional_config)
+    assert config.clip_config().to_dict()["vision_config"] == resolve_clip_config(cfg.clip_config).to_dict()["vision_config"]
+
+
+def test_save_pretrained_round_trip(converted, tmp_path):
+    _, _, _, out, _ = converted
+    model = CLIPViPModel.from_pretrained(out)
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModel.from_pretrained(tmp_path / "again")
+    assert again.config.to_dict() == {**model.config.to_dict(), "_name_or_path": again.config._name_or_path}
+    for (key, a), (key_b, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert key == key_b and torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("vip", [True, False], ids=["ViP", "mean-pool"])
+def test_random_model_from_config_matches_the_retrieval_model(vip):
+    """``use_proxies`` false: the mean-pooled frame baseline; its features are unit vectors too."""
+    video_settings = VideoSettings(use_proxies=vip, add_cls_num=2 if vip else 0, temporal_size=4,
+                                   use_temporal_embed=vip)
+    model = CLIPViPModel(CLIPViPConfig.from_parts(tiny_clip_config(), video_settings)).eval()
+    assert ("clipmodel.vision_model.embeddings.added_cls" in model.state_dict()) is vip
+    video, ids, mask = _video_text(seed=2)
+    with torch.no_grad():
+        features = model.get_video_features(video)
+        torch.testing.assert_close(features, model.retrieval.encode_video(video), rtol=0, atol=0)
+        torch.testing.assert_close(model.get_text_features(ids, mask), model.retrieval.encode_text(ids, mask),
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The processor: as evaluation reads clips and captions
+# ---------------------------------------------------------------------------------------------
+def test_auto_processor_equals_load_clip_and_the_tokenizer(converted, clip_file):
+    cfg, _, _, out, _ = converted
+    processor = AutoProcessor.from_pretrained(out)
+    assert isinstance(processor, CLIPViPProcessor)
+    captions = ["a man is singing on stage", "a dog catches a frisbee in the park"]
+    inputs = processor(text=captions, videos=[clip_file, clip_file], return_tensors="pt")
+    ids, mask = tokenize(clipvip.build_tokenizer(cfg), captions, cfg.max_txt_len)
+    assert torch.equal(inputs["input_ids"], ids) and torch.equal(inputs["attention_mask"], mask)
+    expected = clipvip.load_clip(clip_file, cfg)  # [T, 3, H, W]
+    assert inputs["pixel_values"].shape == (2, 4, 3, 32, 32)
+    assert torch.equal(inputs["pixel_values"][0], expected) and torch.equal(inputs["pixel_values"][1], expected)
+
+
+def test_processor_takes_frames_in_memory(converted, clip_file):
+    """Every frame of the clip as a uint8 array or PIL images: the same indices and transform."""
+    cfg, _, _, out, _ = converted
+    processor = CLIPViPProcessor.from_pretrained(out)
+    every = load_frames(clip_file, range(count_frames(clip_file)))  # (8, 64, 64, 3) uint8
+    expected = clipvip.load_clip(clip_file, cfg)
+    from_array = processor(videos=[every.numpy()])["pixel_values"]
+    from_tensor = processor(videos=every)["pixel_values"]  # one video alone
+    from_images = processor(videos=[[Image.fromarray(f) for f in every.numpy()]])["pixel_values"]
+    for batch in (from_array, from_tensor, from_images):
+        assert batch.shape == (1, 4, 3, 32, 32)
+        assert torch.equal(batch[0], expected)
+
+
+def test_processor_and_model_end_to_end(converted, clip_file):
+    """The Hub-style use of the README: processor -> model -> similarity."""
+    _, config_path, weights, out, _ = converted
+    model, processor = AutoModel.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+    inputs = processor(text=["a red square", "a blue circle"], videos=[clip_file], return_tensors="pt")
+    with torch.no_grad():
+        similarity = model(**inputs).logits_per_text  # (2 texts, 1 video)
+        reference = reference_model(config_path, weights)
+        expected = reference.clipmodel.logit_scale.exp() * (
+            reference.encode_text(inputs["input_ids"], inputs["attention_mask"])
+            @ reference.encode_video(inputs["pixel_values"]).T)
+    assert similarity.shape == (2, 1)
+    torch.testing.assert_close(similarity, expected, rtol=0, atol=1e-5)
+
+
+def test_processor_refuses_a_normalisation_it_does_not_apply(converted, tmp_path):
+    _, _, _, out, _ = converted
+    folder = shutil.copytree(out, tmp_path / "other_std")
+    path = folder / "preprocessor_config.json"
+    pre = json.loads(path.read_text())
+    path.write_text(json.dumps({**pre, "image_std": [0.5, 0.5, 0.5]}))
+    with pytest.raises(ClipvipError, match="image_std"):
+        CLIPViPProcessor.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub ids: through the local Hugging Face cache
+# ---------------------------------------------------------------------------------------------
+def _cache_with(folder: str, cache: str, repo_id: str) -> None:
+    """``folder`` as the cached snapshot of ``repo_id`` (the layout huggingface_hub downloads into)."""
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, os.path.join(repo, "snapshots", commit))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+
+
+def test_hub_id_loads_from_the_cache_offline(converted, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _, config_path, weights, out, _ = converted
+    cache = str(tmp_path / "hub")
+    _cache_with(out, cache, "someone/clipvip-tiny")
+    model = CLIPViPModel.from_pretrained("someone/clipvip-tiny", cache_dir=cache).eval()
+    processor = CLIPViPProcessor.from_pretrained("someone/clipvip-tiny", cache_dir=cache)
+    video, _, _ = _video_text()
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_video_features(video),
+                                   reference_model(config_path, weights).encode_video(video), rtol=0, atol=1e-6)
+    assert processor.settings == CLIPViPProcessor.from_pretrained(out).settings
+
+
+def test_hub_id_not_cached_offline_names_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for load in (CLIPViPModel.from_pretrained, CLIPViPProcessor.from_pretrained):
+        with pytest.raises(ClipvipError) as raised:
+            load("someone/not-downloaded", cache_dir=str(tmp_path / "empty"), local_files_only=True)
+        message = str(raised.value)
+        assert "\n" not in message and "hf download someone/not-downloaded" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------
+def test_convert_refuses_a_checkpoint_of_another_architecture(converted, tmp_path):
+    cfg, _, weights, _, _ = converted
+    other = VideoSettings.from_config({**cfg.clip_vision_additional_config, "add_cls_num": 5})
+    out = tmp_path / "mismatch"
+    with pytest.raises(CheckpointError, match="does not match"):
+        convert_checkpoint(weights, resolve_clip_config(cfg.clip_config), other, VideoInputSettings.from_config(cfg),
+                           clipvip.build_tokenizer(cfg), str(out))
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_convert_refuses_a_folder_that_is_not_empty(converted, tmp_path):
+    cfg, config_path, weights, out, _ = converted
+    with pytest.raises(ClipvipError, match="not an empty folder"):
+        clipvip_main(["convert", "--config", config_path, "--weights", weights, "--out", out])
+
+
+def test_convert_help_and_usage(capsys):
+    with pytest.raises(SystemExit) as done:
+        clipvip_main(["convert", "--help"])
+    assert done.value.code == 0 and "--weights CKPT" in capsys.readouterr().out
+    assert clipvip_main(["--help"]) == 0 and "convert --config CFG --weights CKPT --out DIR" in capsys.readouterr().out
