@@ -11,7 +11,11 @@ import sys
 from typing import Sequence
 
 from clipvip.errors import DataError
+from clipvip.apps.search.encode import Encoder, encode_to_folder, list_videos, read_sentences, read_video_list, resolve_config
+from clipvip.apps.search.engine import SearchEngine, index_videos
 from clipvip.apps.search.errors import EmptyQueryError, SearchError
+from clipvip.apps.search.index import IndexSpec
+from clipvip.apps.search.server import listen, serve
 
 MODEL_HELP = "config overrides (--key value, as in clipvip config) may follow the options"
 
@@ -49,8 +53,6 @@ def encode_main(argv: Sequence[str]) -> int:
     p.add_argument("--workers", type=int, default=2, help="video decoding processes (default 2; 0: in-process)")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk file (the unit of resuming)")
     args, overrides = _parse(p, argv)
-
-    from clipvip.apps.search.encode import Encoder, encode_to_folder, list_videos, read_sentences, read_video_list, resolve_config
 
     videos = sentences = None
     if args.videos:
@@ -99,10 +101,6 @@ def index_main(argv: Sequence[str]) -> int:
     p.add_argument("--workers", type=int, default=2, help="video decoding processes (default 2; 0: in-process)")
     args, overrides = _parse(p, argv)
 
-    from clipvip.apps.search.encode import list_videos
-    from clipvip.apps.search.engine import index_videos
-    from clipvip.apps.search.index import IndexSpec
-
     spec = IndexSpec(kind=args.index_type, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                      ef_construction=args.ef_construction, ef_search=args.ef_search)
     summary = index_videos(args.out, list_videos(args.videos), config=args.config, weights=args.weights,
@@ -125,8 +123,6 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _open_engine(args, overrides):
-    from clipvip.apps.search.engine import SearchEngine
-
     return SearchEngine.open(args.index, config=args.config, weights=args.weights, overrides=overrides,
                              device=args.device, nprobe=args.nprobe, ef_search=args.ef_search)
 
@@ -148,8 +144,6 @@ def search_main(argv: Sequence[str]) -> int:
         raise EmptyQueryError("empty query: describe the video you are looking for in a few words")
     queries = None
     if args.queries is not None:
-        from clipvip.apps.search.encode import read_sentences
-
         queries = read_sentences(args.queries)
         if not queries:
             raise EmptyQueryError(f"{args.queries} holds no query")
@@ -181,8 +175,6 @@ def serve_main(argv: Sequence[str]) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     args, overrides = _parse(p, argv)
-
-    from clipvip.apps.search.server import listen, serve
 
     # The socket first: a busy or impossible port is an error in milliseconds, not after the
     # model has loaded; requests that come meanwhile wait in the listen backlog.
