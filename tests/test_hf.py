@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import huggingface_hub.constants
 import pytest
@@ -318,3 +320,15 @@ def test_convert_help_and_usage(capsys):
         clipvip_main(["convert", "--help"])
     assert done.value.code == 0 and "--weights CKPT" in capsys.readouterr().out
     assert clipvip_main(["--help"]) == 0 and "convert --config CFG --weights CKPT --out DIR" in capsys.readouterr().out
+
+
+def test_import_clipvip_registers_the_auto_classes(converted):
+    """In a fresh interpreter: ``import clipvip`` alone makes the folder loadable by transformers."""
+    _, _, _, out, _ = converted
+    code = ("import clipvip, transformers; "
+            f"m = transformers.AutoModel.from_pretrained({out!r}); p = transformers.AutoProcessor.from_pretrained({out!r}); "
+            "print(type(m).__module__, type(m).__name__, type(p).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["clipvip.hf.modeling", "CLIPViPModel", "CLIPViPProcessor"]

@@ -16,6 +16,7 @@ from clipvip.data.retrieval_dataset import ClipReader
 from clipvip.errors import CheckpointError, ClipvipError, ConfigError, DataError
 from clipvip.model import build_model
 from clipvip.tokenizer import build_tokenizer
+from clipvip import hf  # registers CLIP-ViP with transformers' AutoConfig, AutoModel, AutoProcessor
 
 __version__ = "0.1.0"
 __all__ = [
