@@ -30,7 +30,7 @@ def main() -> None:
     feats = [torch.randn(args.batch, args.dim, device=device, requires_grad=True) for _ in range(args.features)]
 
     def step(equal: bool) -> None:
-        gathered = [D.all_gather_with_grad(f, equal_sizes=equal) for f in feats]
+        gathered = [D.all_gather_with_grad(f, env, equal_sizes=equal) for f in feats]
         torch.stack([g.sum() for g in gathered]).sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import clipvip.distributed as D
-from clipvip.loss import build_loss
+from clipvip.loss import LossSettings, build_loss
 
 WORLD, B, P_IN, P = 2, 3, 6, 4  # processes, clips per process, input width, feature width
 
@@ -39,20 +39,20 @@ def check_gather_and_loss_gradient(rank):
     full_v, full_t = (torch.randn(WORLD * B, P, generator=g, dtype=torch.float64) for _ in range(2))
     mine = slice(rank * B, (rank + 1) * B)
 
-    gathered = D.all_gather_with_grad(full_v[mine].clone())
+    gathered = D.all_gather_with_grad(full_v[mine].clone(), D.get_env())
     assert_close(gathered, full_v, "gathered batch in rank order")
 
     # single-process reference on the global batch
     ref_v, ref_t = full_v.clone().requires_grad_(), full_t.clone().requires_grad_()
     ref_scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
-    ref_loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 0})(
-        {"vis_features": F.normalize(ref_v, dim=-1), "text_features": F.normalize(ref_t, dim=-1)}, ref_scale)
+    ref_loss = build_loss(LossSettings("NCELearnableTempLoss", gather=False))(
+        {"vis_features": F.normalize(ref_v, dim=-1), "text_features": F.normalize(ref_t, dim=-1)}, ref_scale).total
     ref_loss.backward()
 
     v, t = full_v[mine].clone().requires_grad_(), full_t[mine].clone().requires_grad_()
     scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
-    loss = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 1})(
-        {"vis_features": F.normalize(v, dim=-1), "text_features": F.normalize(t, dim=-1)}, scale)
+    loss = build_loss(LossSettings("NCELearnableTempLoss", gather=True), D.get_env())(
+        {"vis_features": F.normalize(v, dim=-1), "text_features": F.normalize(t, dim=-1)}, scale).total
     loss.backward()
     assert_close(loss, ref_loss, "gathered loss")
     assert_close(v.grad / WORLD, ref_v.grad[mine], "video grad / world")  # DDP's average divides by world

@@ -13,7 +13,7 @@ import sys
 import torch
 
 import clipvip.distributed as D
-from clipvip.loss import build_loss
+from clipvip.loss import LossSettings, build_loss
 
 from dual_encoder import B, P, P_IN, WORLD, TinyDualEncoder, assert_close, check_gather_and_loss_gradient  # noqa: E402,E501
 
@@ -34,10 +34,10 @@ def check_averaged_gradients_match_single_process(rank, loss_name):
     inputs = [torch.randn(WORLD * B, P_IN, generator=g, dtype=torch.float64) for _ in range(4)]
     mine = slice(rank * B, (rank + 1) * B)
     out = model(*(x[mine] for x in inputs))
-    build_loss({"loss_name": loss_name, "if_gather": 1})(out, out["logit_scale"]).backward()
+    build_loss(LossSettings(loss_name, gather=True), D.get_env())(out, out["logit_scale"]).total.backward()
     D.all_reduce_mean_([p.grad for p in model.parameters()])  # what Trainer.train_step does for horovod
     ref_out = reference(*inputs)
-    build_loss({"loss_name": loss_name, "if_gather": 0})(ref_out, ref_out["logit_scale"]).backward()
+    build_loss(LossSettings(loss_name, gather=False))(ref_out, ref_out["logit_scale"]).total.backward()
     for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, ref_p.grad, f"{loss_name}: averaged gradient of {name}")
 
@@ -47,7 +47,7 @@ def check_uneven_empty_and_strided(rank):
     full = torch.arange(sum(sizes) * P, dtype=torch.float64).reshape(sum(sizes), P)
     start = sum(sizes[:rank])
     x = full[start: start + sizes[rank]].clone().requires_grad_()
-    gathered = D.all_gather_with_grad(x)
+    gathered = D.all_gather_with_grad(x, D.get_env())
     assert_close(gathered, full, "uneven gather with grad")
     weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
     (gathered * weights).sum().backward()
@@ -69,7 +69,7 @@ def check_uneven_empty_and_strided(rank):
     assert_close(got, torch.cat([base.t(), base.t() + 100]) if rank == 0 else torch.cat([base.t() - 100, base.t()]),
           "non-contiguous gather")
     y = base.t().clone().requires_grad_()
-    D.all_gather_with_grad(y).sum().backward()  # sum's gradient is an expanded (stride-0) tensor
+    D.all_gather_with_grad(y, D.get_env()).sum().backward()  # sum's gradient is an expanded (stride-0) tensor
     assert_close(y.grad, torch.full_like(y, float(WORLD)), "gradient through an expanded grad")
     summed = D.all_reduce_mean(base.t())
     assert_close(summed, base.t() + 50 - 100 * rank, "all_reduce_mean of a non-contiguous tensor")

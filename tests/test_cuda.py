@@ -14,8 +14,8 @@ import torch
 import clipvip
 from clipvip.data.loader import DevicePrefetcher, LoaderSettings, LoaderStream
 from clipvip.distributed import DistEnv
-from clipvip.loss import build_loss
-from clipvip.engine import Trainer, TrainPlan
+from clipvip.loss import LossSettings, build_loss
+from clipvip.engine import Trainer, TrainerSettings, TrainPlan
 from tiny_models import random_text, tiny_cfg, write_hf_clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -55,7 +55,8 @@ def make_trainer(tmp_path, *overrides, precision="fp32", run="run"):
     model = clipvip.build_model(cfg)
     stream = LoaderStream(TinyClips(), LoaderSettings.from_config(cfg), rank=0, world_size=1)
     plan = TrainPlan.from_config(cfg, num_examples=CLIPS, world_size=1)
-    trainer = Trainer(cfg, model, build_loss(cfg.loss_config), stream, plan, evaluate=lambda m: {},
+    trainer = Trainer(TrainerSettings.from_config(cfg), model, build_loss(LossSettings.from_config(cfg)), stream,
+                      plan, evaluate=lambda m: {},
                       env=DistEnv(device="cuda:0"), precision=precision)
     return trainer
 
@@ -92,7 +93,7 @@ def test_a_deferred_step_does_not_synchronise(tmp_path):
             trainer.train_step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert trainer.settle()["finite"]
+    assert trainer.settle().finite
 
 
 def test_deferred_check_and_prefetcher_give_the_host_check_weights(tmp_path, deterministic):
@@ -133,7 +134,7 @@ def test_fp16_overflow_lowers_the_scale_and_is_not_counted(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if "logit_scale" not in k)
     trainer.loss_fn.forward = real_loss
     trainer.train_step()
-    assert trainer.settle()["finite"]
+    assert trainer.settle().finite
 
 
 def test_resume_with_the_prefetcher_continues_with_the_right_batch(tmp_path, deterministic):

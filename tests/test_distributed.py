@@ -21,7 +21,7 @@ from torch import nn
 
 import clipvip.distributed as D
 from clipvip.errors import ConfigError
-from clipvip.loss import build_loss
+from clipvip.loss import LossSettings, build_loss
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK",
                "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
@@ -60,7 +60,7 @@ def test_single_process_needs_no_env_and_no_group(clean_env):
     assert not dist.is_initialized()
     assert D.is_main_process()
     x = torch.randn(3, 2, requires_grad=True)
-    assert D.all_gather_with_grad(x) is x
+    assert D.all_gather_with_grad(x, env) is x
     assert torch.equal(D.all_gather_variable(x), x)
     assert torch.equal(D.all_reduce_mean(x), x) and D.all_reduce_mean(2.5) == 2.5
     assert D.broadcast_object({"a": 1}) == {"a": 1}
@@ -73,7 +73,7 @@ def test_collectives_refuse_before_init(clean_env):
     clean_env.setenv("WORLD_SIZE", "2")
     assert D.get_env().rank == 1 and not D.is_main_process()  # known before any group exists
     with pytest.raises(RuntimeError, match="init_distributed"):
-        D.all_gather_with_grad(torch.zeros(1))
+        D.all_gather_with_grad(torch.zeros(1), D.get_env())
 
 
 def test_launch_errors_are_clear(clean_env):
@@ -106,10 +106,10 @@ def _check_ddp_matches_single_process(rank, loss_name):
     mine = slice(rank * B, (rank + 1) * B)
 
     out = ddp(*(x[mine] for x in inputs))
-    build_loss({"loss_name": loss_name, "if_gather": 1})(out, out["logit_scale"]).backward()
+    build_loss(LossSettings(loss_name, gather=True), D.get_env())(out, out["logit_scale"]).total.backward()
 
     ref_out = reference(*inputs)
-    build_loss({"loss_name": loss_name, "if_gather": 0})(ref_out, ref_out["logit_scale"]).backward()
+    build_loss(LossSettings(loss_name, gather=False))(ref_out, ref_out["logit_scale"]).total.backward()
     for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, ref_p.grad, f"{loss_name}: DDP gradient of {name}")
     # DDP's reducer sits in reference cycles; free it while its process group is still alive,
@@ -124,7 +124,7 @@ def _check_uneven(rank):
     start = sum(sizes[:rank])
     mine = slice(start, start + sizes[rank])
     x = full[mine].clone().requires_grad_()
-    gathered = D.all_gather_with_grad(x)
+    gathered = D.all_gather_with_grad(x, D.get_env())
     assert_close(gathered, full, "uneven gather with grad")
     weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
     (gathered * weights).sum().backward()
@@ -142,7 +142,7 @@ def _check_equal_sizes(rank):
     weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
     mine = slice(rank * B, (rank + 1) * B)
     general = full[mine].clone().requires_grad_()
-    (D.all_gather_with_grad(general) * weights).sum().backward()
+    (D.all_gather_with_grad(general, D.get_env()) * weights).sum().backward()
 
     real_gather_sizes = D._gather_sizes
 
@@ -152,7 +152,7 @@ def _check_equal_sizes(rank):
     D._gather_sizes = no_size_exchange
     try:
         fast = full[mine].clone().requires_grad_()
-        gathered = D.all_gather_with_grad(fast, equal_sizes=True)
+        gathered = D.all_gather_with_grad(fast, D.get_env(), equal_sizes=True)
         assert_close(gathered, full, "equal-size gather")
         (gathered * weights).sum().backward()
     finally:

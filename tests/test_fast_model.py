@@ -159,11 +159,11 @@ def test_onednn_linear_forward_and_backward():
 
 
 def test_fused_adamw_on_cpu_skips_a_nonfinite_update(clip_folder):
-    from clipvip.engine.optim import build_optimizer
+    from clipvip.engine.optim import OptimizerSettings, build_optimizer
 
     model = build(clip_folder)
     cfg = clipvip.load_config(None, ["--learning_rate", "1e-3"])
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, OptimizerSettings.from_config(cfg))
     if not opt.defaults.get("fused"):
         pytest.skip("no fused AdamW for CPU in this torch")
     for p in model.parameters():

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipvip.config import load_config
 from clipvip.errors import ConfigError
-from clipvip.loss import LOSSES, build_loss
+from clipvip.loss import LOSSES, LossSettings, build_loss
 
 B, P = 5, 8
 
@@ -92,24 +93,24 @@ def test_registry_holds_the_original_names():
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_loss_matches_direct_formula(name, outputs):
-    loss_fn = build_loss({"loss_name": name, "if_gather": 0})
+    loss_fn = build_loss(LossSettings(name, gather=False))
     expected = expected_terms(name, outputs)
     terms = loss_fn.terms(outputs, LOGIT_SCALE)
     assert list(terms) == list(expected)  # names and order
     for key, value in expected.items():
         assert terms[key].item() == pytest.approx(value, rel=1e-9), key
-    loss = loss_fn(outputs, LOGIT_SCALE)
+    loss, returned_terms = loss_fn(outputs, LOGIT_SCALE)
     assert loss.dim() == 0
     assert loss.item() == pytest.approx(sum(expected.values()), rel=1e-9)  # plain sum of terms
-    assert set(loss_fn.last_terms) == set(expected)
-    assert not any(t.requires_grad for t in loss_fn.last_terms.values())
+    assert set(returned_terms) == set(expected)
+    assert all(returned_terms[k].item() == pytest.approx(v, rel=1e-9) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_gradient_reaches_features_and_scale(name, outputs):
     feats = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
     scale = LOGIT_SCALE.clone().requires_grad_(True)
-    build_loss({"loss_name": name, "if_gather": 1})(feats, scale).backward()  # gather: identity here
+    build_loss(LossSettings(name, gather=True))(feats, scale).total.backward()  # gather: identity here
     used = LOSSES[name].features
     for key, value in feats.items():
         assert (value.grad is not None) == (key in used), key
@@ -120,7 +121,7 @@ def test_vsc_same_clip_texts_are_not_negatives(outputs):
     # Making the caption of clip i identical to its subtitle must not turn it into a hard
     # negative of the v2s term: only the other clips' texts are negatives.
     same = dict(outputs, cap_features=outputs["text_features"].clone())
-    terms = build_loss({"loss_name": "NCELearnableTempLoss_vsc", "if_gather": 0}).terms(same, LOGIT_SCALE)
+    terms = build_loss(LossSettings("NCELearnableTempLoss_vsc", gather=False)).terms(same, LOGIT_SCALE)
     v, t = same["vis_features"], same["text_features"]
     n = len(v)
     direct = sum(ce([S * dot(v[i], t[i])] + [S * dot(v[i], t[j]) for j in range(n) if j != i] * 2, 0)
@@ -131,14 +132,15 @@ def test_vsc_same_clip_texts_are_not_negatives(outputs):
 
 def test_unknown_loss_name_lists_valid_names():
     with pytest.raises(ConfigError) as err:
-        build_loss({"loss_name": "NCELoss", "if_gather": 1})
+        build_loss(LossSettings("NCELoss", gather=True))
     message = str(err.value)
     assert "NCELoss" in message
     assert all(name in message for name in LOSSES)
 
 
 def test_missing_feature_is_named(outputs):
-    loss_fn = build_loss({"loss_name": "NCELearnableTempLoss_vsc_fc"})
+    cfg = load_config({"loss_config": {"loss_name": "NCELearnableTempLoss_vsc_fc"}})
+    loss_fn = build_loss(LossSettings.from_config(cfg))
     assert loss_fn.gather  # if_gather defaults to on, as in the configs
     with pytest.raises(KeyError, match="img_features"):
         loss_fn({k: v for k, v in outputs.items() if k != "img_features"}, LOGIT_SCALE)

@@ -233,12 +233,13 @@ def test_non_finite_losses_stop_the_run_with_a_state(bench, tmp_path, monkeypatc
     from clipvip.apps import retrieval
     from clipvip.engine import TrainingStopped
     from clipvip.apps import runner
+    from clipvip.loss import LossOutput
 
     real_build_loss = runner.build_loss
 
-    def nan_loss(loss_config):
-        loss = real_build_loss(loss_config)
-        loss.forward = lambda outputs, scale: torch.tensor(float("nan"), requires_grad=True) * scale
+    def nan_loss(settings, env):
+        loss = real_build_loss(settings, env)
+        loss.forward = lambda outputs, scale: LossOutput(torch.tensor(float("nan"), requires_grad=True) * scale, {})
         return loss
 
     monkeypatch.setattr(runner, "build_loss", nan_loss)

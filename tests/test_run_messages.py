@@ -189,8 +189,8 @@ def tiny_run(tmp_path, r1s: list[float], *overrides):
     """A Trainer over 2 fixed batches of 2 clips: 4 examples, 2 epochs = 4 steps, validated at
     steps 0, 2 and 4 with the text-to-video R@1 values ``r1s`` in turn."""
     from clipvip.distributed import DistEnv
-    from clipvip.loss import build_loss
-    from clipvip.engine import Trainer, TrainPlan
+    from clipvip.loss import LossSettings, build_loss
+    from clipvip.engine import Trainer, TrainerSettings, TrainPlan
     from tiny_models import fixed_batches, tiny_cfg, write_hf_clip
 
     folder = str(tmp_path / "clip")
@@ -205,7 +205,8 @@ def tiny_run(tmp_path, r1s: list[float], *overrides):
     plan = TrainPlan.from_config(cfg, num_examples=4, world_size=1)
     assert (plan.total_steps, plan.valid_steps) == (4, 2)
     scores = iter(r1s)
-    return Trainer(cfg, model, build_loss(cfg.loss_config), ListStream(batches), plan,
+    return Trainer(TrainerSettings.from_config(cfg), model, build_loss(LossSettings.from_config(cfg)),
+                   ListStream(batches), plan,
                    evaluate=lambda m: {"test": eval_block(next(scores))}, env=DistEnv(), precision="fp32")
 
 

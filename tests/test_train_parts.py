@@ -8,8 +8,10 @@ from torch import nn
 
 import clipvip
 from clipvip.engine import TrainPlan, learning_rate_at, lr_multiplier, param_groups
-from clipvip.engine.optim import build_optimizer, set_learning_rate
+from clipvip.engine.optim import OptimizerSettings, build_optimizer, set_learning_rate
 from clipvip.data.loader import MixedStream, ResumableSampler
+from clipvip.engine.guard import PendingUpdate
+from clipvip.loss import LossOutput
 
 from tiny_models import ListStream
 
@@ -30,7 +32,7 @@ def original_lr(step, decay, lr, total, warmup_ratio):
 def test_schedule_matches_original(decay, total, ratio):
     cfg = clipvip.load_config(None, ["--learning_rate", "1e-4", "--decay", decay, "--warmup_ratio", str(ratio)])
     for step in range(1, total + 1):
-        assert learning_rate_at(step, cfg, total) == pytest.approx(original_lr(step, decay, 1e-4, total, ratio))
+        assert learning_rate_at(step, OptimizerSettings.from_config(cfg), total) == pytest.approx(original_lr(step, decay, 1e-4, total, ratio))
 
 
 def test_schedule_shape():
@@ -62,7 +64,7 @@ def test_param_groups_decay_and_lr_mul():
     assert by_param[id(model.encoder.weight)]["lr_scale"] == 1
     assert id(model.frozen) not in by_param
     cfg = clipvip.load_config(None, ["--lr_mul", "10", "--lr_mul_prefix", "logit_scale", "--learning_rate", "1e-6"])
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, OptimizerSettings.from_config(cfg))
     set_learning_rate(optimizer, 2e-6)
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert lrs[id(model.logit_scale)] == pytest.approx(2e-5) and lrs[id(model.encoder.weight)] == pytest.approx(2e-6)
@@ -148,8 +150,8 @@ def test_mixed_stream_ratio_same_on_every_rank_and_resumable():
 
 def _tiny_trainer(tmp_path, *overrides, precision="fp32"):
     from clipvip.distributed import DistEnv
-    from clipvip.loss import build_loss
-    from clipvip.engine import Trainer
+    from clipvip.loss import LossSettings, build_loss
+    from clipvip.engine import Trainer, TrainerSettings
     from tiny_models import fixed_batches, tiny_cfg, write_hf_clip
 
     folder = str(tmp_path / "clip")
@@ -159,7 +161,8 @@ def _tiny_trainer(tmp_path, *overrides, precision="fp32"):
     model = clipvip.build_model(cfg)
     batches = fixed_batches()
     plan = TrainPlan.from_config(cfg, num_examples=4, world_size=1)
-    trainer = Trainer(cfg, model, build_loss(cfg.loss_config), ListStream(batches), plan,
+    trainer = Trainer(TrainerSettings.from_config(cfg), model, build_loss(LossSettings.from_config(cfg)),
+                      ListStream(batches), plan,
                       evaluate=lambda m: {}, env=DistEnv(), precision=precision)
     return trainer, batches
 
@@ -176,10 +179,10 @@ def test_feature_cache_accumulation_equals_one_big_batch(tmp_path):
 
     trainer, batches = _tiny_trainer(tmp_path, "--gradient_accumulation_steps", "2", "--accum_feature_cache", "1")
     reference = copy.deepcopy(trainer.raw_model)
-    loss = trainer._backward_feature_cache(batches)
+    loss = trainer.step.backward_feature_cache(batches).total
     full = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     expected = trainer.loss_fn(reference(full["video"], full["text_input_ids"], full["text_input_mask"]),
-                               reference.logit_scale)
+                               reference.logit_scale).total
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert_same_gradients(trainer.raw_model, reference)
@@ -190,9 +193,9 @@ def test_plain_accumulation_averages_micro_batch_losses(tmp_path):
 
     trainer, batches = _tiny_trainer(tmp_path, "--gradient_accumulation_steps", "2")
     reference = copy.deepcopy(trainer.raw_model)
-    loss = trainer._backward_plain(batches)
+    loss = trainer.step.backward_plain(batches).total
     expected = sum(trainer.loss_fn(reference(b["video"], b["text_input_ids"], b["text_input_mask"]),
-                                   reference.logit_scale) for b in batches) / 2
+                                   reference.logit_scale).total for b in batches) / 2
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert_same_gradients(trainer.raw_model, reference)
@@ -212,10 +215,10 @@ def test_frozen_text_tower_gets_no_update(tmp_path):
 def test_fp16_scale_overflow_is_skipped_not_counted_as_nan(tmp_path):
     trainer, _ = _tiny_trainer(tmp_path, precision="fp16")
     real_loss = trainer.loss_fn.forward
-    trainer.loss_fn.forward = lambda outputs, scale: real_loss(outputs, scale) * 1e34  # finite, huge
+    trainer.loss_fn.forward = lambda outputs, scale: LossOutput(real_loss(outputs, scale).total * 1e34, {})  # finite, huge
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     out = trainer.train_step()  # the scaled gradient overflows fp32: GradScaler's job
-    assert not out["finite"] and trainer.progress.scale_overflow_steps == 1
+    assert not out.update.finite and trainer.progress.scale_overflow_steps == 1
     assert trainer.progress.nonfinite_steps == 0 and trainer.nonfinite_in_a_row == 0
     assert trainer.scaler.get_scale() < 65536.0  # the scale went down
     after = trainer.raw_model.state_dict()
@@ -239,8 +242,8 @@ def test_deferred_check_gives_the_same_weights_as_the_host_check(tmp_path):
     for trainer in (host, deferred):
         for _ in range(3):
             out = trainer.train_step()
-    assert out["loss"] is None  # deferred: nothing read on the host
-    assert deferred.settle()["finite"] and deferred.progress.nonfinite_steps == 0
+    assert isinstance(out.update, PendingUpdate)  # deferred: nothing read on the host
+    assert deferred.settle().finite and deferred.progress.nonfinite_steps == 0
     for (name, a), b in zip(host.raw_model.state_dict().items(), deferred.raw_model.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -251,7 +254,7 @@ def test_deferred_check_skips_nonfinite_steps_on_the_device_and_counts_them_when
     trainer.train_step()  # a finite step first: the optimizer has state to protect
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     moments = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
-    trainer.loss_fn.forward = lambda outputs, scale: real_loss(outputs, scale) * float("nan")
+    trainer.loss_fn.forward = lambda outputs, scale: LossOutput(real_loss(outputs, scale).total * float("nan"), {})
     for _ in range(2):
         trainer.train_step()
     assert trainer.progress.nonfinite_steps == 0  # not read yet
@@ -260,13 +263,13 @@ def test_deferred_check_skips_nonfinite_steps_on_the_device_and_counts_them_when
     for key, value in trainer.optimizer.state_dict()["state"][0].items():  # step count and moments too
         assert torch.equal(value, moments[key]), key
     read = trainer.settle()
-    assert read["finite"] is False and math.isnan(read["loss"])
+    assert read.finite is False and math.isnan(read.loss)
     assert trainer.progress.nonfinite_steps == 3 - 1 and trainer.nonfinite_in_a_row == 2
     assert trainer.longest_nonfinite_run == 2
-    assert trainer.settle() == {}  # nothing new since
+    assert trainer.settle() is None  # nothing new since
     trainer.loss_fn.forward = real_loss
     trainer.train_step()
-    assert trainer.settle()["finite"] and trainer.nonfinite_in_a_row == 0
+    assert trainer.settle().finite and trainer.nonfinite_in_a_row == 0
     assert trainer.progress.nonfinite_steps == 2
     assert not all(torch.equal(before[k], v) for k, v in trainer.raw_model.state_dict().items())
 
@@ -274,11 +277,11 @@ def test_deferred_check_skips_nonfinite_steps_on_the_device_and_counts_them_when
 def test_deferred_fp16_overflow_is_skipped_not_counted_as_nan(tmp_path):
     trainer, _ = _deferred_trainer(tmp_path, precision="fp16")
     real_loss = trainer.loss_fn.forward
-    trainer.loss_fn.forward = lambda outputs, scale: real_loss(outputs, scale) * 1e34  # finite, huge
+    trainer.loss_fn.forward = lambda outputs, scale: LossOutput(real_loss(outputs, scale).total * 1e34, {})  # finite, huge
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     trainer.train_step()
     assert trainer.scaler.get_scale() < 65536.0  # the scale went down
-    assert trainer.settle()["finite"] is False
+    assert trainer.settle().finite is False
     assert trainer.progress.scale_overflow_steps == 1 and trainer.progress.nonfinite_steps == 0
     after = trainer.raw_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "logit_scale" not in k)

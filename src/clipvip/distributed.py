@@ -3,7 +3,7 @@
 Launchers are recognised from the environment, in this order:
 
 - ``backend="horovod"`` passed explicitly: horovod (``horovodrun``), through
-  :mod:`clipvip.horovod_adapter`, the only place that imports horovod;
+  :mod:`clipvip.horovod_adapter`, the only place that imports horovod (when first used);
 - ``RANK`` + ``WORLD_SIZE`` (``torchrun``, ``accelerate launch``; ``LOCAL_RANK`` if set);
 - ``HOROVOD_RANK`` / ``OMPI_COMM_WORLD_RANK`` (``horovodrun``, ``mpirun``): horovod, unless a
   torch backend (``"nccl"``/``"gloo"``) is named, then torch.distributed with those ranks;
@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from clipvip import horovod_adapter
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
 
@@ -126,8 +127,6 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
 
     launcher, rank, world, local_rank = detect_launcher()
     if backend == "horovod" or (backend is None and launcher == "horovod"):
-        from clipvip import horovod_adapter  # lazily: horovod is optional
-
         rank, world, local_rank = horovod_adapter.init()
         _ENV = DistEnv(rank, world, local_rank, "horovod", device or _default_device(local_rank))
         _set_cuda_device(_ENV.device)
@@ -181,16 +180,10 @@ def _active_backend() -> str | None:
     return env.backend
 
 
-def _hvd():
-    from clipvip import horovod_adapter  # lazily: horovod is optional
-
-    return horovod_adapter
-
-
 def barrier() -> None:
     backend = _active_backend()
     if backend == "horovod":
-        _hvd().barrier()
+        horovod_adapter.barrier()
     elif backend is not None:
         dist.barrier()
 
@@ -203,7 +196,7 @@ def cleanup() -> None:
     """
     global _ENV, _OWNS_GROUP
     if _ENV is not None and _ENV.backend == "horovod":
-        _hvd().shutdown()
+        horovod_adapter.shutdown()
     elif _OWNS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _ENV, _OWNS_GROUP = None, False
@@ -215,7 +208,7 @@ def cleanup() -> None:
 def _all_reduce_sum(x: torch.Tensor, backend: str) -> torch.Tensor:
     """A new tensor: the sum of ``x`` over ranks."""
     if backend == "horovod":
-        return _hvd().allreduce_sum(x)
+        return horovod_adapter.allreduce_sum(x)
     out = x.detach().contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
@@ -225,7 +218,7 @@ def _gather_sizes(n: int, device: torch.device, backend: str) -> list[int]:
     """First-dim size of every rank, in rank order (a collective, and a host sync to read it)."""
     size = torch.tensor([n], dtype=torch.long, device=device)
     if backend == "horovod":
-        return [int(s) for s in _hvd().allgather(size)]
+        return [int(s) for s in horovod_adapter.allgather(size)]
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     return [int(s.item()) for s in sizes]
@@ -236,8 +229,9 @@ _ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather
 _REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _all_gather_cat(x: torch.Tensor, backend: str, equal_sizes: bool = False) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate ``x`` [n_r, ...] of every rank along dim 0 in rank order.
+def _all_gather_cat(x: torch.Tensor, backend: str, world: int,
+                    equal_sizes: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate ``x`` [n_r, ...] of every one of the ``world`` ranks along dim 0 in rank order.
 
     ``equal_sizes``: the caller guarantees the same n on every rank (training batches), so the
     sizes are not exchanged: one collective into one buffer and no host sync. Otherwise n_r may
@@ -245,16 +239,15 @@ def _all_gather_cat(x: torch.Tensor, backend: str, equal_sizes: bool = False) ->
     """
     x = x.detach().contiguous()
     if equal_sizes:
-        world = get_env().world_size
         sizes = [x.shape[0]] * world
         if backend == "horovod":
-            return _hvd().allgather(x), sizes
+            return horovod_adapter.allgather(x), sizes
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
         _ALL_GATHER_SINGLE(out, x)
         return out, sizes
     sizes = _gather_sizes(x.shape[0], x.device, backend)
     if backend == "horovod":
-        return _hvd().allgather(x), sizes  # horovod takes uneven first dims itself
+        return horovod_adapter.allgather(x), sizes  # horovod takes uneven first dims itself
     # torch's all_gather wants equal shapes: pad every rank to the largest, gather, trim.
     longest = max(max(sizes), 1)  # an empty collective is a corner some backends trip on
     padded = x.new_zeros((longest, *x.shape[1:]))
@@ -268,9 +261,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums the gathered gradient over ranks and keeps this rank's rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, backend: str, equal_sizes: bool) -> torch.Tensor:
-        gathered, sizes = _all_gather_cat(x, backend, equal_sizes)  # [sum(n_r), ...]
-        rank = get_env().rank
+    def forward(ctx, x: torch.Tensor, env: DistEnv, equal_sizes: bool) -> torch.Tensor:
+        backend, rank = env.backend, env.rank
+        gathered, sizes = _all_gather_cat(x, backend, env.world_size, equal_sizes)  # [sum(n_r), ...]
         ctx.start, ctx.stop, ctx.backend = sum(sizes[:rank]), sum(sizes[: rank + 1]), backend
         ctx.equal_sizes = equal_sizes
         return gathered
@@ -292,8 +285,11 @@ class _AllGatherWithGrad(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Public collectives
 # ----------------------------------------------------------------------------------------------
-def all_gather_with_grad(x: torch.Tensor, equal_sizes: bool = False) -> torch.Tensor:
-    """[B_r, ...] on each rank -> [sum_r B_r, ...] on every rank, in rank order, with gradient.
+def all_gather_with_grad(x: torch.Tensor, env: DistEnv, equal_sizes: bool = False) -> torch.Tensor:
+    """[B_r, ...] on each rank of ``env`` -> [sum_r B_r, ...] on every rank, in rank order, with gradient.
+
+    ``env`` is the job to gather over, passed in rather than read from this module's state, so
+    that a loss built for a job (:class:`FeatureGather`) says which one it gathers over.
 
     Uneven batch sizes are fine: the sizes are exchanged first (a collective and a host sync).
     ``equal_sizes=True`` promises the same B on every rank (what training batches are) and skips
@@ -302,10 +298,27 @@ def all_gather_with_grad(x: torch.Tensor, equal_sizes: bool = False) -> torch.Te
     rank must backpropagate through the result (the backward is a collective). Gradient
     convention: module docstring. Identity in a single process.
     """
-    backend = _active_backend()
-    if backend is None:
+    if env.world_size <= 1:
         return x
-    return _AllGatherWithGrad.apply(x, backend, bool(equal_sizes))
+    if env.backend is None:  # what get_env() says before init_distributed(): ranks known, no group
+        raise RuntimeError("clipvip.distributed: call init_distributed() before using collectives")
+    return _AllGatherWithGrad.apply(x, env, bool(equal_sizes))
+
+
+@dataclass(frozen=True)
+class FeatureGather:
+    """``x -> all_gather_with_grad(x, env, equal_sizes)``: what a loss is given to see the global batch.
+
+    ``equal_sizes`` (default True: training batches are full batches on every rank,
+    :class:`clipvip.data.loader.ResumableSampler`) spares a size exchange and a host sync per
+    feature; pass False for batches that may differ.
+    """
+
+    env: DistEnv
+    equal_sizes: bool = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return all_gather_with_grad(x, self.env, self.equal_sizes)
 
 
 @torch.no_grad()
@@ -317,7 +330,7 @@ def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
     backend = _active_backend()
     if backend is None:
         return x.detach()
-    return _all_gather_cat(x, backend)[0]
+    return _all_gather_cat(x, backend, get_env().world_size)[0]
 
 
 def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor | float:
@@ -374,7 +387,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if backend is None:
         return obj
     if backend == "horovod":
-        return _hvd().broadcast_object(obj, src)
+        return horovod_adapter.broadcast_object(obj, src)
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -386,7 +399,7 @@ def gather_objects(obj: Any) -> list:
     if backend is None:
         return [obj]
     if backend == "horovod":
-        return list(_hvd().allgather_object(obj))
+        return list(horovod_adapter.allgather_object(obj))
     out: list = [None] * get_env().world_size
     dist.all_gather_object(out, obj)
     return out

@@ -1,13 +1,14 @@
 """Contrastive losses of CLIP-ViP, by their original names (DESIGN §3).
 
 Every loss takes the model's feature dict (L2-normalised ``[B, P]`` tensors) and the learnable
-log-temperature, and returns a scalar: the plain sum of its cross-entropy terms, each term the
-mean over its queries (``F.cross_entropy``'s default). The scale is ``s = exp(logit_scale)``.
+log-temperature, and returns a :class:`LossOutput`: ``total``, the plain sum of its cross-entropy
+terms, and the ``terms`` themselves, each the mean over its queries (``F.cross_entropy``'s
+default). The scale is ``s = exp(logit_scale)``. The terms travel with the total, so whoever logs
+them (the training step) gets them from the call that computed them, not from the loss object.
 
-    loss_fn = build_loss({"loss_name": "NCELearnableTempLoss_vsc_fc", "if_gather": 1})
-    loss = loss_fn(model(**batch), model.logit_scale)   # scalar, with gradient
-    loss_fn.last_terms                                   # {"s2v": tensor(..), ...}, detached
-    terms = loss_fn.terms(outputs, logit_scale)          # the same, with gradient
+    loss_fn = build_loss(LossSettings.from_config(cfg), env)
+    total, terms = loss_fn(model(**batch), model.logit_scale)  # scalar, {"s2v": tensor(..), ...}
+    terms = loss_fn.terms(outputs, logit_scale)                 # the terms alone, with gradient
 
 Feature keys (the names the model returns, as the original ``VidCLIP``), letters used below:
 ``vis_features`` V (the video), ``text_features`` S (the clip's text: the caption in retrieval
@@ -15,23 +16,23 @@ fine-tuning, the subtitle in pretraining with ``vid_txt="subtitle"``), ``img_fea
 middle frame encoded as a one-frame clip), ``cap_features`` C (the auxiliary OFA caption of that
 frame). Term names read "query2candidates": ``"v2s"`` is each video against all subtitles.
 
-With ``gather=True`` every feature is first gathered from all processes with
-:func:`clipvip.distributed.all_gather_with_grad`, so each process computes the loss of the global
-batch; see that module for the gradient scaling (the DDP-averaged gradient equals the
-single-process gradient on the global batch). The gather assumes every process holds the same
-number of rows (``equal_batches``, default True: training batches are full batches on every rank,
-:class:`clipvip.data.loader.ResumableSampler`), which spares it a size exchange and a host sync per
-feature; pass ``equal_batches=False`` for batches that may differ.
+With a ``gather`` (``if_gather``: a :class:`clipvip.distributed.FeatureGather` over the job's
+:class:`~clipvip.distributed.DistEnv`, given at construction) every feature is first gathered from
+all processes, so each process computes the loss of the global batch; see
+:mod:`clipvip.distributed` for the gradient scaling (the DDP-averaged gradient equals the
+single-process gradient on the global batch) and for the equal-batch assumption that spares a
+host sync per feature.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipvip.distributed import all_gather_with_grad
+from clipvip.distributed import DistEnv, FeatureGather
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
 
@@ -51,19 +52,41 @@ def _symmetric(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, a2b: str, 
     return {a2b: _ce_diag(logits), b2a: _ce_diag(logits.t())}
 
 
-class ContrastiveLoss(nn.Module):
-    """Base: gathers the features it needs, sums its terms, keeps them for logging.
+class LossOutput(NamedTuple):
+    """What a loss returns: the scalar to backpropagate and its terms by name (with gradient)."""
 
-    Subclasses set ``features`` (the keys they read) and implement ``_terms``.
+    total: torch.Tensor  # [] the plain sum of the terms
+    terms: dict[str, torch.Tensor]  # each [], in the loss's fixed order
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The config's ``loss_config``: which loss, and whether it sees the global batch."""
+
+    name: str  # a key of LOSSES
+    gather: bool  # if_gather: all-gather the features (with gradient) over the job first
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSettings":
+        return cls(name=cfg.loss_config["loss_name"], gather=bool(cfg.loss_config["if_gather"]))
+
+
+Gather = Callable[[torch.Tensor], torch.Tensor]  # [B_r, P] -> [sum_r B_r, P], with gradient
+
+
+class ContrastiveLoss(nn.Module):
+    """Base: gathers the features it needs, returns its terms and their sum.
+
+    ``gather``: None for this process's batch alone, else the callable that collects a feature
+    from every process (:class:`clipvip.distributed.FeatureGather`). Subclasses set ``features``
+    (the keys they read) and implement ``_terms``.
     """
 
     features: tuple[str, ...] = (VIDEO, TEXT)
 
-    def __init__(self, gather: bool = True, equal_batches: bool = True):
+    def __init__(self, gather: Optional[Gather] = None):
         super().__init__()
-        self.gather = bool(gather)
-        self.equal_batches = bool(equal_batches)
-        self.last_terms: dict[str, torch.Tensor] = {}
+        self.gather = gather
 
     def _terms(self, feats: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -74,19 +97,17 @@ class ContrastiveLoss(nn.Module):
         if missing:
             raise KeyError(f"{type(self).__name__} needs features {list(self.features)}; missing {missing}")
         feats = {key: outputs[key] for key in self.features}
-        if self.gather:
-            feats = {key: all_gather_with_grad(value, equal_sizes=self.equal_batches)  # [world*B, P]
-                     for key, value in feats.items()}
+        if self.gather is not None:
+            feats = {key: self.gather(value) for key, value in feats.items()}  # [world*B, P]
         return self._terms(feats, logit_scale.exp())
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], logit_scale: torch.Tensor) -> torch.Tensor:
-        """The plain sum of :meth:`terms`; their detached values are kept in ``last_terms``."""
+    def forward(self, outputs: Mapping[str, torch.Tensor], logit_scale: torch.Tensor) -> LossOutput:
+        """:meth:`terms` and their plain sum."""
         terms = self.terms(outputs, logit_scale)
-        self.last_terms = {name: value.detach() for name, value in terms.items()}
-        return torch.stack(list(terms.values())).sum()
+        return LossOutput(torch.stack(list(terms.values())).sum(), terms)
 
     def extra_repr(self) -> str:
-        return f"gather={self.gather}, equal_batches={self.equal_batches}"
+        return f"gather={self.gather}"
 
 
 class NCELearnableTempLoss(ContrastiveLoss):
@@ -225,9 +246,10 @@ LOSSES: dict[str, type[ContrastiveLoss]] = {
 }
 
 
-def build_loss(loss_config: Mapping) -> ContrastiveLoss:
-    """The loss named by ``loss_config["loss_name"]``, gathering when ``if_gather`` (default 1)."""
-    name = loss_config.get("loss_name")
-    if name not in LOSSES:
-        raise ConfigError(f"loss_config.loss_name: unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-    return LOSSES[name](gather=bool(loss_config.get("if_gather", 1)))
+def build_loss(settings: LossSettings, env: Optional[DistEnv] = None) -> ContrastiveLoss:
+    """The loss ``settings.name``; with ``settings.gather`` it gathers over ``env`` (None: this
+    process alone, where the gather is the identity)."""
+    if settings.name not in LOSSES:
+        raise ConfigError(f"loss_config.loss_name: unknown loss {settings.name!r}; valid: {', '.join(LOSSES)}")
+    gather = FeatureGather(env if env is not None else DistEnv()) if settings.gather else None
+    return LOSSES[settings.name](gather=gather)

@@ -10,8 +10,8 @@ is taken is the config's ``nonfinite_check``:
   the progress bar, the stop exactly at the ``max_nonfinite_steps``-th step in a row).
 - ``deferred``: on the device. A fused Adam/AdamW skips its update inside the kernel when handed
   ``found_inf`` (the hook GradScaler drives), and the counts stay in device tensors until the loop
-  reads them with :meth:`GuardedUpdate.read` at its sync points (logging, validation and state
-  steps). Nothing in the step waits for the device, so the host queues the next step's kernels
+  reads them at its sync points (logging, validation and state steps): a deferred step hands back
+  a :class:`PendingUpdate`, whose ``read()`` is that one host sync. Nothing in the step waits for the device, so the host queues the next step's kernels
   while the GPU still runs this one. A streak of non-finite steps is seen at the next sync point
   (up to ``log_interval`` steps late); the steps in between changed no weight.
 - ``auto`` (default): ``deferred`` on CUDA with a fused optimizer, ``step`` elsewhere (on a CPU
@@ -47,6 +47,22 @@ class UpdateReport:
     longest_in_a_row: int  # the longest such run among these steps (it may have ended since)
 
 
+@dataclass(frozen=True)
+class PendingUpdate:
+    """A deferred step's outcome: decided on the device, not yet seen by the host.
+
+    ``applied`` is the device's decision for this step (a bool tensor; reading it is a sync).
+    :meth:`read` reads the counts of every step since the guard's last read (this one included),
+    the one host sync the deferred check makes; None when a later read already took them.
+    """
+
+    applied: torch.Tensor  # [] bool, on the device
+    guard: "GuardedUpdate"
+
+    def read(self) -> Optional[UpdateReport]:
+        return self.guard.read()
+
+
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` honours ``optimizer.found_inf`` (fused Adam/AdamW do)."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(optimizer.defaults.get("fused"))
@@ -72,7 +88,7 @@ class GuardedUpdate:
     Call it after ``scaler.unscale_(optimizer)`` and gradient clipping, with the step's loss and
     the gradient norm clipping returned. It steps the optimizer (or not) and updates the scaler;
     zeroing the gradients is the caller's. ``step`` mode returns the step's report; ``deferred``
-    returns None, and :meth:`read` returns the report of all steps since the last read.
+    a :class:`PendingUpdate`, whose ``read()`` returns the report of all steps since the last read.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: str,
@@ -89,7 +105,7 @@ class GuardedUpdate:
         self._counts: Optional[torch.Tensor] = None
         self._last: Optional[torch.Tensor] = None
 
-    def __call__(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> Optional[UpdateReport]:
+    def __call__(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> UpdateReport | PendingUpdate:
         loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)
         return self._on_device(loss, grad_norm) if self.deferred else self._on_host(loss, grad_norm)
 
@@ -106,7 +122,7 @@ class GuardedUpdate:
         counted = int(not finite and not overflow)
         return UpdateReport(loss_value, norm_value, finite, counted, int(overflow), self.in_a_row, self.in_a_row)
 
-    def _on_device(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def _on_device(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> PendingUpdate:
         loss_ok, norm_ok = torch.isfinite(loss), torch.isfinite(grad_norm)
         applied = loss_ok & norm_ok
         overflow = loss_ok & ~norm_ok if self.precision == "fp16" else torch.zeros_like(applied)
@@ -125,7 +141,7 @@ class GuardedUpdate:
         self._counts = torch.stack([counts[0] + counted, counts[1] + overflow.long(), in_a_row,
                                     torch.maximum(counts[3], in_a_row)])
         self._last = torch.stack([loss, grad_norm])
-        return None
+        return PendingUpdate(applied, self)
 
     def read(self) -> Optional[UpdateReport]:
         """Deferred: the report of the steps since the last read (one host sync); None if none ran."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from clipvip.logging_utils import LOGGER as ROOT_LOGGER
@@ -21,30 +22,46 @@ def _scalar(value: Any):
     return value
 
 
+@dataclass(frozen=True)
+class LogSettings:
+    """Where a run logs: ``output_dir/log/`` and the optional mirrors."""
+
+    output_dir: str
+    log_to_file: bool  # if_log2file: log/log.txt
+    tensorboard: bool  # if_tb_log: log/tensorboard/
+    wandb_project: str  # "" for none
+    run_config: dict = field(default_factory=dict)  # the resolved config, as wandb records it
+
+    @classmethod
+    def from_config(cls, cfg) -> "LogSettings":
+        return cls(output_dir=cfg.output_dir, log_to_file=bool(cfg.if_log2file), tensorboard=bool(cfg.if_tb_log),
+                   wandb_project=cfg.wandb_project, run_config=cfg.to_dict())
+
+
 class RunLogger:
     """Writes one JSON object per logged step to ``log/metrics.jsonl`` and mirrors scalars to
     TensorBoard (``if_tb_log``) and Weights & Biases (``wandb_project``; offline unless
     ``WANDB_MODE`` says otherwise, so it needs neither network nor account)."""
 
-    def __init__(self, cfg, enabled: bool):
+    def __init__(self, settings: LogSettings, enabled: bool):
         self.enabled = enabled
         self.tb = None
         self.wandb_run = None
         if not enabled:
             return
-        log_dir = os.path.join(cfg.output_dir, "log")
+        log_dir = os.path.join(settings.output_dir, "log")
         os.makedirs(log_dir, exist_ok=True)
-        if cfg.get("if_log2file", 1):
+        if settings.log_to_file:
             self._file_handler = add_log_file(os.path.join(log_dir, "log.txt"))
         self.metrics_path = os.path.join(log_dir, "metrics.jsonl")
-        if cfg.get("if_tb_log"):
-            from torch.utils.tensorboard import SummaryWriter
+        if settings.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional backend: imported when asked for
 
             self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
-        if cfg.get("wandb_project"):
-            import wandb
+        if settings.wandb_project:
+            import wandb  # optional backend
 
-            self.wandb_run = wandb.init(project=cfg.wandb_project, dir=log_dir, config=cfg.to_dict(),
+            self.wandb_run = wandb.init(project=settings.wandb_project, dir=log_dir, config=settings.run_config,
                                         mode=os.environ.get("WANDB_MODE", "offline"), resume="allow")
 
     def forget_after(self, step: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -13,6 +14,26 @@ from clipvip.errors import ConfigError
 # matches nothing in HF CLIP, kept for fidelity) and the temperature.
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "logit_scale")
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer and its learning-rate schedule, as the config names them."""
+
+    optim: str  # a key of OPTIMIZERS (any case)
+    learning_rate: float  # the peak of the schedule
+    betas: tuple[float, float]
+    weight_decay: float
+    lr_mul: float  # parameters whose name contains lr_mul_prefix get lr_mul x the rate
+    lr_mul_prefix: str
+    warmup_ratio: float  # linear warmup over int(warmup_ratio * total_steps) steps
+    decay: str  # cosine | linear | constant, after the warmup
+
+    @classmethod
+    def from_config(cls, cfg) -> "OptimizerSettings":
+        return cls(optim=cfg.optim, learning_rate=float(cfg.learning_rate), betas=tuple(cfg.betas),
+                   weight_decay=float(cfg.weight_decay), lr_mul=float(cfg.lr_mul), lr_mul_prefix=cfg.lr_mul_prefix,
+                   warmup_ratio=float(cfg.warmup_ratio), decay=cfg.decay)
 
 
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
@@ -36,12 +57,13 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     return out
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    name = cfg.optim.lower()
+def build_optimizer(model: nn.Module, settings: OptimizerSettings) -> torch.optim.Optimizer:
+    """The optimizer of ``model``'s trainable parameters (frozen ones are left out)."""
+    name = settings.optim.lower()
     if name not in OPTIMIZERS:
-        raise ConfigError(f"unknown optim '{cfg.optim}'; known: {', '.join(OPTIMIZERS)}")
-    groups = param_groups(model.named_parameters(), cfg.weight_decay, cfg.lr_mul, cfg.lr_mul_prefix)
-    kwargs = {"lr": cfg.learning_rate, "betas": tuple(cfg.betas)}
+        raise ConfigError(f"unknown optim '{settings.optim}'; known: {', '.join(OPTIMIZERS)}")
+    groups = param_groups(model.named_parameters(), settings.weight_decay, settings.lr_mul, settings.lr_mul_prefix)
+    kwargs = {"lr": settings.learning_rate, "betas": tuple(settings.betas)}
     devices = {p.device.type for g in groups for p in g["params"]}
     if name in ("adamw", "adam") and len(devices) == 1 and devices <= _fused_devices():
         # One kernel for the whole update where the device has it: CUDA, and CPUs since torch
@@ -80,9 +102,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, decay: str) 
     raise ConfigError(f"unknown decay '{decay}'; known: cosine, linear, constant")
 
 
-def learning_rate_at(step: int, cfg, total_steps: int) -> float:
+def learning_rate_at(step: int, settings: OptimizerSettings, total_steps: int) -> float:
     """``learning_rate x lr_multiplier``, floored at 1e-8 as the original's safeguard."""
-    lr = cfg.learning_rate * lr_multiplier(step, total_steps, cfg.warmup_ratio, cfg.decay)
+    lr = settings.learning_rate * lr_multiplier(step, total_steps, settings.warmup_ratio, settings.decay)
     return lr if lr > 0 else 1e-8
 
 

@@ -4,6 +4,9 @@
 data position, written atomically (temporary file + rename) after complete optimizer steps only,
 so a kill at any moment leaves either the previous state or the new one. It loads with
 ``torch.load(weights_only=True)``: only tensors, numbers, strings, lists and dicts inside.
+
+A state resumes only a run with the same numbers (:func:`run_fingerprint`): another world size,
+batch, accumulation, length or seed would continue a different run from the middle.
 """
 from __future__ import annotations
 
@@ -14,8 +17,12 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from clipvip.engine.schedule import TrainPlan
 from clipvip.errors import CheckpointError
+from clipvip.logging_utils import get_logger
 from clipvip.model.weights import atomic_torch_save, unwrap_model
+
+LOGGER = get_logger("train")
 
 STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1
@@ -91,3 +98,36 @@ def load_training_state(folder: str) -> dict | None:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a training state of this version; move it away to start afresh")
     return state
+
+
+def run_fingerprint(plan: TrainPlan, seed: int) -> dict:
+    """The numbers a saved state must share with the run that resumes it."""
+    return {"world_size": plan.world_size, "train_batch_size": plan.per_device_batch,
+            "gradient_accumulation_steps": plan.accumulation, "total_steps": plan.total_steps, "seed": int(seed)}
+
+
+def check_fingerprint(saved: dict, current: dict, folder: str) -> None:
+    """Refuse to resume a state of ``folder`` written with other numbers, naming each of them."""
+    differs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if differs:
+        details = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in differs.items())
+        raise CheckpointError(
+            f"{folder}/{STATE_FILE} was written by a run with other settings ({details}); "
+            "use another output_dir, or start from its weights with --e2e_weights_path")
+
+
+def resume_training(folder: str, fingerprint: dict, model, optimizer, scaler, stream) -> Progress | None:
+    """Load ``folder/train_state.pt`` into the run's parts (weights, optimizer, loss scale, RNGs,
+    data position) and return its progress; None, touching nothing, when there is no state."""
+    state = load_training_state(folder)
+    if state is None:
+        return None
+    check_fingerprint(state["fingerprint"], fingerprint, folder)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    stream.load_state_dict(state["data"])
+    progress = Progress.from_dict(state["progress"])
+    LOGGER.info("resumed from %s/%s at step %d", folder, STATE_FILE, progress.step)
+    return progress
