@@ -3,9 +3,9 @@
 Modes (``--mode``):
 
 - ``encode``: video encoding for evaluation (eval mode, no gradient), clips/s;
-- ``train``: one training step as :class:`clipvip.engine.trainer.Trainer` runs it (forward of both
-  towers under autocast, contrastive loss, backward, gradient clipping, AdamW, clamp of the
-  temperature), clips/s, with model-FLOPs utilisation against ``--peak-tflops``;
+- ``train``: one training step, the Trainer's own (:class:`clipvip.engine.step.OptimizerStep`:
+  forward of both towers under autocast, contrastive loss, backward, gradient clipping, AdamW,
+  clamp of the temperature), clips/s, with model-FLOPs utilisation against ``--peak-tflops``;
 - ``both``: the two above;
 - ``data``: what one DataLoader worker does per clip (decode + sample + transform) against the
   ``ffmpeg`` command line decoding the same frames (:mod:`clipvip.apps.data_bench`).
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import dataclasses
 import gc
 import json
 import math
@@ -52,7 +53,11 @@ from transformers import CLIPConfig
 
 from clipvip.apps.cli import HelpFormatter, prog_name
 from clipvip.apps.data_bench import cpu_name, run_data_bench
+from clipvip.config import load_config
+from clipvip.engine.optim import OptimizerSettings
+from clipvip.engine.step import OptimizerStep, StepSettings
 from clipvip.errors import ConfigError
+from clipvip.loss import LossSettings, build_loss
 from clipvip.model import KNOWN_ARCHITECTURES, CLIPViPRetrieval, VideoSettings, compile_model, fast_paths
 from clipvip.precision import autocast
 
@@ -220,42 +225,17 @@ def _inputs(arch: dict, batch: int, frames: int, text_len: int, device: torch.de
     return video.to(device), ids.to(device), mask.to(device)
 
 
-class TrainStep:
-    """One optimizer step as :meth:`clipvip.engine.trainer.Trainer.train_step` runs it, with the same
-    non-finite guard (:mod:`clipvip.engine.guard`): ``nonfinite_check`` ``auto`` (deferred to the
-    device on CUDA), ``step`` (the host reads loss and gradient norm every step) or ``deferred``."""
-
-    def __init__(self, model, precision: str, device: torch.device, lr: float = 1e-5, nonfinite_check: str = "auto"):
-        from clipvip.config import load_config
-        from clipvip.loss import build_loss
-        from clipvip.engine.guard import GuardedUpdate, resolve_nonfinite_check
-        from clipvip.engine.optim import build_optimizer
-        from clipvip.precision import grad_scaler
-
-        cfg = load_config(None, ["--learning_rate", str(lr)])
-        self.model, self.precision, self.device = model, precision, device
-        self.optimizer = build_optimizer(model, cfg)
-        self.fused = bool(self.optimizer.defaults.get("fused"))
-        self.scaler = grad_scaler(precision, device.type)
-        self.nonfinite_check = resolve_nonfinite_check(nonfinite_check, device.type, self.optimizer)
-        self.update = GuardedUpdate(self.optimizer, self.scaler, precision, self.nonfinite_check)
-        self.loss_fn = build_loss({"loss_name": "NCELearnableTempLoss", "if_gather": 0})
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.grad_norm = float(cfg.grad_norm)
-
-    def __call__(self, video, ids, mask) -> torch.Tensor:
-        from clipvip.precision import autocast
-
-        with autocast(self.precision, self.device.type):
-            out = self.model(video, ids, mask)
-        loss = self.loss_fn({k: v.float() for k, v in out.items()}, self.model.logit_scale)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_norm)
-        self.update(loss, norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.clamp_logit_scale()
-        return loss.detach()
+def build_train_step(model, precision: str, device: torch.device, nonfinite_check: str = "auto",
+                     lr: float = 1e-5) -> OptimizerStep:
+    """The engine's optimizer step (:class:`clipvip.engine.step.OptimizerStep`, what the Trainer
+    runs) on ``model``, with the config defaults, a constant learning rate ``lr`` and the
+    retrieval loss on this process's batch; its ``nonfinite_check`` as
+    :mod:`clipvip.engine.guard` resolves it: ``auto`` (deferred to the device on CUDA), ``step``
+    (the host reads loss and gradient norm every step) or ``deferred``."""
+    cfg = load_config(None, ["--learning_rate", str(lr), "--nonfinite_check", nonfinite_check])
+    optimizer = dataclasses.replace(OptimizerSettings.from_config(cfg), warmup_ratio=0.0, decay="constant")
+    loss_fn = build_loss(LossSettings("NCELearnableTempLoss", gather=False))
+    return OptimizerStep(model, loss_fn, StepSettings.from_config(cfg), optimizer, precision, device, total_steps=1)
 
 
 def _sync(device: torch.device) -> None:
@@ -403,14 +383,15 @@ def run_model_bench(args) -> dict:
     for mode in modes:
         variants: dict[str, Callable[[], None]] = {}
         memory: dict[str, dict] = {}
-        step = TrainStep(model, args.precision, device, nonfinite_check=args.nonfinite_check) if mode == "train" else None
+        step = build_train_step(model, args.precision, device, args.nonfinite_check) if mode == "train" else None
+        batch = {"video": video, "text_input_ids": ids, "text_input_mask": mask}
         for name, attn, fast in bench_variants(args.attn, args.fast_paths):
             def call(attn=attn, fast=fast):
                 model.set_attention(attn)
                 fast_paths.set_enabled(fast)
                 if mode == "train":
                     model.train()
-                    step(video, ids, mask)
+                    step(1, [batch])  # a constant learning rate: any step number
                 else:
                     model.eval()
                     with torch.inference_mode(), autocast(args.precision, device.type):
@@ -448,8 +429,8 @@ def run_model_bench(args) -> dict:
             if baseline in times and variant in times:
                 block.update(_speedups(label, times[baseline], times[variant], args.steps))
         if step is not None:
-            block["fused_optimizer"] = step.fused
-            block["nonfinite_check"] = step.nonfinite_check
+            block["fused_optimizer"] = bool(step.optimizer.defaults.get("fused"))
+            block["nonfinite_check"] = "deferred" if step.update.deferred else "step"
         results[mode] = block
         del step
     fast_paths.set_enabled(switch_at_start)

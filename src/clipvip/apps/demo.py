@@ -45,7 +45,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from clipvip.apps.cli import prog_name
+from clipvip.data.retrieval_dataset import VideoRetrievalDataset
+from clipvip.engine.optim import OptimizerSettings
+from clipvip.engine.step import OptimizerStep, StepSettings, train_mode
 from clipvip.logging_utils import get_logger
+from clipvip.loss import LossSettings, build_loss
+from clipvip.model import build_model
+from clipvip.tokenizer import build_tokenizer
 
 LOGGER = get_logger("demo")
 
@@ -165,31 +171,29 @@ def measure_step_seconds(cfg, threads: int, steps: int = 8, warmup: int = 3) -> 
     What a step of the run does, on its own data: a batch of ``train_batch_size`` training clips
     read and collated by the run's dataset (frames from the clip cache after the first pass,
     captions tokenized and padded as the run pads them), the model the run builds (its start
-    weights, its frozen text tower), and the optimizer step of ``python -m clipvip bench``. The
+    weights, its frozen text tower), and the Trainer's own optimizer step with the run's settings
+    (:class:`clipvip.engine.step.OptimizerStep`, what ``python -m clipvip bench`` times too). The
     median of ``steps`` timed steps: the run's speed includes its neighbours' load, so the budget
     follows the machine as it is now.
     """
     import torch
 
-    from clipvip.apps.bench import TrainStep
-    from clipvip.data.retrieval_dataset import VideoRetrievalDataset
-    from clipvip.model import build_model
-    from clipvip.tokenizer import build_tokenizer
-
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model = build_model(cfg).train()
-        if cfg.freeze_text_encoder:
-            model.freeze_text_encoder(bool(cfg.freeze_text_proj))
-        step = TrainStep(model, "fp32", torch.device("cpu"), lr=float(cfg.learning_rate))
+        model = build_model(cfg)
+        step_settings = StepSettings.from_config(cfg)
+        train_mode(model, step_settings)
+        step = OptimizerStep(model, build_loss(LossSettings.from_config(cfg)), step_settings,
+                             OptimizerSettings.from_config(cfg), "fp32", torch.device("cpu"),
+                             total_steps=warmup + steps)
         dataset = VideoRetrievalDataset.from_config(cfg, cfg.train_datasets[0], build_tokenizer(cfg), training=True)
         batch_size = int(cfg.train_batch_size)
         seconds = []
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             batch = dataset.collator([dataset[j % len(dataset)] for j in range(batch_size)])  # the first pass decodes
-            step(batch["video"], batch["text_input_ids"], batch["text_input_mask"])  # video (B, T, 3, H, W)
+            step(i + 1, [batch])  # video (B, T, 3, H, W)
             if i >= warmup:
                 seconds.append(time.perf_counter() - t0)
         return sorted(seconds)[len(seconds) // 2]
