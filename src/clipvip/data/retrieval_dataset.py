@@ -23,7 +23,11 @@ evaluation time nothing is replaced: an unreadable video is dropped with all its
 which and why. :meth:`VideoRetrievalDataset.scan_readable` drops what a cheap check finds before
 the run; a file that passes it and fails while being decoded (frame data cut behind an intact
 header) comes out of ``video_view(mark_unreadable=True)`` as a marker item, not an exception,
-and the evaluator drops it the same way.
+and the evaluator drops it the same way. The same view over plain :class:`VideoFiles` is what
+``clipvip encode`` and search indexing read (one encoder for all three: ``clipvip.engine.encode``).
+
+A dataset is built from its config entry (:class:`~clipvip.data.annotations.DatasetEntry`), a
+:class:`ClipReader` and :class:`DatasetSettings`; ``from_config`` makes all three from a config.
 """
 from __future__ import annotations
 
@@ -141,7 +145,7 @@ class ClipReader:
 
 
 # ----------------------------------------------------------------------------------------------
-# Replacement of unreadable training clips
+# What a dataset reads of the run config
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetSettings:
@@ -156,6 +160,9 @@ class DatasetSettings:
         return cls(seed=int(cfg.seed), max_txt_len=int(cfg.max_txt_len), dummy_data=bool(cfg.dummy_data))
 
 
+# ----------------------------------------------------------------------------------------------
+# Replacement of unreadable training clips
+# ----------------------------------------------------------------------------------------------
 class SubstitutingDataset(Dataset):
     """Base of the training datasets: per-dataset RNG, per-worker reseeding, substitution.
 
