@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 import clipvip
 from clipvip.apps.main import main as clipvip_main
+from clipvip.apps.search.encode import Encoder, resolve_config
 from clipvip.data.retrieval_dataset import tokenize
 from clipvip.data.video import count_frames, load_frames
 from clipvip.errors import CheckpointError, ClipvipError
@@ -332,3 +333,36 @@ def test_import_clipvip_registers_the_auto_classes(converted):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-3:] == ["clipvip.hf.modeling", "CLIPViPModel", "CLIPViPProcessor"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepted wherever a checkpoint is: --e2e_weights_path, clipvip encode|index --weights, serve
+# ---------------------------------------------------------------------------------------------
+def test_a_converted_folder_is_a_checkpoint_for_build_model(converted):
+    _, config_path, weights, out, _ = converted
+    from_folder = reference_model(config_path, out)
+    video, ids, mask = _video_text()
+    with torch.no_grad():
+        reference = reference_model(config_path, weights)
+        assert torch.equal(from_folder.encode_video(video), reference.encode_video(video))
+        assert torch.equal(from_folder.encode_text(ids, mask), reference.encode_text(ids, mask))
+
+
+def test_a_hub_id_is_a_checkpoint_for_the_search_encoder(converted, tmp_path, monkeypatch):
+    """``clipvip encode|index --weights owner/name`` (and ``serve``, which rebuilds the index's
+    stored config) load the cached Hub copy: the same weights as the ``.pt``."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _, config_path, weights, out, _ = converted
+    _cache_with(out, str(tmp_path / "hub"), "someone/clipvip-tiny")
+    from_hub = Encoder(resolve_config(config_path, "someone/clipvip-tiny"), "cpu")
+    assert from_hub.model_fingerprint == Encoder(resolve_config(config_path, weights), "cpu").model_fingerprint
+
+
+def test_a_hub_id_not_cached_offline_is_one_line_naming_the_download(converted, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    _, config_path, _, _, _ = converted
+    with pytest.raises(ClipvipError) as raised:
+        reference_model(config_path, "someone/not-downloaded")
+    assert "\n" not in str(raised.value) and "hf download someone/not-downloaded" in str(raised.value)

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from huggingface_hub import HfApi, snapshot_download
 
-from clipvip.errors import ClipvipError
+from clipvip.errors import CheckpointError, ClipvipError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "clipvip"
 # from_pretrained options that say where the files come from (the rest go to transformers).
 HUB_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+# owner/name: one slash, no leading dot or slash (a path like runs/b32/ckpt.pt has more than one).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def download_command(repo_id: str) -> str:
@@ -37,10 +40,31 @@ def resolve_folder(name_or_path: str, **hub_options: Any) -> str:
     except Exception as e:  # offline and not cached, no such repo, not a repo id, no network ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClipvipError(
-            f"'{name_or_path}' is not a local folder and cannot be had from the Hugging Face Hub or its cache "
-            f"({type(e).__name__}: {reason}); download it where there is network with "
+            f"'{name_or_path}' is not a local file or folder, and as a Hub id it cannot be had from the Hugging "
+            f"Face Hub or its local cache ({type(e).__name__}: {reason}); download it where there is network with "
             f"`{download_command(name_or_path)}` (older huggingface_hub: `huggingface-cli download "
             f"{name_or_path}`) and run again, or pass the downloaded folder") from None
+
+
+def is_hub_id(name: str) -> bool:
+    """``name`` names no local path and is shaped like a Hub id (``owner/name``)."""
+    return not os.path.exists(name) and bool(HUB_ID.match(name))
+
+
+def checkpoint_file(path: str) -> str:
+    """The weights file behind a checkpoint argument (``--e2e_weights_path``, ``--weights``):
+    ``path`` itself, or the ``model.safetensors`` of a converted folder or of a Hub id (its
+    snapshot in the HF cache; downloaded when online). Those hold the released ``clipmodel.*``
+    layout, so they load as any checkpoint does."""
+    if os.path.isdir(path) and is_converted_folder(path):
+        return os.path.join(path, WEIGHTS_FILE)
+    if is_hub_id(path):
+        folder = resolve_folder(path)
+        if not is_converted_folder(folder):
+            raise CheckpointError(f"Hub model '{path}' is not a converted CLIP-ViP model (config.json of "
+                                  f"model_type {MODEL_TYPE} and {WEIGHTS_FILE}; clipvip convert writes one)")
+        return os.path.join(folder, WEIGHTS_FILE)
+    return path
 
 
 def is_converted_folder(path: str) -> bool:

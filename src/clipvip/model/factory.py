@@ -14,6 +14,7 @@ from transformers import CLIPConfig
 
 from clipvip.config import Config
 from clipvip.errors import CheckpointError, ConfigError
+from clipvip.hf.hub import is_hub_id
 from clipvip.logging_utils import get_logger
 from clipvip.model.clip_vip import VideoSettings
 from clipvip.model.layers import ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer
@@ -167,7 +168,7 @@ def build_model(settings: Union[ModelSettings, Config], load_weights: bool = Tru
     if load_weights:
         if settings.e2e_weights_path:
             path = settings.e2e_weights_path
-            if not os.path.exists(path):  # the official retrieval configs hold a placeholder path
+            if not (os.path.exists(path) or is_hub_id(path)):  # the official configs hold a placeholder path
                 start = f"clip_weights '{settings.clip_weights}'" if settings.clip_weights else "random weights"
                 raise CheckpointError(
                     f"e2e_weights_path '{path}' not found: pass --e2e_weights_path FILE (a released or "

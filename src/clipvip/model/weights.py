@@ -15,6 +15,7 @@ from torch import nn
 
 from clipvip.errors import CheckpointError
 from clipvip.files import atomic_write
+from clipvip.hf.hub import checkpoint_file
 from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("weights")
@@ -253,8 +254,10 @@ def load_checkpoint(model: nn.Module, path: str) -> LoadReport:
 
     Anything missing, unexpected or of another shape, beyond the optional ``position_ids``
     buffers, is a :class:`CheckpointError` listing the keys: a checkpoint that does not match
-    the config would otherwise evaluate a half-random model.
+    the config would otherwise evaluate a half-random model. A folder written by ``clipvip
+    convert`` or a Hub id of one stands for its ``model.safetensors`` (:mod:`clipvip.hf`).
     """
+    path = checkpoint_file(path)
     state = read_state_dict(path)
     if state and not any(k.startswith("clipmodel.") for k in state):
         state = {f"clipmodel.{k}": v for k, v in state.items()}  # a bare CLIPViPModel state dict
