@@ -10,15 +10,17 @@ and replacement picks (``dataset[(index, seed)]``), not from a worker's RNG stre
 restart would lose. ``n_workers`` workers, persistent, prefetching; pinned memory when
 ``pin_mem`` is set and CUDA is there. :class:`MixedStream` mixes several streams by ``ratio``, one
 source per optimizer step, the same on every process (pretraining, as the original's MetaLoader).
-On CUDA the trainer wraps the stream in :class:`DevicePrefetcher`, which copies the next batch to
-the GPU on a side stream while the current step computes (``prefetch_to_device``).
+Every loader takes its batch sizes, workers and seed from :class:`LoaderSettings`
+(``LoaderSettings.from_config(cfg)``). On CUDA the trainer wraps the stream in
+:class:`DevicePrefetcher`, which copies the next batch to the GPU on a side stream while the
+current step computes (``prefetch_to_device``).
 
 Evaluation (:func:`build_eval_loader`): dataset order, never shuffled, never padded. With several
-processes each rank reads ONE CONTIGUOUS block of the dataset (:class:`ContiguousShardSampler`;
-block sizes differ by at most one, a rank may get none). Concatenating every rank's outputs in
-rank order (``clipvip.distributed.all_gather_variable``) therefore gives the dataset order back,
-and every batch also carries its dataset ``indices`` for evaluators that prefer to check or
-scatter. Unlike the original's DistributedSampler, no sample is duplicated to even out ranks,
+processes each rank (given as a plain number: loaders know nothing of process groups) reads ONE
+CONTIGUOUS block of the dataset (:class:`ContiguousShardSampler`; block sizes differ by at most
+one, a rank may get none). Concatenating every rank's outputs in rank order (what
+``clipvip.engine.encode`` does) therefore gives the dataset order back, and every batch also
+carries its dataset ``indices`` for evaluators that prefer to check or scatter. Unlike the original's DistributedSampler, no sample is duplicated to even out ranks,
 so no feature has to be trimmed.
 
 Workers: :class:`WorkerInit` seeds ``random``, ``numpy`` and the dataset's own RNG in each worker
