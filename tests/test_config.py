@@ -85,6 +85,18 @@ def test_config_flag_in_overrides():
     assert cfg.config == CONFIGS[0] and cfg.seed == 3
 
 
+def test_a_dict_of_a_files_keys_loads_like_the_file(tmp_path):
+    values = {"learning_rate": 1e-5, "train_datasets": {"name": "a", "txt": "a.jsonl", "vis": "videos"}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(values))
+    from_file = clipvip.load_config(str(path), ["--seed", "3"])
+    from_dict = clipvip.load_config(values, ["--seed", "3"])
+    assert from_dict == {**from_file, "config": None}
+    assert from_dict.train_datasets[0].vis_format == "video" and from_dict.seed == 3
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        clipvip.load_config({"learning_rat": 1e-5})
+
+
 def test_none_valued_keys_take_strings_and_none():
     cfg = clipvip.load_config(None, ["--clip_weights", "some/folder", "--e2e_weights_path", "none"])
     assert cfg.clip_weights == "some/folder" and cfg.e2e_weights_path is None
