@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -366,3 +367,23 @@ def test_a_hub_id_not_cached_offline_is_one_line_naming_the_download(converted, 
     with pytest.raises(ClipvipError) as raised:
         reference_model(config_path, "someone/not-downloaded")
     assert "\n" not in str(raised.value) and "hf download someone/not-downloaded" in str(raised.value)
+
+
+def test_readme_hub_snippet_runs(converted, clip_file, capsys):
+    """The README's Hugging Face lines, as written, on the converted tiny model and a clip."""
+    _, config_path, weights, out, _ = converted
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Encode videos and sentences"):]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    assert "AutoModel.from_pretrained" in code and len(code.strip().splitlines()) == 5
+    exec(compile(code.replace("clipvip-b32", out).replace("video7010.mp4", clip_file), "README.md", "exec"), {})
+    printed = float(re.search(r"tensor\(\[\[(-?[0-9.e-]+)\]\]\)", capsys.readouterr().out).group(1))
+    processor = CLIPViPProcessor.from_pretrained(out)
+    inputs = processor(text=["a man is singing on stage"], videos=[clip_file])
+    reference = reference_model(config_path, weights)
+    with torch.no_grad():
+        expected = reference.clipmodel.logit_scale.exp() * (
+            reference.encode_text(inputs["input_ids"], inputs["attention_mask"])
+            @ reference.encode_video(inputs["pixel_values"]).T)
+    assert printed == pytest.approx(float(expected), abs=1e-3)  # printed with 4 digits
