@@ -227,9 +227,9 @@ def test_cpu_bf16_uses_the_bmm_kernels(clip_folder, monkeypatch):
 @pytest.fixture
 def fresh_onednn_decision():
     """The once-per-process oneDNN decision, measured again inside the test and after it."""
-    fast_paths.onednn_linear_faster.cache_clear()
+    fast_paths.onednn_linear_speedup.cache_clear()
     yield
-    fast_paths.onednn_linear_faster.cache_clear()
+    fast_paths.onednn_linear_speedup.cache_clear()
 
 
 def forbid_onednn(monkeypatch):
@@ -277,7 +277,7 @@ def test_the_real_probe_compares_the_two_kernels():
 
 def test_nothing_is_measured_at_import():
     code = ("import clipvip, clipvip.model.fast_paths as f; "
-            "assert f.onednn_linear_faster.cache_info().currsize == 0")
+            "assert f.onednn_linear_speedup.cache_info().currsize == 0")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

@@ -9,7 +9,7 @@ faster on the machine running it:
   pass (silu) left of the three (mul, sigmoid, mul). Both are PyTorch and do less work than what
   they replace on any device, so they need no measurement;
 - ``linear``: fp32 CPU matmuls through oneDNN instead of MKL, on CPUs with AVX-512 and only
-  where a one-time measurement at the first matmul finds it faster (:func:`onednn_linear_faster`);
+  where a one-time measurement at the first matmul finds it faster (:func:`onednn_linear_speedup`);
 - ``prefers_bmm_attention``: in bf16/fp16 on a CPU, attention as bmm + softmax, because torch's
   CPU SDPA kernel is 2.5-3x slower there for these short sequences (docs/performance.md).
 
@@ -40,10 +40,11 @@ QUICK_GELU_ALPHA = 1.702  # quick_gelu(h) = h * sigmoid(1.702 * h)
 # The oneDNN decision: a matmul of a mid-sized layer of the model (rows x in -> out), timed
 # forward and as the two backward products, against MKL; oneDNN is taken only when it is at
 # least ONEDNN_MIN_SPEEDUP times faster. The margin keeps the decision the same run after run
-# (runs that resume each other must take the same kernels): measured 1.7-2.2x on an AVX-512
-# EPYC, 0.8-0.9x on an AVX2-only one, about 1x where MKL has AVX-512 kernels itself (Intel).
+# (runs that resume each other must take the same kernels): measured 2.0x on the AVX-512 EPYC
+# of docs/performance.md (1.2x with oneDNN held to AVX2 there, where the AVX-512 check already
+# says no), and oneDNN lost on an AVX2-only EPYC.
 ONEDNN_PROBE_SHAPE = (1024, 512, 512)
-ONEDNN_MIN_SPEEDUP = 1.25
+ONEDNN_MIN_SPEEDUP = 1.5
 ONEDNN_PROBE_ROUNDS = 5
 
 
@@ -109,14 +110,20 @@ def _probe_speedup(op: Callable) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def onednn_linear_faster() -> bool:
-    """Whether fp32 CPU matmuls go to oneDNN: measured once, at the first matmul that could."""
+def onednn_linear_speedup() -> float:
+    """oneDNN's speed over MKL's for this machine's fp32 matmuls, measured once (at the first
+    matmul that could use it); 0 where oneDNN has no wider kernels or no op."""
     op = _onednn_op()
     if op is None or not _cpu_has_avx512():
-        return False
+        return 0.0
     speedup = _probe_speedup(op)
     LOGGER.debug("oneDNN fp32 linear: %.2fx MKL's speed on %s", speedup, torch.backends.cpu.get_cpu_capability())
-    return speedup >= ONEDNN_MIN_SPEEDUP
+    return speedup
+
+
+def onednn_linear_faster() -> bool:
+    """Whether fp32 CPU matmuls go to oneDNN here."""
+    return onednn_linear_speedup() >= ONEDNN_MIN_SPEEDUP
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -207,4 +214,5 @@ def describe(device: torch.device) -> dict:
     """What the fast paths do on ``device`` (for benchmark reports); measures oneDNN if not yet done."""
     return {"enabled": ENABLED, "switch": f"{SWITCH_ENV}={int(ENABLED)}",
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_fp32_linear": device.type == "cpu" and onednn_linear_faster()}
+            "onednn_fp32_linear": device.type == "cpu" and onednn_linear_faster(),
+            "onednn_speedup_measured": round(onednn_linear_speedup(), 2) if device.type == "cpu" else None}
