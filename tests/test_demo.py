@@ -137,7 +137,7 @@ def test_measure_step_seconds_times_the_runs_own_model(tmp_path, monkeypatch):
         calls.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
         return model
 
-    monkeypatch.setattr("clipvip.model.build_model", spy)
+    monkeypatch.setattr("clipvip.apps.demo.build_model", spy)
     demo.measure_step_seconds(cfg, threads=1, steps=1, warmup=0)
     (model, before), = calls
     after = model.state_dict()
