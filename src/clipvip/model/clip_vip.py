@@ -199,9 +199,11 @@ class CLIPViPModel(nn.Module):
         self.vision_model.encoder.gradient_checkpointing = enable
 
     def set_attention(self, implementation: str = "sdpa") -> None:
-        """``"sdpa"`` (fast, the default) or ``"eager"`` (the original formulation: three
-        projections, bmm + softmax, quick_gelu written out; the baseline of ``python -m
-        clipvip bench``) in every encoder layer of both towers. The same function either way."""
+        """``"sdpa"`` (the default: SDPA attention, and the fast paths of
+        :mod:`clipvip.model.fast_paths` where their switch is on) or ``"eager"`` (the original
+        formulation: three projections, bmm + softmax, quick_gelu written out; the baseline of
+        ``python -m clipvip bench``) in every encoder layer of both towers. The same function
+        either way."""
         check_attention_implementation(implementation)
         for module in self.modules():
             if isinstance(module, CLIPEncoderLayer):
