@@ -179,7 +179,7 @@ def test_feature_cache_accumulation_equals_one_big_batch(tmp_path):
 
     trainer, batches = _tiny_trainer(tmp_path, "--gradient_accumulation_steps", "2", "--accum_feature_cache", "1")
     reference = copy.deepcopy(trainer.raw_model)
-    loss = trainer.step.backward_feature_cache(batches).total
+    loss = trainer.optimizer_step.backward_feature_cache(batches).total
     full = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     expected = trainer.loss_fn(reference(full["video"], full["text_input_ids"], full["text_input_mask"]),
                                reference.logit_scale).total
@@ -193,7 +193,7 @@ def test_plain_accumulation_averages_micro_batch_losses(tmp_path):
 
     trainer, batches = _tiny_trainer(tmp_path, "--gradient_accumulation_steps", "2")
     reference = copy.deepcopy(trainer.raw_model)
-    loss = trainer.step.backward_plain(batches).total
+    loss = trainer.optimizer_step.backward_plain(batches).total
     expected = sum(trainer.loss_fn(reference(b["video"], b["text_input_ids"], b["text_input_mask"]),
                                    reference.logit_scale).total for b in batches) / 2
     expected.backward()

@@ -92,12 +92,13 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.raw_model, device_ids=[self.device] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        self.step = OptimizerStep(
+        self.optimizer_step = OptimizerStep(
             self.raw_model, loss_fn, settings.step, settings.optimizer, precision, self.device, plan.total_steps,
             forward_model=self.model,
             # no DDP there: the gradients are averaged by hand
             average_gradients=distributed.all_reduce_mean_ if env.backend == "horovod" else None)
-        self.optimizer, self.scaler, self.update = self.step.optimizer, self.step.scaler, self.step.update
+        self.optimizer, self.scaler, self.update = (self.optimizer_step.optimizer, self.optimizer_step.scaler,
+                                                 self.optimizer_step.update)
         self.progress = Progress()
         self.nonfinite_in_a_row = 0
         self.longest_nonfinite_run = 0  # in the steps of the last report (deferred: since the last read)
@@ -140,7 +141,7 @@ class Trainer:
         when :meth:`settle` reads it."""
         batches = [next(self.stream) for _ in range(self.plan.accumulation)]
         self.progress.skipped_samples += sum(int(b.get("num_skipped", 0)) for b in batches)
-        result = self.step(self.progress.step + 1, batches)
+        result = self.optimizer_step(self.progress.step + 1, batches)
         self.progress.step = result.step
         if isinstance(result.update, UpdateReport):
             self._account(result.update)
