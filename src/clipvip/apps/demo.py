@@ -41,16 +41,27 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPConfig
+
+from clipvip.apps import synthetic
 from clipvip.apps.cli import prog_name
+from clipvip.config import load_config
+from clipvip.data.loader import LoaderSettings
 from clipvip.data.retrieval_dataset import VideoRetrievalDataset
+from clipvip.engine.evaluate import encode_retrieval_set, write_results
 from clipvip.engine.optim import OptimizerSettings
 from clipvip.engine.step import OptimizerStep, StepSettings, train_mode
 from clipvip.logging_utils import get_logger
 from clipvip.loss import LossSettings, build_loss
+from clipvip.metrics import retrieval_ranks, similarity_chunked
 from clipvip.model import build_model
+from clipvip.model.clip_vip import CLIPViPModel, VideoSettings
+from clipvip.precision import precision_from_config
 from clipvip.tokenizer import build_tokenizer
 
 LOGGER = get_logger("demo")
@@ -133,12 +144,6 @@ def write_start_clip(folder: str, architecture: dict, seed: int, position_init_s
     """The image CLIP both demo models start from, as a HF folder (``config.json`` +
     ``model.safetensors``): random weights (the library's init, seeded), the vision position
     embeddings redrawn at ``position_init_std``. Loaded through ``clip_weights`` like real CLIP."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import CLIPConfig
-
-    from clipvip.model.clip_vip import CLIPViPModel, VideoSettings
-
     os.makedirs(folder, exist_ok=True)
     config = CLIPConfig(**architecture)
     config.to_json_file(os.path.join(folder, "config.json"))
@@ -176,8 +181,6 @@ def measure_step_seconds(cfg, threads: int, steps: int = 8, warmup: int = 3) -> 
     median of ``steps`` timed steps: the run's speed includes its neighbours' load, so the budget
     follows the machine as it is now.
     """
-    import torch
-
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -292,17 +295,6 @@ def query_ranks(run_dir: str) -> tuple[list[int], list[bool]]:
     own pieces (ordered loaders, the same precision and batch size, :func:`retrieval_ranks`), so
     the ranks are those behind the app's eval block.
     """
-    import torch
-
-    from clipvip.config import load_config
-    from clipvip.data.loader import LoaderSettings
-    from clipvip.data.retrieval_dataset import VideoRetrievalDataset
-    from clipvip.metrics import retrieval_ranks, similarity_chunked
-    from clipvip.model import build_model
-    from clipvip.tokenizer import build_tokenizer
-    from clipvip.engine.evaluate import encode_retrieval_set
-    from clipvip.precision import precision_from_config
-
     cfg = load_config(os.path.join(run_dir, "config.json"), ["--e2e_weights_path", final_checkpoint(run_dir)])
     device = torch.device("cpu")
     precision = precision_from_config(cfg, device.type)
@@ -402,8 +394,6 @@ def fit_budget(vip_config: str, out: str, spec: DemoSpec, parallel: bool, thread
     as fit. Timed on CLIP-ViP, the slower of the two models (its proxies see every frame's
     patches); with the runs one after the other, each gets half the budget.
     """
-    from clipvip.config import load_config
-
     per_run = spec.train_budget_s if parallel else spec.train_budget_s / 2
     folder = os.path.join(out, "clip_config")
     candidates = [spec.architecture] + ([spec.fallback_architecture] if spec.fallback_architecture else [])
@@ -434,8 +424,6 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
 
-    from clipvip.apps import synthetic
-
     LOGGER.info("drawing the synthetic benchmark: %d training clips, %d test clips", spec.n_train, spec.n_test)
     synthetic.generate(os.path.join(out, "data"), n_train=spec.n_train, n_test=spec.n_test, seed=spec.seed,
                        size=spec.video_size, frames=spec.video_frames, twin_fraction=spec.twin_fraction,
@@ -457,10 +445,6 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
                                     [*overrides, "--output_dir", name])
                 for name in MODELS}
     run_trainings(commands, run_dirs, os.path.join(out, "logs"), parallel, threads)
-
-    import torch
-
-    from clipvip.engine.evaluate import write_results
 
     torch.set_num_threads(cpus)
     os.environ.setdefault("TQDM_DISABLE", "1")
