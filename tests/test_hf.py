@@ -21,12 +21,14 @@ from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 import clipvip
+from clipvip.apps import retrieval
+from clipvip.apps.convert import save_best_as_hf
 from clipvip.apps.main import main as clipvip_main
 from clipvip.apps.search.encode import Encoder, resolve_config
 from clipvip.data.retrieval_dataset import tokenize
 from clipvip.data.video import count_frames, load_frames
 from clipvip.errors import CheckpointError, ClipvipError
-from clipvip.hf import CLIPViPConfig, CLIPViPModel, CLIPViPProcessor, push_folder
+from clipvip.hf import CLIPViPConfig, CLIPViPModel, CLIPViPProcessor, is_converted_folder, push_folder
 from clipvip.hf.convert import convert_checkpoint
 from clipvip.hf.processing import VideoInputSettings
 from clipvip.model.clip_vip import VideoSettings
@@ -387,3 +389,31 @@ def test_readme_hub_snippet_runs(converted, clip_file, capsys):
             reference.encode_text(inputs["input_ids"], inputs["attention_mask"])
             @ reference.encode_video(inputs["pixel_values"]).T)
     assert printed == pytest.approx(float(expected), abs=1e-3)  # printed with 4 digits
+
+
+def test_fine_tuning_writes_its_best_model_as_a_converted_folder(synthetic_data, tmp_path):
+    """``--save_hf 1``: ``ckpt/model_best_hf`` beside ``ckpt/model_best.pt``, the same weights;
+    a rerun of the finished run replaces it."""
+    clip = str(tmp_path / "clip")
+    write_hf_clip(clip, vocab_size=CLIP_VOCAB, max_positions=32)
+    entry = {"txt": synthetic_data["train"], "vis": synthetic_data["videos"]}
+    out = str(tmp_path / "run")
+    cfg = clipvip.load_config({
+        "train_datasets": {"name": "train", **entry},
+        "inference_datasets": [{"name": "test", "txt": synthetic_data["test"], "vis": synthetic_data["videos"]}],
+        "train_num_frms": 4, "test_num_frms": 4, "input_res": [32, 32], "max_txt_len": 16,
+        "clip_config": clip, "clip_weights": clip,
+        "clip_vision_additional_config": {"type": "ViP", "temporal_size": 4, "add_cls_num": 3},
+        "train_batch_size": 3, "test_batch_size": 3, "n_workers": 0, "pin_mem": 0, "fp16": 0,
+        "num_train_epochs": 1, "seed": 0, "output_dir": out, "is_train": 1, "save_hf": 1}, [])
+    retrieval.run(cfg)
+    folder = os.path.join(out, "ckpt", "model_best_hf")
+    model = AutoModel.from_pretrained(folder).eval()
+    best = clipvip.build_model(clipvip.load_config(cfg.to_dict(), [
+        "--e2e_weights_path", os.path.join(out, "ckpt", "model_best.pt")])).eval()
+    for key, value in best.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with open(os.path.join(folder, "preprocessor_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["num_frms"] == 4
+    assert save_best_as_hf(cfg) == folder and is_converted_folder(folder)  # a rerun replaces it
+    assert not [name for name in os.listdir(os.path.join(out, "ckpt")) if name.startswith(".tmp")]

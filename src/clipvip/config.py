@@ -164,6 +164,7 @@ DEFAULTS: dict[str, Any] = {
     "log_interval": 10,  # steps between lines of log/metrics.jsonl
     "if_tb_log": 0,
     "if_model_saver": 1,
+    "save_hf": 0,  # 1: fine-tuning also writes ckpt/model_best_hf, the best model as a Hugging Face folder (docs/hf.md)
     "if_log2file": 1,
     "wandb_project": "",  # log to Weights & Biases when set (works offline)
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Sequence
 
 from clipvip.apps.cli import OVERRIDES_HELP, HelpFormatter, prog_name
@@ -21,9 +22,12 @@ from clipvip.errors import ClipvipError
 from clipvip.hf.convert import convert_checkpoint
 from clipvip.hf.hub import push_folder
 from clipvip.hf.processing import VideoInputSettings
+from clipvip.logging_utils import get_logger
 from clipvip.model.clip_vip import VideoSettings
 from clipvip.model.factory import resolve_clip_config
 from clipvip.tokenizer import build_tokenizer
+
+LOGGER = get_logger("convert")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,16 +57,37 @@ def _read_results(path: str) -> dict:
     return results
 
 
+BEST_MODEL, BEST_MODEL_HF = "model_best.pt", "model_best_hf"
+
+
+def convert_with_config(cfg, weights: str, out: str, results: dict | None = None, replace: bool = False) -> None:
+    """``weights`` converted into ``out`` with the architecture and input settings of ``cfg``."""
+    convert_checkpoint(weights, resolve_clip_config(cfg.clip_config),
+                       VideoSettings.from_config(cfg.clip_vision_additional_config),
+                       VideoInputSettings.from_config(cfg), build_tokenizer(cfg), out, results, replace=replace)
+
+
+def save_best_as_hf(cfg) -> str | None:
+    """``--save_hf 1``: the run's ``ckpt/model_best.pt`` also as ``ckpt/model_best_hf``, replacing
+    that of an earlier attempt; its path, or None where the run kept no best model."""
+    ckpt = os.path.join(cfg.output_dir, "ckpt")
+    best = os.path.join(ckpt, BEST_MODEL)
+    if not os.path.isfile(best):
+        LOGGER.warning("save_hf: no %s (if_model_saver 0, or no validation ran): nothing to convert", best)
+        return None
+    out = os.path.join(ckpt, BEST_MODEL_HF)
+    convert_with_config(cfg, best, out, replace=True)
+    LOGGER.info("the best model as a Hugging Face folder: %s", out)
+    return out
+
+
 def main(argv: Sequence[str]) -> int:
     parser = _parser()
     args, overrides = parser.parse_known_args(list(argv))
     if overrides and not overrides[0].startswith("--"):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     cfg = load_config(args.config, overrides)
-    results = _read_results(args.results) if args.results else None
-    convert_checkpoint(args.weights, resolve_clip_config(cfg.clip_config),
-                       VideoSettings.from_config(cfg.clip_vision_additional_config),
-                       VideoInputSettings.from_config(cfg), build_tokenizer(cfg), args.out, results)
+    convert_with_config(cfg, args.weights, args.out, _read_results(args.results) if args.results else None)
     print(f"wrote {args.out}")
     if args.push_to_hub:
         print(f"uploaded: {push_folder(args.out, args.push_to_hub, private=args.private or None)}")

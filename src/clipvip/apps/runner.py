@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from clipvip import distributed
+from clipvip.apps.convert import save_best_as_hf
 from clipvip.config import save_config
 from clipvip.data.loader import LoaderSettings
 from clipvip.data.retrieval_dataset import VideoRetrievalDataset
@@ -102,6 +103,8 @@ def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], objec
         trainer = Trainer(TrainerSettings.from_config(cfg), run.model, loss_fn, stream, plan, evaluate, env,
                           run.precision)
         trainer.fit()
+        if cfg.save_hf and env.is_main:
+            save_best_as_hf(cfg)
         results = trainer.last_results
         del trainer  # DDP must be gone before its process group is destroyed (else an abort at exit)
         gc.collect()

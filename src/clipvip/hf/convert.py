@@ -17,7 +17,7 @@ from transformers import CLIPConfig
 from clipvip.errors import ClipvipError
 from clipvip.files import atomic_write_text, fsync_dir, temporary_sibling
 from clipvip.hf.configuration import CLIPViPConfig
-from clipvip.hf.hub import download_command
+from clipvip.hf.hub import checkpoint_file, download_command, is_converted_folder
 from clipvip.hf.modeling import CLIPViPModel
 from clipvip.hf.processing import CLIPViPProcessor, VideoInputSettings
 from clipvip.model.clip_vip import VideoSettings
@@ -46,31 +46,41 @@ class Source:
 
 
 def convert_checkpoint(weights: str, clip_config: CLIPConfig, video: VideoSettings, video_input: VideoInputSettings,
-                       tokenizer, out: str, results: dict | None = None) -> CLIPViPModel:
+                       tokenizer, out: str, results: dict | None = None, replace: bool = False) -> CLIPViPModel:
     """Write the converted folder ``out`` (which must not exist, or be empty) and return the model.
 
     ``weights``: a checkpoint in the released ``clipmodel.*`` layout or any this project writes;
     it must match the architecture exactly (:func:`clipvip.model.weights.load_checkpoint`).
     ``results``: an ``eval_results.json`` (``{dataset: eval block}``) for the card's table.
+    ``replace``: an earlier converted folder at ``out`` is replaced (a rerun of a training run),
+    moved aside only once the new one is complete, and put back if the new one cannot take its place.
     """
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    replacing = replace and is_converted_folder(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not replacing:
         raise ClipvipError(f"--out {out} already exists and is not an empty folder; choose a new one")
+    weights = checkpoint_file(weights)
     model = CLIPViPModel(CLIPViPConfig.from_parts(clip_config, video)).eval()
     load_checkpoint(model.retrieval, weights)  # refuses a checkpoint of another architecture
     processor = CLIPViPProcessor(tokenizer, video_input)
-    staging = temporary_sibling(out)
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted conversion
+    staging, previous = temporary_sibling(out), temporary_sibling(out) + ".previous"
+    for leftover in (staging, previous):  # of an interrupted conversion
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
         atomic_write_text(os.path.join(staging, CARD_FILE), model_card(model.config, video_input, Source.of(weights),
                                                                       results))
-        if os.path.isdir(out):
+        if replacing:
+            os.replace(out, previous)
+        elif os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if os.path.isdir(previous) and not os.path.exists(out):
+            os.replace(previous, out)
         raise
+    shutil.rmtree(previous, ignore_errors=True)
     fsync_dir(os.path.dirname(os.path.abspath(out)))
     return model
 
