@@ -216,6 +216,7 @@ def test_auto_processor_equals_load_clip_and_the_tokenizer(converted, clip_file)
     cfg, _, _, out, _ = converted
     processor = AutoProcessor.from_pretrained(out)
     assert isinstance(processor, CLIPViPProcessor)
+    assert '"num_frms": 4' in repr(processor)  # transformers' repr reads to_dict
     captions = ["a man is singing on stage", "a dog catches a frisbee in the park"]
     inputs = processor(text=captions, videos=[clip_file, clip_file], return_tensors="pt")
     ids, mask = tokenize(clipvip.build_tokenizer(cfg), captions, cfg.max_txt_len)

@@ -103,15 +103,16 @@ def results_table(results: dict) -> str:
 def model_card(config: CLIPViPConfig, video_input: VideoInputSettings, source: Source, results: dict | None) -> str:
     """The ``README.md`` of a converted folder: the model, its source file, results, how to load it."""
     vision, text = config.vision_config, config.text_config
-    video = (f"video proxy tokens (ViP): {config.add_cls_num} proxies beside the CLS token, a temporal "
+    video = (f"video proxy tokens (ViP), {config.add_cls_num} beside the CLS token, and a temporal "
              f"embedding of {config.temporal_size} frames" if config.use_proxies
              else "image CLIP on every frame, the frame features mean-pooled (the CLIP-ViP paper's baseline)")
     sampling = ("spread uniformly over the clip" if video_input.sample_rate == 0
                 else f"in {video_input.n_clips} segments, every {video_input.sample_rate}th frame")
     kernel = ("bicubic, antialiased" if video_input.resize_antialias
-              else "bicubic without antialiasing (torchvision 0.9, the released checkpoints' input)")
+              else "bicubic without antialiasing as torchvision 0.9, the released checkpoints' input")
     evaluation = results_table(results) if results else "No evaluation results were given to the conversion."
     frames = video_input.n_clips * video_input.num_frms
+    name = os.path.splitext(os.path.basename(source.path))[0]
     return f"""---
 # Fill in the licence of these weights before uploading (where did the checkpoint come from?).
 license: ""
@@ -122,12 +123,12 @@ tags:
 - video
 ---
 
-# CLIP-ViP ({vision.hidden_size}-wide ViT-{vision.patch_size}, {frames} frames)
+# CLIP-ViP {name}: patch {vision.patch_size}, {frames} frames
 
 CLIP-ViP (Xue et al., *CLIP-ViP: Adapting Pre-trained Image-Text Model to Video-Language
-Representation Alignment*, ICLR 2023) turns image CLIP into a video encoder with {video}. Videos and sentences are
-encoded into one space of {config.projection_dim}-d unit vectors; text-to-video retrieval ranks
-videos by cosine similarity.
+Representation Alignment*, ICLR 2023) turns image CLIP into a video encoder.
+This model uses {video}. Videos and sentences are encoded into one space of
+{config.projection_dim}-d unit vectors; text-to-video retrieval ranks videos by cosine similarity.
 
 - Vision tower: {vision.num_hidden_layers} layers of width {vision.hidden_size}, patch {vision.patch_size}, \
 {vision.image_size}x{vision.image_size} frames.
@@ -147,14 +148,15 @@ videos by cosine similarity.
 import clipvip  # registers CLIP-ViP with transformers' AutoConfig, AutoModel and AutoProcessor
 from transformers import AutoModel, AutoProcessor
 
-model = AutoModel.from_pretrained("THIS_FOLDER_OR_REPO").eval()
-processor = AutoProcessor.from_pretrained("THIS_FOLDER_OR_REPO")
+model = AutoModel.from_pretrained("OWNER/NAME").eval()  # or the local folder
+processor = AutoProcessor.from_pretrained("OWNER/NAME")
 inputs = processor(text=["a dog catches a frisbee"], videos=["video.mp4"], return_tensors="pt")
 out = model(**inputs)
 similarity = out.logits_per_text  # [texts, videos]; out.text_embeds, out.video_embeds: unit vectors
 ```
 
 Offline, a Hub copy loads from the Hugging Face cache once downloaded: `{download_command("OWNER/NAME")}`.
-The weights are also a plain state dict in the released CLIP-ViP layout (`clipmodel.*`):
-`python -m clipvip retrieval --e2e_weights_path model.safetensors ...` reads them.
+`model.safetensors` holds the released CLIP-ViP layout (`clipmodel.*`); the folder or its Hub id
+is a checkpoint for clipvip itself too (`python -m clipvip retrieval --e2e_weights_path OWNER/NAME ...`,
+`clipvip encode|index --weights OWNER/NAME`).
 """

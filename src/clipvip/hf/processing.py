@@ -133,12 +133,16 @@ class CLIPViPProcessor(ProcessorMixin):
         return frames_to_model_input(frames[self.reader.indices(frames.shape[0], random.Random(0))],
                                      self.reader.input_res, self.reader.antialias)
 
+    def to_dict(self) -> dict:
+        """What ``preprocessor_config.json`` holds (also transformers' ``repr`` of a processor)."""
+        return {"processor_class": type(self).__name__, **self.settings.to_json()}
+
     def save_pretrained(self, save_directory: str, **unused) -> list[str]:
         """The tokenizer files and ``preprocessor_config.json`` into ``save_directory``."""
         os.makedirs(save_directory, exist_ok=True)
         files = list(self.tokenizer.save_pretrained(save_directory))
         path = os.path.join(save_directory, PREPROCESSOR_CONFIG)
-        atomic_write_json(path, {"processor_class": type(self).__name__, **self.settings.to_json()}, indent=2)
+        atomic_write_json(path, self.to_dict(), indent=2)
         return files + [path]
 
     @classmethod
