@@ -290,6 +290,11 @@ def test_hub_id_loads_from_the_cache_offline(converted, tmp_path, monkeypatch):
         torch.testing.assert_close(model.get_video_features(video),
                                    reference_model(config_path, weights).encode_video(video), rtol=0, atol=1e-6)
     assert processor.settings == CLIPViPProcessor.from_pretrained(out).settings
+    # The Auto classes pass options of their own (trust_remote_code, ...) on to the classes.
+    assert AutoProcessor.from_pretrained("someone/clipvip-tiny", cache_dir=cache).settings == processor.settings
+    auto = AutoModel.from_pretrained("someone/clipvip-tiny", cache_dir=cache).eval()
+    with torch.no_grad():
+        assert torch.equal(auto.get_video_features(video), model.get_video_features(video))
 
 
 def test_hub_id_not_cached_offline_names_the_download_command(tmp_path, monkeypatch):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
-
 from huggingface_hub import HfApi, snapshot_download
 
 from clipvip.errors import CheckpointError, ClipvipError
@@ -27,7 +25,14 @@ def download_command(repo_id: str) -> str:
     return f"hf download {repo_id}"
 
 
-def resolve_folder(name_or_path: str, **hub_options: Any) -> str:
+def hub_options_in(kwargs: dict) -> dict:
+    """The ``from_pretrained`` options of ``kwargs`` that say where the files come from, removed from it."""
+    return {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
+
+
+def resolve_folder(name_or_path: str, cache_dir: str | None = None, revision: str | None = None,
+                   token: str | bool | None = None, local_files_only: bool = False,
+                   force_download: bool = False) -> str:
     """A local folder with the files of ``name_or_path``: the folder itself, or the Hub snapshot
     (downloaded if online and missing, from the cache otherwise)."""
     if os.path.isdir(name_or_path):
@@ -36,8 +41,10 @@ def resolve_folder(name_or_path: str, **hub_options: Any) -> str:
         raise ClipvipError(f"{name_or_path} is a file; a converted CLIP-ViP model is a folder "
                            f"(config.json, {WEIGHTS_FILE}, ...) or a Hub id owner/name")
     try:
-        return snapshot_download(name_or_path, **{k: v for k, v in hub_options.items() if v is not None})
-    except Exception as e:  # offline and not cached, no such repo, not a repo id, no network ...
+        return snapshot_download(name_or_path, cache_dir=cache_dir, revision=revision, token=token,
+                                 local_files_only=local_files_only, force_download=force_download)
+    # Offline and not cached, no such repo or revision, no network (OSError); not a repo id (ValueError).
+    except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClipvipError(
             f"'{name_or_path}' is not a local file or folder, and as a Hub id it cannot be had from the Hugging "

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from clipvip.hf.configuration import CLIPViPConfig
-from clipvip.hf.hub import HUB_OPTIONS, resolve_folder
+from clipvip.hf.hub import hub_options_in, resolve_folder
 from clipvip.model.clip_vip import CLIPViPModel as CLIPViPEncoder
 from clipvip.model.retrieval_model import CLIPViPRetrieval
 
@@ -72,8 +72,7 @@ class CLIPViPModel(PreTrainedModel):
         """transformers' ``from_pretrained`` on a converted folder; a Hub id is first resolved to
         its snapshot in the local HF cache (downloaded when online), or a one-line
         :class:`clipvip.ClipvipError` naming the download command where it cannot be."""
-        hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
-        folder = resolve_folder(str(pretrained_model_name_or_path), **hub_options)
+        folder = resolve_folder(str(pretrained_model_name_or_path), **hub_options_in(kwargs))
         return super().from_pretrained(folder, *model_args, **kwargs)
 
     def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

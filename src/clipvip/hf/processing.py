@@ -34,7 +34,7 @@ from clipvip.data.transforms import CLIP_MEAN, CLIP_STD, frames_to_model_input
 from clipvip.data.video import resolve_backend
 from clipvip.errors import ConfigError, DataError
 from clipvip.files import atomic_write_json
-from clipvip.hf.hub import resolve_folder
+from clipvip.hf.hub import hub_options_in, resolve_folder
 from clipvip.tokenizer import load_clip_tokenizer
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -146,9 +146,11 @@ class CLIPViPProcessor(ProcessorMixin):
         return files + [path]
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **hub_options: Any) -> "CLIPViPProcessor":
-        """From a converted folder or a Hub id (through the local Hugging Face cache)."""
-        folder = resolve_folder(str(pretrained_model_name_or_path), **hub_options)
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> "CLIPViPProcessor":
+        """From a converted folder or a Hub id (through the local Hugging Face cache). Of
+        transformers' loading options only those that say where the files come from apply
+        (``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``)."""
+        folder = resolve_folder(str(pretrained_model_name_or_path), **hub_options_in(kwargs))
         path = os.path.join(folder, PREPROCESSOR_CONFIG)
         try:
             with open(path, encoding="utf-8") as f:
