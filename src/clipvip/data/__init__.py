@@ -34,6 +34,7 @@ from clipvip.data.retrieval_dataset import (
     ClipReader,
     DatasetSettings,
     RetrievalCollator,
+    Sentences,
     TextOnlyView,
     VideoFiles,
     VideoOnlyView,

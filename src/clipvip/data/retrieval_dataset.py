@@ -537,6 +537,25 @@ class TextOnlyView(Dataset):
         return {"text": text, "index": index, "video_index": video_index, "num_skipped": 0}
 
 
+class Sentences(Dataset):
+    """Plain sentences, one item each, in order: what ``clipvip encode --texts`` and search queries encode.
+
+    Items ``{"text", "index", "num_skipped": 0}``; the collator (it needs the tokenizer) is the
+    caller's :class:`RetrievalCollator`.
+    """
+
+    collator = None
+
+    def __init__(self, texts: Sequence[str]):
+        self.texts = list(texts)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"text": self.texts[index], "index": index, "num_skipped": 0}
+
+
 def scan_readable(dataset, decode: bool = False) -> list[str]:
     """Drop the unreadable videos of an evaluation dataset (see ``VideoRetrievalDataset.scan_readable``)."""
     if isinstance(dataset, (VideoOnlyView, TextOnlyView)):

@@ -8,7 +8,8 @@ captions (``dataset.text_view()``). A clip that cannot be decoded comes back as 
 its batch's ``failed`` entry, and is not encoded; nothing raises in a DataLoader worker.
 
 * :func:`iter_encoded`: this process's batches one after the other, each with its features and its
-  failures (a resumable writer stores them as they come: ``clipvip encode``, ``clipvip index``).
+  failures (a resumable writer stores them as they come: ``clipvip encode``, ``clipvip index``;
+  sentences, :class:`~clipvip.data.retrieval_dataset.Sentences`, and search queries too).
 * :func:`encode_readable_in_order`: the whole dataset on every process: each rank's block gathered
   in rank order (which is dataset order, checked against the batches' ``indices``), the failures of
   every rank known to every rank (evaluation: each rank drops the same clips).
@@ -45,18 +46,19 @@ def _shows_progress() -> bool:
 
 
 @torch.no_grad()
-def iter_encoded(encode: Callable[[dict], torch.Tensor], loader, device: torch.device,
-                 desc: str) -> Iterator[EncodedBatch]:
+def iter_encoded(encode: Callable[[dict], torch.Tensor], loader, device: torch.device, desc: str,
+                 progress: bool = True) -> Iterator[EncodedBatch]:
     """``encode(batch)`` of every batch of ``loader`` on this process, in loader order.
 
     ``encode`` gets each batch with its model inputs (:data:`clipvip.data.loader.MODEL_INPUTS`)
     already on ``device``: the next batch's inputs travel there while this one is encoded. The
     other entries (``indices``, ids, ``failed``) stay on the host, where reading them does not wait
-    for the device. A batch of failures only (empty ``indices``) is not encoded.
+    for the device. A batch of failures only (empty ``indices``) is not encoded. ``progress``:
+    a bar named ``desc`` (main process only); off for what takes no time (a search query).
     """
     total = len(loader) if hasattr(loader, "__len__") else None
     batches = DevicePrefetcher(loader, device)
-    for batch in tqdm(batches, total=total, desc=desc, disable=not _shows_progress(), leave=False,
+    for batch in tqdm(batches, total=total, desc=desc, disable=not (progress and _shows_progress()), leave=False,
                       dynamic_ncols=True):
         failed = [(int(i), str(reason)) for i, reason in batch.get("failed", ())]
         features = encode(batch).float() if len(batch["indices"]) else None

@@ -31,7 +31,7 @@ import torch
 from clipvip import __version__
 from clipvip.config import DATASET_KEYS, DEFAULTS, NESTED_DEFAULTS, Config, load_config
 from clipvip.data.loader import LoaderSettings, build_eval_loader
-from clipvip.data.retrieval_dataset import ClipReader, VideoFiles, VideoOnlyView, tokenize
+from clipvip.data.retrieval_dataset import ClipReader, RetrievalCollator, Sentences, VideoFiles, VideoOnlyView
 from clipvip.engine.encode import iter_encoded
 from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
@@ -201,11 +201,11 @@ class Encoder:
         torch.manual_seed(int(cfg.seed))
         self.model = build_model(cfg).eval().to(self.device)
         self.tokenizer = build_tokenizer(cfg)
+        self.text_collator = RetrievalCollator(self.tokenizer, int(cfg.max_txt_len))  # tokenised as evaluation does
         self.reader = ClipReader.from_config(cfg, training=False)
         self.loader = LoaderSettings.from_config(cfg)
         self.precision = precision_from_config(cfg, self.device.type)
         self.batch_size = self.loader.test_batch_size
-        self.max_txt_len = int(cfg.max_txt_len)
         self.dim = int(self.model.clipmodel.visual_projection.out_features)
         self.model_fingerprint = model_fingerprint(self.model)
         self.config_fingerprint = config_fingerprint(cfg)
@@ -215,17 +215,19 @@ class Encoder:
         return {"dim": self.dim, "model_fingerprint": self.model_fingerprint,
                 "config_fingerprint": self.config_fingerprint}
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        """float32 [N, dim] for ``texts``, in batches (tokenised as evaluation does)."""
-        bs = max(1, int(batch_size or self.batch_size))
+        """float32 [N, dim] for ``texts``, in batches, through the evaluation's encoder (no bar)."""
+        loader = build_eval_loader(Sentences(texts), self.loader, batch_size=max(1, int(batch_size or self.batch_size)),
+                                   collate_fn=self.text_collator, n_workers=0)
         out = [np.zeros((0, self.dim), np.float32)]
-        for start in range(0, len(texts), bs):
-            ids, mask = tokenize(self.tokenizer, list(texts[start:start + bs]), self.max_txt_len)  # (b, L)
-            with autocast(self.precision, self.device.type):
-                feats = self.model.encode_text(ids.to(self.device), mask.to(self.device))
-            out.append(feats.float().cpu().numpy())
+        out += [self._as_numpy(encoded.features)
+                for encoded in iter_encoded(self._encode_texts, loader, self.device, "texts", progress=False)]
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def _encode_texts(self, batch: dict) -> torch.Tensor:
+        """[B, dim] features of a batch's ``text_input_ids`` / ``text_input_mask`` (B, L), on the device."""
+        with autocast(self.precision, self.device.type):
+            return self.model.encode_text(batch["text_input_ids"], batch["text_input_mask"])
 
     @torch.no_grad()
     def encode_video_tensor(self, video: torch.Tensor) -> np.ndarray:
