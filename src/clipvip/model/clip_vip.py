@@ -8,6 +8,7 @@ released checkpoints load into :class:`CLIPViPModel` by name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +29,17 @@ class VideoSettings:
     temporal_init_std: float = 0.0  # 0: zeros, as the original; > 0: normal(0, std)
 
     @classmethod
-    def from_config(cls, extra: dict) -> "VideoSettings":
-        use_proxies = extra.get("type", "ViP") == "ViP"
+    def from_config(cls, extra: Mapping[str, Any]) -> "VideoSettings":
+        """From a config's ``clip_vision_additional_config``, where load_config has filled in
+        every key (``clipvip.config.VISION_ADDITIONAL_DEFAULTS``)."""
+        use_proxies = extra["type"] == "ViP"
         return cls(
             use_proxies=use_proxies,
-            add_cls_num=int(extra.get("add_cls_num", 3)) if use_proxies else 0,
-            temporal_size=int(extra.get("temporal_size", 12)),
-            use_temporal_embed=bool(extra.get("if_use_temporal_embed", 1)) and use_proxies,
-            logit_scale_init_value=float(extra.get("logit_scale_init_value", 4.60)),
-            temporal_init_std=float(extra.get("temporal_init_std", 0.0)),
+            add_cls_num=int(extra["add_cls_num"]) if use_proxies else 0,
+            temporal_size=int(extra["temporal_size"]),
+            use_temporal_embed=bool(extra["if_use_temporal_embed"]) and use_proxies,
+            logit_scale_init_value=float(extra["logit_scale_init_value"]),
+            temporal_init_std=float(extra["temporal_init_std"]),
         )
 
 
