@@ -33,8 +33,8 @@ LOGGER = get_logger("convert")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog_name("convert"), formatter_class=HelpFormatter, allow_abbrev=False,
-        description="Write a checkpoint as a Hugging Face model folder: config.json, model.safetensors, "
-                    "the tokenizer, preprocessor_config.json and a model card README.md.",
+        description="Write a checkpoint as a Hugging Face model folder: config.json, model.safetensors,\n"
+                    "the tokenizer, preprocessor_config.json and a model card README.md (docs/hf.md).",
         epilog=OVERRIDES_HELP)
     p.add_argument("--config", required=True, help="the config the checkpoint was trained or evaluated with")
     p.add_argument("--weights", required=True, metavar="CKPT",
