@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Callable, Optional, Sequence
 

@@ -60,7 +60,7 @@ from clipvip.logging_utils import get_logger
 from clipvip.loss import LossSettings, build_loss
 from clipvip.metrics import retrieval_ranks, similarity_chunked
 from clipvip.model import build_model
-from clipvip.model.clip_vip import CLIPViPModel, VideoSettings
+from clipvip.model.clip_vip import CLIPViPTowers, VideoSettings
 from clipvip.precision import precision_from_config
 from clipvip.tokenizer import build_tokenizer
 
@@ -148,7 +148,7 @@ def write_start_clip(folder: str, architecture: dict, seed: int, position_init_s
     config = CLIPConfig(**architecture)
     config.to_json_file(os.path.join(folder, "config.json"))
     torch.manual_seed(seed)
-    clip = CLIPViPModel(config, VideoSettings(use_proxies=False, add_cls_num=0, use_temporal_embed=False))  # image CLIP
+    clip = CLIPViPTowers(config, VideoSettings(use_proxies=False, add_cls_num=0, use_temporal_embed=False))  # image CLIP
     with torch.no_grad():
         # Only the vision tower: its patch embeddings come out at std ~0.5 (768 pixel inputs at
         # std 0.02), which drown positions at 0.02; text tokens and positions are both at 0.02.

@@ -1,6 +1,6 @@
 """``CLIPViPModel``: the retrieval model as a Hugging Face ``PreTrainedModel``.
 
-It holds the project's model (:class:`clipvip.model.clip_vip.CLIPViPModel`) as ``clipmodel``,
+It holds the project's model (:class:`clipvip.model.clip_vip.CLIPViPTowers`) as ``clipmodel``,
 so its ``state_dict`` is exactly the released checkpoints' (``clipmodel.<HF CLIP name>``, the
 keys of :class:`clipvip.model.CLIPViPRetrieval`) and ``model.safetensors`` loads both ways.
 
@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 
 from clipvip.hf.configuration import CLIPViPConfig
 from clipvip.hf.hub import hub_options_in, resolve_folder
-from clipvip.model.clip_vip import CLIPViPModel as CLIPViPEncoder
+from clipvip.model.clip_vip import CLIPViPTowers
 from clipvip.model.retrieval_model import CLIPViPRetrieval
 
 
@@ -61,7 +61,7 @@ class CLIPViPModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
         """The project's own initialisation; the ``position_ids`` buffers (never saved) set to arange."""
-        if isinstance(module, CLIPViPEncoder):
+        if isinstance(module, CLIPViPTowers):
             module.init_weights()
         position_ids = getattr(module, "position_ids", None)
         if isinstance(position_ids, torch.Tensor) and not position_ids.is_meta:

@@ -3,7 +3,7 @@
 Module and parameter names are HF CLIP's (``vision_model.embeddings.patch_embedding``,
 ``pre_layrnorm`` [sic], ``visual_projection``, ``logit_scale``) plus the two new tensors
 ``vision_model.embeddings.added_cls`` (the proxies) and ``temporal_embedding``, so that the
-released checkpoints load into :class:`CLIPViPModel` by name.
+released checkpoints load into :class:`CLIPViPTowers` by name.
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ class TextTransformer(nn.Module):
         return hidden[torch.arange(B, device=hidden.device), eos_position]
 
 
-class CLIPViPModel(nn.Module):
+class CLIPViPTowers(nn.Module):
     """The two towers, their projections and the learnable log-temperature ``logit_scale``."""
 
     def __init__(self, clip_config, video: VideoSettings):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipvip.model.clip_vip import CLIPViPModel, VideoSettings
+from clipvip.model.clip_vip import CLIPViPTowers, VideoSettings
 
 
 class CLIPViPRetrieval(nn.Module):
@@ -19,7 +19,7 @@ class CLIPViPRetrieval(nn.Module):
 
     def __init__(self, clip_config, video: VideoSettings):
         super().__init__()
-        self.clipmodel = CLIPViPModel(clip_config, video)
+        self.clipmodel = CLIPViPTowers(clip_config, video)
 
     @property
     def uses_proxies(self) -> bool:

@@ -260,7 +260,7 @@ def load_checkpoint(model: nn.Module, path: str) -> LoadReport:
     path = checkpoint_file(path)
     state = read_state_dict(path)
     if state and not any(k.startswith("clipmodel.") for k in state):
-        state = {f"clipmodel.{k}": v for k, v in state.items()}  # a bare CLIPViPModel state dict
+        state = {f"clipmodel.{k}": v for k, v in state.items()}  # a bare CLIPViPTowers state dict
     report, usable = match_state(model, state, path)
     if not report.clean:  # refused before anything is copied: the model keeps its init
         raise CheckpointError("\n".join([
