@@ -35,7 +35,7 @@ def check_averaged_gradients_match_single_process(rank, loss_name):
     mine = slice(rank * B, (rank + 1) * B)
     out = model(*(x[mine] for x in inputs))
     build_loss(LossSettings(loss_name, gather=True), D.get_env())(out, out["logit_scale"]).total.backward()
-    D.all_reduce_mean_([p.grad for p in model.parameters()])  # what Trainer.train_step does for horovod
+    D.all_reduce_mean_([p.grad for p in model.parameters()])  # what the engine's OptimizerStep does for horovod
     ref_out = reference(*inputs)
     build_loss(LossSettings(loss_name, gather=False))(ref_out, ref_out["logit_scale"]).total.backward()
     for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):

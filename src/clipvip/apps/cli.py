@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from clipvip.config import Config, load_config
 from clipvip.errors import ClipvipError, ConfigError
 
 EXIT_USER_ERROR = 2
@@ -75,3 +76,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
         return text
+
+
+def run_config_app(argv: Sequence[str], command: str, help_text: str, run: Callable[[Config], object],
+                   implied: Sequence[str] = ()) -> int:
+    """``main`` of the apps that run from a config (retrieval, pretrain): ``--help`` prints
+    ``help_text`` (with ``{prog}`` and ``{overrides}`` filled in), ``--config`` is required, then
+    ``run(load_config(None, [*implied, *argv]))``; ``implied`` words come first so that the
+    command line can still override them."""
+    prog = prog_name(command)
+    if wants_help(argv):
+        print(help_text.format(prog=prog, overrides=OVERRIDES_HELP))
+        return 0
+    require_config(argv, prog)
+    run(load_config(None, [*implied, *argv]))
+    return 0

@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from clipvip.apps.cli import OVERRIDES_HELP, prog_name, require_config, wants_help
-from clipvip.config import load_config
+from clipvip.apps import runner
+from clipvip.apps.cli import run_config_app
 from clipvip.data.loader import LoaderSettings, LoaderStream, MixedStream
 from clipvip.data.pretrain_dataset import PretrainDataset
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
-from clipvip.apps import runner
 
 LOGGER = get_logger("pretrain")
 
@@ -89,13 +88,6 @@ def run(cfg) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    prog = prog_name("pretrain")
-    if wants_help(argv):
-        print(HELP.format(prog=prog, overrides=OVERRIDES_HELP))
-        return 0
-    require_config(argv, prog)
     # Pretraining trains unless told otherwise (the original's run_pretrain.py always trained).
-    cfg = load_config(None, ["--is_train", *argv])
-    run(cfg)
-    return 0
+    return run_config_app(argv, "pretrain", HELP, run, implied=["--is_train"])
 

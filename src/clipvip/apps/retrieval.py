@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from clipvip.apps.cli import OVERRIDES_HELP, prog_name, require_config, wants_help
-from clipvip.config import load_config
+from clipvip.apps import runner
+from clipvip.apps.cli import run_config_app
 from clipvip.data.loader import LoaderSettings, LoaderStream
 from clipvip.data.retrieval_dataset import VideoRetrievalDataset
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
-from clipvip.apps import runner
 
 LOGGER = get_logger("retrieval")
 
@@ -75,11 +74,5 @@ def run(cfg) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    prog = prog_name("retrieval")
-    if wants_help(argv):
-        print(HELP.format(prog=prog, overrides=OVERRIDES_HELP))
-        return 0
-    require_config(argv, prog)
-    run(load_config(None, argv))
-    return 0
+    return run_config_app(argv, "retrieval", HELP, run)
 

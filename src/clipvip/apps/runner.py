@@ -23,7 +23,7 @@ from clipvip.data.retrieval_dataset import VideoRetrievalDataset
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import add_log_file, get_logger
 from clipvip.loss import LossSettings, build_loss
-from clipvip.model import build_model
+from clipvip.model import ModelSettings, build_model
 from clipvip.tokenizer import build_tokenizer
 from clipvip.engine.evaluate import evaluate_all, format_results_table, write_results
 from clipvip.engine.schedule import TrainPlan
@@ -73,7 +73,7 @@ def start(cfg) -> Run:
     device = torch.device(env.device)
     precision = precision_from_config(cfg, device.type, "training" if cfg.is_train else "evaluation")
     tokenizer = build_tokenizer(cfg)
-    model = build_model(cfg)
+    model = build_model(ModelSettings.from_config(cfg))
     return Run(cfg, env, device, precision, tokenizer, model)
 
 
