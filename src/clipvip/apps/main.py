@@ -1,8 +1,7 @@
 """``python -m clipvip <command>``: every app behind one command (``clipvip/__main__.py`` calls it).
 
-A command's module is imported when the command runs, so ``clipvip search`` does not pay for the
-training apps' imports (torch.distributed, the loaders); these are the only function-level imports
-of the project's own modules outside the optional backends.
+A command's module is imported (by name, through importlib) when the command runs, so
+``clipvip search`` does not pay for the training apps' imports (torch.distributed, the loaders).
 """
 from __future__ import annotations
 

@@ -5,10 +5,9 @@ from clipvip.engine.optim import (OptimizerSettings, build_optimizer, learning_r
 from clipvip.engine.schedule import TrainPlan
 from clipvip.engine.step import OptimizerStep, StepResult, StepSettings
 from clipvip.engine.trainer import Trainer, TrainerSettings, TrainingStopped
-from clipvip.precision import autocast, grad_scaler, precision_from_config
 
 __all__ = [
     "Trainer", "TrainerSettings", "TrainPlan", "TrainingStopped", "OptimizerStep", "StepResult", "StepSettings",
     "evaluate_all", "format_results_table", "write_results", "OptimizerSettings", "build_optimizer",
-    "learning_rate_at", "lr_multiplier", "param_groups", "autocast", "grad_scaler", "precision_from_config",
+    "learning_rate_at", "lr_multiplier", "param_groups",
 ]
