@@ -2,6 +2,7 @@
 from clipvip.data.sampling import middle_frame_index, sample_frame_indices
 from clipvip.data.transforms import CLIP_MEAN, CLIP_STD, center_crop, frames_to_model_input, normalize, resize
 from clipvip.data.video import (
+    VideoBytes,
     VideoDecodeError,
     available_backends,
     count_folder_frames,

@@ -45,8 +45,8 @@ from clipvip.logging_utils import get_logger
 from clipvip.data.annotations import AnnotationRule, ClipRecord, DatasetEntry, load_annotations, select_rule
 from clipvip.data.sampling import middle_frame_index, sample_frame_indices
 from clipvip.data.transforms import frames_to_model_input
-from clipvip.data.video import (count_folder_frames, count_frames, load_frame_folder, load_sampled_frames,
-                                probe_duration, resolve_backend)
+from clipvip.data.video import (VideoBytes, count_folder_frames, count_frames, load_frame_folder,
+                                load_sampled_frames, probe_duration, resolve_backend)
 
 LOGGER = get_logger(__name__)
 
@@ -109,9 +109,10 @@ class ClipReader:
         return sample_frame_indices(num_total, self.n_clips, self.num_frms, self.sample_rate,
                                     training=self.training, jitter=self.jitter, rng=rng)
 
-    def read_video(self, path: str, rng: random.Random, with_middle: bool = False
+    def read_video(self, source: str | VideoBytes, rng: random.Random, with_middle: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(video [T, 3, H, W], middle frame [3, H, W] or None)`` of a video file.
+        """``(video [T, 3, H, W], middle frame [3, H, W] or None)`` of a video file or of encoded
+        bytes in memory (:class:`VideoBytes`, e.g. a shard member).
 
         The middle frame is decoded in the same pass as the clip (one open of the file).
         """
@@ -119,13 +120,16 @@ class ClipReader:
             picked = self.indices(num_total, rng)
             return picked + [middle_frame_index(num_total)] if with_middle else picked
 
-        if self.cache is not None:
-            every = self.cache.get(path)
+        # The cache is keyed by path; bytes come from a stream that shows each sample once an
+        # epoch (and a name is not proof of the same bytes), so they are always decoded.
+        if self.cache is not None and not isinstance(source, VideoBytes):
+            every = self.cache.get(source)
             if every is None:  # (F, h, w, 3) uint8; index_fn then sees the same frame count as when decoding
-                every = self.cache[path] = load_sampled_frames(path, lambda n: list(range(n)), backend=self.backend)[0]
+                every = self.cache[source] = load_sampled_frames(source, lambda n: list(range(n)),
+                                                                 backend=self.backend)[0]
             frames = every[index_fn(every.shape[0])]
         else:
-            frames, _ = load_sampled_frames(path, index_fn, backend=self.backend)  # (T[+1], h, w, 3) uint8
+            frames, _ = load_sampled_frames(source, index_fn, backend=self.backend)  # (T[+1], h, w, 3) uint8
         x = frames_to_model_input(frames, self.input_res, self.antialias)  # (T[+1], 3, H, W)
         if with_middle:
             return x[:-1], x[-1]

@@ -1,9 +1,15 @@
-"""Reading frames from video files (decord or PyAV) and from folders of JPEG frames.
+"""Reading frames from video files or encoded bytes in memory (decord or PyAV) and from folders
+of JPEG frames.
+
+A video source is a path or a :class:`VideoBytes` (a whole encoded file held in memory, e.g. a
+member of a WebDataset tar shard, with the name errors give it); bytes are decoded from an
+in-memory file object and never written to disk.
 
 Every failure to read a clip is a :class:`VideoDecodeError` naming the file, so a dataset can
 log it and pick another clip instead of dying (DESIGN §2). The decoders themselves are C
 libraries: a file that makes one of them crash the process or hang cannot be caught here, so
-the cheap checks (the file exists, is a file, is not empty) run before any decoder sees it.
+the cheap checks (the file exists, is a file, is not empty; bytes are not empty) run before any
+decoder sees it.
 
 Frame indices are 0-based positions in presentation order. Indices past the last frame that
 can really be decoded are clamped to it, because container metadata (and ``num_frame`` in
@@ -17,11 +23,13 @@ foreign format; they are logged at DEBUG on the ``clipvip.data.video`` logger in
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import tempfile
 import threading
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,6 +45,21 @@ DEFAULT_BACKEND = "decord"
 _BACKEND_ORDER = ("decord", "pyav")
 _BACKEND_ENV = "CLIPVIP_VIDEO_BACKEND"
 _NATIVE_STDERR_ENV = "CLIPVIP_NATIVE_STDERR"
+
+
+@dataclass(frozen=True)
+class VideoBytes:
+    """An encoded video file held in memory, read like a file on disk but never written to one."""
+
+    data: bytes  # the whole encoded file (e.g. a tar member), container and all
+    name: str    # what errors and logs call it, e.g. "/data/shards/00003.tar:000030017.mp4"
+
+    def __repr__(self) -> str:  # not the bytes: a repr of a 5 MB member in a log line is noise
+        return f"VideoBytes(name={self.name!r}, {len(self.data)} bytes)"
+
+
+# What count_frames / load_frames / load_sampled_frames read: a path or bytes in memory.
+VideoSource = Union[str, "os.PathLike[str]", VideoBytes]
 
 
 class VideoDecodeError(DataError):
@@ -224,13 +247,24 @@ def _pyav_log_to_debug() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # Readers: one open file, its frame count, and a batch read of sorted unique indices
 # ---------------------------------------------------------------------------------------------
+def _source_name(source: str | VideoBytes) -> str:
+    return source.name if isinstance(source, VideoBytes) else source
+
+
+def _open_arg(source: str | VideoBytes):
+    """What a decoder opens: the path, or a fresh in-memory file over the bytes (one per open, so a
+    retry or a second handle starts at offset 0 whatever the first one read)."""
+    return io.BytesIO(source.data) if isinstance(source, VideoBytes) else source
+
+
 class _DecordReader:
-    def __init__(self, path: str):
+    def __init__(self, source: str | VideoBytes):
         import decord
 
         # One decoding thread: parallelism comes from DataLoader workers, and decord's default
         # (all cores per reader) oversubscribes the CPU as soon as there are several workers.
-        self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        # A file object is read whole by decord (into its own buffer) and decoded from memory.
+        self._vr = decord.VideoReader(_open_arg(source), ctx=decord.cpu(0), num_threads=1)
 
     def __len__(self) -> int:
         return len(self._vr)
@@ -257,11 +291,11 @@ class _DecordReader:
 
 
 class _PyAVReader:
-    def __init__(self, path: str):
+    def __init__(self, source: str | VideoBytes):
         import av
 
-        self._path = path
-        self._container = av.open(path)
+        self._source = source
+        self._container = av.open(_open_arg(source))
         if not self._container.streams.video:
             self._container.close()
             raise RuntimeError("no video stream")
@@ -278,7 +312,7 @@ class _PyAVReader:
                 # instead, which needs no decoding, in a second handle so read() starts afresh.
                 import av
 
-                with av.open(self._path) as counting:
+                with av.open(_open_arg(self._source)) as counting:
                     stream = counting.streams.video[0]
                     n = sum(1 for p in counting.demux(stream) if p.size > 0)
             self._len = n
@@ -336,6 +370,18 @@ def _upright(frame, reformatter) -> np.ndarray:
 _READERS = {"decord": _DecordReader, "pyav": _PyAVReader}
 
 
+def _check_source(source: str | VideoBytes) -> None:
+    if isinstance(source, VideoBytes):
+        # Empty bytes: a member the writer never filled (a failed download). Not bytes at all:
+        # a caller bug (a str of the payload?), named as such rather than left to the decoder.
+        if not isinstance(source.data, (bytes, bytearray, memoryview)):
+            raise VideoDecodeError(source.name, f"video data is {type(source.data).__name__}, not bytes")
+        if len(source.data) == 0:
+            raise VideoDecodeError(source.name, "empty member")
+        return
+    _check_file(source)
+
+
 def _check_file(path: str) -> None:
     # Decoders get only files that exist and hold bytes: some decord builds crash on
     # paths they cannot open instead of raising.
@@ -356,26 +402,29 @@ def _check_indices(frame_indices: Sequence[int]) -> list[int]:
     return indices
 
 
-def _with_reader(path, backend: str | None, fn: Callable):
-    """Run ``fn(reader)`` on an open reader; any decoder failure becomes VideoDecodeError.
+def _with_reader(source: VideoSource, backend: str | None, fn: Callable):
+    """Run ``fn(reader)`` on an open reader of ``source`` (a path or :class:`VideoBytes`); any
+    decoder failure becomes VideoDecodeError naming the file or the bytes' ``name``.
 
     When decord fails on a file that exists, PyAV gets one try before giving up: the two
     demuxers disagree on a few damaged or unusual files (decord indexes every packet when it
     opens a file and rejects the file if any read fails), and a clip PyAV can read is worth
-    keeping.
+    keeping. Bytes get the same retry, over a fresh in-memory file.
     """
-    path = os.fspath(path)
-    _check_file(path)
+    if not isinstance(source, VideoBytes):
+        source = os.fspath(source)
+    path = _source_name(source)
+    _check_source(source)
     name = resolve_backend(backend)
     try:
-        return _run_reader(name, path, fn)
+        return _run_reader(name, source, fn)
     except VideoDecodeError:
         raise
     except Exception as first:  # noqa: BLE001 - decoders raise anything (RuntimeError, av.error.*)
         reason = f"{name}: {type(first).__name__}: {_one_line(first)}"
         if name == "decord" and _is_importable("pyav"):
             try:
-                result = _run_reader("pyav", path, fn)
+                result = _run_reader("pyav", source, fn)
             except Exception as second:  # noqa: BLE001
                 reason += f"; pyav: {type(second).__name__}: {_one_line(second)}"
             else:
@@ -388,15 +437,17 @@ def _one_line(exc: BaseException) -> str:
     # decord's errors are dmlc log lines ("[04:18:47] src/video/video_reader.cc:486: Error: ..."),
     # sometimes followed by a native stack trace: the first line, without the log prefix.
     text = str(exc).strip().split("\n", 1)[0]
+    # PyAV names an in-memory file "'<none>'" at the end of its errors: the caller names the bytes.
+    text = text[: -len(": '<none>'")] if text.endswith(": '<none>'") else text
     return _NATIVE_LINE.sub(b"", text.encode("utf-8", "replace")).decode("utf-8", "replace").strip()
 
 
-def _run_reader(name: str, path: str, fn: Callable):
+def _run_reader(name: str, source: str | VideoBytes, fn: Callable):
     # The whole life of the reader: decord indexes the file when it opens it and decodes on
     # its own thread, and both print (open errors, "frames corrupted and recovered").
     quiet = _decord_stderr_to_debug if name == "decord" else _pyav_log_to_debug
     with quiet():
-        reader = _READERS[name](path)
+        reader = _READERS[name](source)
         try:
             return fn(reader)
         finally:
@@ -415,23 +466,24 @@ def _gather(reader, indices: list[int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Public API: video files
 # ---------------------------------------------------------------------------------------------
-def count_frames(path, backend: str | None = None) -> int:
-    """Number of frames of the video at ``path`` as the backend reports it (> 0)."""
+def count_frames(source: VideoSource, backend: str | None = None) -> int:
+    """Number of frames of the video ``source`` (a path or :class:`VideoBytes`) as the backend
+    reports it (> 0)."""
     def _count(reader) -> int:
         n = len(reader)
         if n <= 0:
             raise RuntimeError("the video holds no frames")
         return n
 
-    return _with_reader(path, backend, _count)
+    return _with_reader(source, backend, _count)
 
 
-def probe_duration(path: str) -> float | None:
+def probe_duration(source: VideoSource) -> float | None:
     """Duration in seconds from the container's metadata (no decoding), or None if unknown."""
     try:
         import av
 
-        with av.open(path) as container:
+        with av.open(_open_arg(source if isinstance(source, VideoBytes) else os.fspath(source))) as container:
             if container.duration:
                 return float(container.duration / av.time_base)
             stream = container.streams.video[0]
@@ -444,15 +496,17 @@ def probe_duration(path: str) -> float | None:
     return None
 
 
-def load_frames(path, frame_indices: Sequence[int], backend: str | None = None) -> torch.Tensor:
-    """Frames ``frame_indices`` (0-based, any order, repeats allowed) as uint8 RGB ``[N, H, W, 3]``."""
+def load_frames(source: VideoSource, frame_indices: Sequence[int], backend: str | None = None) -> torch.Tensor:
+    """Frames ``frame_indices`` (0-based, any order, repeats allowed) of ``source`` (a path or
+    :class:`VideoBytes`) as uint8 RGB ``[N, H, W, 3]``."""
     indices = _check_indices(frame_indices)
-    return _with_reader(path, backend, lambda reader: _gather(reader, indices))
+    return _with_reader(source, backend, lambda reader: _gather(reader, indices))
 
 
-def load_sampled_frames(path, index_fn: Callable[[int], Sequence[int]],
+def load_sampled_frames(source: VideoSource, index_fn: Callable[[int], Sequence[int]],
                         backend: str | None = None) -> tuple[torch.Tensor, int]:
-    """Open ``path`` once, ask ``index_fn(num_frames)`` which frames to read, read them.
+    """Open ``source`` (a path or :class:`VideoBytes`) once, ask ``index_fn(num_frames)`` which
+    frames to read, read them.
 
     Returns ``(frames uint8 [N, H, W, 3], num_frames)``. Datasets use this instead of
     :func:`count_frames` then :func:`load_frames`, which would open (and, for decord, index)
@@ -465,7 +519,7 @@ def load_sampled_frames(path, index_fn: Callable[[int], Sequence[int]],
         indices = _check_indices(index_fn(n))
         return _gather(reader, indices), n
 
-    return _with_reader(path, backend, _read)
+    return _with_reader(source, backend, _read)
 
 
 # ---------------------------------------------------------------------------------------------
