@@ -40,190 +40,15 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-from fractions import Fraction
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".wmv")
+# The re-encoding itself is library code (clipvip shard --reencode uses it too).
+from clipvip.data.reencode import (DEFAULT_KERNEL, RESIZE_KERNELS, VIDEO_EXTS, dump_frames, encode_video,
+                                   frames_ok, video_ok)
 
-# --resize-kernel: ffmpeg's names for its scaler flags -> PyAV's names for the same swscale flags.
-RESIZE_KERNELS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "area": "AREA",
-                  "lanczos": "LANCZOS", "neighbor": "POINT"}
-DEFAULT_KERNEL = "bicubic"
-
-
-# ---------------------------------------------------------------------------------------------
-# Frames at the target rate and size
-# ---------------------------------------------------------------------------------------------
-def _resampled_frames(path: str, fps: float, single_thread: bool) -> Iterator:
-    """Decoded ``av.VideoFrame``s of ``path`` at ``fps`` (0: every frame).
-
-    For each output time ``k / fps`` the decoded frame nearest in time is kept (frames are
-    repeated or dropped as needed), which is what ffmpeg's ``fps`` filter does.
-    """
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        if not single_thread:
-            stream.thread_type = "AUTO"
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
-        step = 1.0 / fps if fps > 0 else None
-        k = 0  # next output frame, due at time k * step
-        first_t = None
-        prev, prev_t = None, 0.0
-        for i, frame in enumerate(container.decode(stream)):
-            if step is None:
-                yield frame
-                continue
-            t = frame.time if frame.time is not None else i / rate
-            if first_t is None:
-                first_t = t  # streams need not start at 0
-            t -= first_t
-            while k * step <= t + 1e-6:  # epsilon: timestamps are rounded to the time base
-                # Output time k * step lies in (prev_t, t]: keep the nearer of the two frames.
-                due = k * step
-                yield prev if prev is not None and due - prev_t < t - due else frame
-                k += 1
-            prev, prev_t = frame, t
-
-
-def _source_rate(path: str) -> Fraction:
-    import av
-
-    with av.open(path) as c:
-        stream = c.streams.video[0]
-        return Fraction(stream.average_rate or stream.guessed_rate or 25)
-
-
-def _output_size(frame, height: int, width: int) -> tuple[int, int]:
-    h, w = (height, width) if height > 0 and width > 0 else (frame.height, frame.width)
-    return h - h % 2, w - w % 2  # yuv420p needs even sizes
-
-
-def _output_rate(src: str, fps: float) -> Fraction:
-    return Fraction(fps).limit_denominator(1001) if fps > 0 else _source_rate(src)
-
-
-def _encode_video(src: str, dst: str, fps: float, height: int, width: int, crf: int,
-                  single_thread: bool, kernel: str = DEFAULT_KERNEL) -> int:
-    import av
-
-    tmp = dst + ".tmp.mp4"
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    n = 0
-    try:
-        with av.open(tmp, "w") as out:
-            stream = None
-            # One scaler for the file: PyAV sets one up anew on every frame.reformat() otherwise.
-            reformatter = av.video.reformatter.VideoReformatter()
-            for frame in _resampled_frames(src, fps, single_thread):
-                if stream is None:
-                    h, w = _output_size(frame, height, width)
-                    rate = _output_rate(src, fps)
-                    stream = out.add_stream("libx264", rate=rate)
-                    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                    time_base = stream.codec_context.time_base = 1 / rate
-                    stream.options = {"crf": str(crf), "preset": "fast",
-                                      **({"threads": "1"} if single_thread else {})}
-                image = reformatter.reformat(frame, width=w, height=h, format="yuv420p",
-                                             interpolation=RESIZE_KERNELS[kernel])
-                # Output frame n is shown at n / rate. The time base must be set with the pts:
-                # the reformatted frame keeps the source's (e.g. 1/12800) and the encoder rescales
-                # pts from the frame's time base into its own, which turned n/12800 s into pts 0
-                # for every frame (broken files that decord then read at the wrong positions).
-                image.pts = n
-                image.time_base = time_base
-                for packet in stream.encode(image):
-                    out.mux(packet)
-                n += 1
-            if stream is None:
-                raise ValueError("no frame could be decoded")
-            for packet in stream.encode():
-                out.mux(packet)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return n
-
-
-def _dump_frames(src: str, clip_dir: str, clip_id: str, fps: float, height: int, width: int,
-                 quality: int, single_thread: bool, kernel: str = DEFAULT_KERNEL) -> int:
-    import av
-    from PIL import Image
-
-    parent = os.path.dirname(clip_dir) or "."
-    tmp = os.path.join(parent, f".{clip_id}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    n = 0
-    try:
-        reformatter = av.video.reformatter.VideoReformatter()  # one scaler for the file
-        for frame in _resampled_frames(src, fps, single_thread):
-            h, w = _output_size(frame, height, width)
-            rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24",
-                                       interpolation=RESIZE_KERNELS[kernel]).to_ndarray()  # (h, w, 3) uint8
-            Image.fromarray(rgb).save(os.path.join(tmp, f"{clip_id}_{n:03d}.jpg"), quality=quality)
-            n += 1
-        if n == 0:
-            raise ValueError("no frame could be decoded")
-        shutil.rmtree(clip_dir, ignore_errors=True)  # an earlier, broken attempt
-        os.replace(tmp, clip_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return n
-
-
-# ---------------------------------------------------------------------------------------------
-# Skipping finished outputs
-# ---------------------------------------------------------------------------------------------
-def _video_ok(path: str, fps: float = 0.0, height: int = 0, width: int = 0) -> Optional[int]:
-    """Frame count of a finished output video, or None if it must be (re)done.
-
-    None when the file is missing or does not decode, when its size or frame rate is not the
-    requested one, or when its frames do not all carry distinct timestamps (what the version of
-    this script before the timestamp fix wrote: every pts 0). Only packets are read for that, no
-    frame but the first is decoded.
-    """
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return None
-    try:
-        import av
-
-        with av.open(path) as c:
-            stream = c.streams.video[0]
-            n = int(stream.frames)
-            if height > 0 and (stream.codec_context.height, stream.codec_context.width) != (height, width):
-                return None
-            if fps > 0 and abs(float(stream.average_rate or 0) - fps) > 1e-3 * fps:
-                return None
-            pts = [p.pts for p in c.demux(stream) if p.size > 0]
-            if n <= 0 or len(pts) != n or None in pts or len(set(pts)) != n:
-                return None
-            c.seek(0)
-            next(iter(c.decode(stream)))
-            return n
-    except Exception:  # noqa: BLE001 - anything unreadable gets redone
-        return None
-
-
-def _frames_ok(clip_dir: str, clip_id: str) -> Optional[int]:
-    """Number of frames of a finished frame folder (renamed into place only when complete)."""
-    first = os.path.join(clip_dir, f"{clip_id}_000.jpg")
-    if not os.path.isfile(first):
-        return None
-    try:
-        from PIL import Image
-
-        with Image.open(first) as img:
-            img.load()
-    except Exception:  # noqa: BLE001
-        return None
-    return sum(1 for name in os.listdir(clip_dir) if name.startswith(clip_id + "_") and name.endswith(".jpg"))
+# The names this script had before the move (tests and older callers use them).
+_video_ok, _frames_ok = video_ok, frames_ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,9 +59,9 @@ def _job(args) -> tuple[str, str, str, int, str]:
     src, clip_id, dst, opts = args
     try:
         if opts["frames"]:
-            done = _frames_ok(dst, clip_id)
+            done = frames_ok(dst, clip_id)
         else:
-            done = _video_ok(dst, opts["fps"], opts["height"], opts["width"])
+            done = video_ok(dst, opts["fps"], opts["height"], opts["width"])
         if done:
             return src, clip_id, "skipped", done, ""
         if not os.path.isfile(src):
@@ -244,11 +69,11 @@ def _job(args) -> tuple[str, str, str, int, str]:
         if os.path.getsize(src) == 0:
             raise ValueError("empty file")
         if opts["frames"]:
-            n = _dump_frames(src, dst, clip_id, opts["fps"], opts["height"], opts["width"],
-                             opts["quality"], opts["single_thread"], opts["kernel"])
+            n = dump_frames(src, dst, clip_id, opts["fps"], opts["height"], opts["width"],
+                            opts["quality"], opts["single_thread"], opts["kernel"])
         else:
-            n = _encode_video(src, dst, opts["fps"], opts["height"], opts["width"], opts["crf"],
-                              opts["single_thread"], opts["kernel"])
+            n = encode_video(src, dst, opts["fps"], opts["height"], opts["width"], opts["crf"],
+                             opts["single_thread"], opts["kernel"])
         return src, clip_id, "ok", n, ""
     except Exception as e:  # noqa: BLE001 - one broken input never stops the run
         reason = f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
