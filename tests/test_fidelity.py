@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import clipvip
 from clipvip.data.retrieval_dataset import ClipReader, VideoRetrievalDataset, tokenize
 from clipvip.data.sampling import middle_frame_index, sample_frame_indices
-from clipvip.data.video import load_frames
+from clipvip.data.video import backend_import_error, load_frames
 from clipvip.metrics import evaluate_retrieval
 
 from conftest import REAL_VIDEOS, write_clip, write_frames
@@ -221,17 +221,29 @@ def test_load_clip_equals_the_original_on_a_synthetic_clip(tmp_path, size):
 # and honour the stream's colour tags (test below). The bound allows the +-1..2 levels that
 # different libswscale builds (SIMD paths, versions) are known to differ by in rounding, and is far
 # below what a real mismatch gives: a frame off by one, or BT.601 against BT.709 (up to 28 levels).
+#
+# torchcodec (where it loads: a CUDA torch, scripts/gpu_check.sh) is held to the same bound. On the
+# CPU it converts with libswscale too, like PyAV 18: SWS_BILINEAR and the frame's own colour matrix
+# (sws_getCoefficients(frame colorspace) as source and target table), widths that are not a
+# multiple of 32 through a "scale" filter graph, which is libswscale again. Its libswscale is the
+# system FFmpeg's rather than PyAV's bundled one, which is what the +-2 levels allow for. One
+# difference the bound would catch, on purpose: torchcodec keeps libswscale's default input range
+# for the pixel format instead of the frame's range tag; the real clips here are limited range.
 MAX_LEVELS, MEAN_LEVELS = 2, 0.1
+_TORCHCODEC_ERROR = backend_import_error("torchcodec")
+_DECODERS = ["pyav", pytest.param("torchcodec", marks=pytest.mark.skipif(
+    _TORCHCODEC_ERROR is not None, reason=f"torchcodec cannot be loaded here: {_TORCHCODEC_ERROR}"))]
 
 
+@pytest.mark.parametrize("backend", _DECODERS)
 @pytest.mark.parametrize("name", REAL_VIDEOS)
-def test_pyav_frames_equal_decord_frames_on_real_footage(real_videos, name):
+def test_pyav_frames_equal_decord_frames_on_real_footage(real_videos, name, backend):
     path = real_videos[name]
     n = len(decord.VideoReader(path, ctx=decord.cpu(0)))
     idx = [int(i) for i in original_test_indices(n, 12)]
     ref = original_decord_frames(path, idx).numpy().astype(np.int16)
-    pyav = load_frames(path, idx, backend="pyav").numpy().astype(np.int16)
-    diff = np.abs(pyav - ref)
+    other = load_frames(path, idx, backend=backend).numpy().astype(np.int16)
+    diff = np.abs(other - ref)
     assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (diff.max(), diff.mean())
 
 

@@ -141,3 +141,174 @@ def test_clip_reader_reads_bytes_and_does_not_cache_them(clip):
     assert list(reader.cache) == [clip["path"]]
     assert from_bytes.shape == (4, 3, 32, 32) and middle.shape == (3, 32, 32)
     assert torch.equal(from_bytes, from_file) and torch.equal(middle, middle_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchcodec: optional, imported only when asked for
+# ---------------------------------------------------------------------------------------------
+TORCHCODEC_ERROR = video_mod.backend_import_error("torchcodec")  # None where it loads
+needs_torchcodec = pytest.mark.skipif(TORCHCODEC_ERROR is not None,
+                                      reason=f"torchcodec cannot be loaded here: {TORCHCODEC_ERROR}")
+
+
+def test_torchcodec_is_never_imported_unless_asked_for():
+    import subprocess
+    import sys
+
+    code = ("import sys, clipvip.data as d; d.resolve_backend(None); d.available_backends(); "
+            "d.resolve_backend('pyav'); print('torchcodec' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert "torchcodec" not in available_backends()  # not in the default order even where it loads
+
+
+def test_unloadable_torchcodec_is_a_one_line_config_and_import_error(monkeypatch):
+    from clipvip.errors import ConfigError
+
+    monkeypatch.setitem(video_mod._importable, "torchcodec", False)
+    monkeypatch.setitem(video_mod._import_errors, "torchcodec",
+                        "OSError: Could not load this library: libtorchcodec_core7.so "
+                        "(libnvrtc.so.13: cannot open shared object file: No such file or directory)")
+    monkeypatch.setenv("CLIPVIP_VIDEO_BACKEND", "torchcodec")
+    for asked in ("torchcodec", None):  # by name or through $CLIPVIP_VIDEO_BACKEND
+        with pytest.raises(ImportError) as info:
+            video_mod.resolve_backend(asked)
+        message = str(info.value)
+        assert isinstance(info.value, ConfigError) and "\n" not in message
+        assert "libnvrtc.so.13" in message and "CUDA build of torch" in message and "'pyav'" in message
+    assert video_mod.available_backends(optional=True) == available_backends()
+
+
+def test_the_real_import_error_is_reported_in_one_line():
+    if TORCHCODEC_ERROR is None:
+        pytest.skip("torchcodec loads here")
+    assert "\n" not in TORCHCODEC_ERROR and TORCHCODEC_ERROR.split(":", 1)[0].endswith("Error")
+    with pytest.raises(ImportError, match="torchcodec' cannot be loaded here"):
+        video_mod.resolve_backend("torchcodec")
+
+
+class _FakeFrameBatch:
+    def __init__(self, data):
+        self.data = data
+
+
+class _FakeVideoDecoder:
+    """torchcodec's VideoDecoder as far as the reader uses it, decoding with PyAV (see below)."""
+    calls: list = []
+
+    def __init__(self, source, *, dimension_order, num_ffmpeg_threads, device, seek_mode):
+        type(self).calls.append({"source_type": type(source), "dimension_order": dimension_order,
+                                 "threads": num_ffmpeg_threads, "device": device, "seek_mode": seek_mode})
+        src = VideoBytes(source, "fake") if isinstance(source, bytes) else source
+        self._frames = load_frames(src, list(range(count_frames(src, "pyav"))), "pyav")  # (N, H, W, 3)
+
+    def __len__(self):
+        return self._frames.shape[0]
+
+    def get_frames_at(self, indices):
+        if max(indices) >= len(self):  # the real one raises on an index past the end
+            raise IndexError(f"Invalid frame index={max(indices)}")
+        return _FakeFrameBatch(self._frames[list(indices)])
+
+
+@pytest.fixture
+def fake_torchcodec(monkeypatch):
+    """A stand-in torchcodec: checks the reader's side (bytes in, clamping, NHWC, one thread)
+    where the real wheel cannot load; the real one is tested below and by scripts/gpu_check.sh."""
+    import sys
+    import types
+
+    package, decoders = types.ModuleType("torchcodec"), types.ModuleType("torchcodec.decoders")
+    decoders.VideoDecoder = _FakeVideoDecoder
+    package.decoders = decoders
+    monkeypatch.setitem(sys.modules, "torchcodec", package)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", decoders)
+    monkeypatch.setitem(video_mod._importable, "torchcodec", True)
+    _FakeVideoDecoder.calls = []
+    return _FakeVideoDecoder
+
+
+def test_torchcodec_reader_against_a_stand_in(clip, fake_torchcodec):
+    idx = [7, 2, 7, 15, 0, T + 3, T + 9]  # repeats, and two indices past the end (one frame)
+    expected = load_frames(clip["path"], idx, "pyav")
+    src = VideoBytes(clip["data"], NAME)
+    assert torch.equal(load_frames(src, idx, "torchcodec"), expected)
+    assert torch.equal(load_frames(clip["path"], idx, "torchcodec"), expected)
+    assert count_frames(src, "torchcodec") == T
+    assert [c["source_type"] for c in fake_torchcodec.calls[:2]] == [bytes, str]
+    assert all(c["threads"] == 1 and c["dimension_order"] == "NHWC" and c["device"] == "cpu"
+               and c["seek_mode"] == "exact" for c in fake_torchcodec.calls)
+    on_device = video_mod.load_frames_torchcodec(src, idx, device="cpu")
+    assert torch.equal(on_device, expected) and fake_torchcodec.calls[-1]["device"] == "cpu"
+    with pytest.raises(VideoDecodeError, match="empty member"):
+        video_mod.load_frames_torchcodec(VideoBytes(b"", NAME), [0])
+
+
+def test_torchcodec_failure_names_the_member_without_a_pyav_retry(clip, fake_torchcodec, monkeypatch):
+    def fail(self, source, **kwargs):
+        raise RuntimeError("Could not open input file")
+
+    monkeypatch.setattr(fake_torchcodec, "__init__", fail)
+    with pytest.raises(VideoDecodeError) as info:
+        load_frames(VideoBytes(clip["data"], NAME), [0], "torchcodec")
+    assert info.value.path == NAME and info.value.reason == "torchcodec: RuntimeError: Could not open input file"
+    with pytest.raises(VideoDecodeError, match=r"torchcodec \(cuda\): RuntimeError"):
+        video_mod.load_frames_torchcodec(VideoBytes(clip["data"], NAME), [0], device="cuda")
+
+
+# Where torchcodec loads (scripts/gpu_check.sh). CPU decoding: the same H.264 decoder output (a
+# bit-exact standard) converted by libswscale with SWS_BILINEAR and the frame's colour matrix, as
+# PyAV 18 does; the bound allows the +-1..2 levels of a different libswscale build (torchcodec
+# links the system FFmpeg, PyAV bundles its own), as tests/test_fidelity.py does for decord.
+# NVDEC: NVIDIA's decoder gives the same YUV, but torchcodec converts it to RGB with its own CUDA
+# kernels (NPP colour twist, chroma upsampled differently): a few levels apart, never a whole frame.
+CPU_MAX_LEVELS, CPU_MEAN_LEVELS = 2, 0.1
+GPU_MEAN_LEVELS = 3.0
+
+
+def _closest_frame_is_its_own(got, ref):
+    ref = ref.to(torch.float32)
+    for k in range(got.shape[0]):
+        errs = (ref - got[k].to(torch.float32)).abs().mean(dim=(1, 2, 3))
+        assert int(errs.argmin()) == k or errs[k] == errs.min()
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("name", ["bikes.mp4", "carphone_pristine.mp4"])
+def test_real_torchcodec_matches_pyav_on_real_clips(real_videos, name):
+    path = real_videos[name]
+    with open(path, "rb") as f:
+        src = VideoBytes(f.read(), f"shard.tar:{name}")
+    n = count_frames(path, "pyav")
+    assert count_frames(src, "torchcodec") == n
+    idx = np.linspace(0, n - 1, 12).round().astype(int).tolist()
+    ref = load_frames(path, idx, "pyav")
+    got = load_frames(src, idx, "torchcodec")
+    assert torch.equal(got, load_frames(path, idx, "torchcodec"))
+    diff = (got.to(torch.int16) - ref.to(torch.int16)).abs()
+    assert diff.max() <= CPU_MAX_LEVELS and diff.float().mean() <= CPU_MEAN_LEVELS, (diff.max(), diff.float().mean())
+    assert torch.equal(load_frames(src, [n - 1, n + 5], "torchcodec")[1], got[-1])  # clamped
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random"])
+def test_real_torchcodec_bad_members(clip, kind):
+    src = VideoBytes(_bad_members(clip["data"])[kind], NAME)
+    with pytest.raises(VideoDecodeError) as info:
+        load_frames(src, list(range(T)), "torchcodec")
+    assert info.value.path == NAME and "\n" not in str(info.value)
+
+
+@needs_torchcodec
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NVDEC needs a CUDA GPU")
+def test_real_torchcodec_nvdec_matches_cpu(real_videos):
+    path = real_videos["bikes.mp4"]
+    n = count_frames(path, "pyav")
+    idx = np.linspace(0, n - 1, 12).round().astype(int).tolist()
+    with open(path, "rb") as f:
+        got = video_mod.load_frames_torchcodec(VideoBytes(f.read(), "bikes"), idx, device="cuda")
+    assert got.is_cuda and got.dtype == torch.uint8 and got.shape[-1] == 3
+    ref = load_frames(path, idx, "pyav")
+    diff = (got.cpu().to(torch.int16) - ref.to(torch.int16)).abs().float()
+    assert diff.mean() <= GPU_MEAN_LEVELS, diff.mean()
+    _closest_frame_is_its_own(got.cpu(), ref)

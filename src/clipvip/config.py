@@ -117,7 +117,7 @@ DEFAULTS: dict[str, Any] = {
     "input_res": [224, 224],  # (H, W) fed to the model (bicubic resize, aspect not kept); one number means square
     "resize_antialias": 0,  # 0: bicubic without antialiasing, the kernel the released checkpoints saw (torchvision 0.9); 1: antialiased (PIL-like)
     "max_txt_len": 50,  # text tokens per caption (padded/truncated); at most clip_config's text positions (77 for OpenAI CLIP)
-    "video_backend": "decord",  # decord | pyav (pyav is used where decord is not installed)
+    "video_backend": "decord",  # decord | pyav (used where decord is not installed) | torchcodec (only if named; CUDA torch)
     "max_n_example_per_group": 1,
     "n_workers": 4,
     "pin_mem": 1,

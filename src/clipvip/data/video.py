@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from clipvip.errors import DataError
+from clipvip.errors import ConfigError, DataError
 from clipvip.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -43,6 +43,11 @@ DEFAULT_BACKEND = "decord"
 # Preference order: decord is what the original code used and seeks well in long videos;
 # PyAV has wheels everywhere (decord has x86_64 Linux/Windows wheels only).
 _BACKEND_ORDER = ("decord", "pyav")
+# Backends used only when asked for by name, never by default or as a fallback: torchcodec's PyPI
+# wheels are built against CUDA torch and fail to load beside a CPU torch (libnvrtc.so.13), and
+# importing it costs a second or more; a CPU machine must not pay for, or trip over, it.
+_OPTIONAL_BACKENDS = ("torchcodec",)
+_MODULES = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec.decoders"}
 _BACKEND_ENV = "CLIPVIP_VIDEO_BACKEND"
 _NATIVE_STDERR_ENV = "CLIPVIP_NATIVE_STDERR"
 
@@ -60,6 +65,11 @@ class VideoBytes:
 
 # What count_frames / load_frames / load_sampled_frames read: a path or bytes in memory.
 VideoSource = Union[str, "os.PathLike[str]", VideoBytes]
+
+
+class BackendUnavailable(ConfigError, ImportError):
+    """A video backend asked for by name cannot be loaded here (a one-line config error that
+    ``except ImportError`` catches too)."""
 
 
 class VideoDecodeError(DataError):
@@ -81,23 +91,46 @@ class VideoDecodeError(DataError):
 # Backend selection
 # ---------------------------------------------------------------------------------------------
 _importable: dict[str, bool] = {}
+_import_errors: dict[str, str] = {}  # why a backend could not be imported, in one line
 _warned_fallback = False
 
 
 def _is_importable(name: str) -> bool:
     if name not in _importable:
-        module = {"decord": "decord", "pyav": "av"}[name]
         try:
-            __import__(module)
+            __import__(_MODULES[name])
             _importable[name] = True
-        except Exception:  # an ImportError, or a broken native library raising anything else
+        except Exception as e:  # an ImportError, or a broken native library raising anything else
             _importable[name] = False
+            _import_errors[name] = _import_reason(e)
     return _importable[name]
 
 
-def available_backends() -> list[str]:
-    """Names of the video backends that can be imported here, most preferred first."""
-    return [name for name in _BACKEND_ORDER if _is_importable(name)]
+def _import_reason(exc: BaseException) -> str:
+    """The loader's own message, first line, and the root cause's where it says more.
+
+    torchcodec raises ``OSError: Could not load this library: .../libtorchcodec_image.so`` from
+    ``OSError: libnvrtc.so.13: cannot open shared object file``: the second names what is missing.
+    """
+    first = f"{type(exc).__name__}: {_one_line(exc)}"
+    root = exc
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    if root is not exc and _one_line(root) and _one_line(root) not in first:
+        first += f" ({_one_line(root)})"
+    return first
+
+
+def available_backends(optional: bool = False) -> list[str]:
+    """Names of the video backends that can be imported here, most preferred first; ``optional``:
+    also those only used when asked for by name (torchcodec), which this tries to import."""
+    names = _BACKEND_ORDER + (_OPTIONAL_BACKENDS if optional else ())
+    return [name for name in names if _is_importable(name)]
+
+
+def backend_import_error(name: str) -> str | None:
+    """Why backend ``name`` cannot be imported here (one line), or None if it can."""
+    return None if _is_importable(name) else _import_errors.get(name, "not installed")
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -105,14 +138,23 @@ def resolve_backend(backend: str | None) -> str:
 
     "decord" falls back to "pyav" (with one warning per process) where decord cannot be
     imported, so configs written for the original code run on machines without decord wheels.
+    "torchcodec" is imported only here, when asked for, and never falls back: a run that asked
+    for it is told in one line (:class:`BackendUnavailable`) why it cannot load and what to do.
     """
     global _warned_fallback
     name = backend if backend is not None else os.environ.get(_BACKEND_ENV, DEFAULT_BACKEND)
     name = name.lower()
-    if name not in _BACKEND_ORDER:
-        raise ValueError(f"unknown video backend {name!r}; valid names: {', '.join(_BACKEND_ORDER)}")
+    if name not in _BACKEND_ORDER + _OPTIONAL_BACKENDS:
+        raise ValueError(f"unknown video backend {name!r}; valid names: "
+                         f"{', '.join(_BACKEND_ORDER + _OPTIONAL_BACKENDS)}")
     if _is_importable(name):
         return name
+    if name == "torchcodec":
+        raise BackendUnavailable(
+            f"video backend 'torchcodec' cannot be loaded here: {_import_errors[name]}. Its Linux wheels "
+            "need a CUDA build of torch and FFmpeg's shared libraries (FFmpeg 4 or newer); install those "
+            "(pip install 'clipvip[torchcodec]' beside a CUDA torch), or set video_backend to "
+            "'decord' or 'pyav'")
     if name == "decord" and _is_importable("pyav"):
         if not _warned_fallback:
             logger.warning("decord cannot be imported; decoding videos with PyAV instead")
@@ -149,7 +191,7 @@ def _sort_native_output(data: bytes) -> None:
     passthrough = []
     for line in data.splitlines(keepends=True):
         if _NATIVE_LINE.match(line):
-            logger.debug("decord: %s", line.decode("utf-8", "replace").rstrip())
+            logger.debug("native decoder: %s", line.decode("utf-8", "replace").rstrip())
         else:
             passthrough.append(line)
     if passthrough:
@@ -350,6 +392,50 @@ class _PyAVReader:
         self._container.close()
 
 
+class _TorchCodecReader:
+    """torchcodec's ``VideoDecoder``: FFmpeg on the CPU, or NVDEC with ``device="cuda"``.
+
+    ``seek_mode="exact"`` scans the packets once when the file opens (as decord indexes it), so
+    ``len()`` is the real frame count and ``get_frames_at`` seeks to the key frame before each
+    wanted frame instead of decoding from the start. Frames come out upright (torchcodec applies
+    the rotation tag) in NHWC, the layout the other readers return.
+    """
+
+    def __init__(self, source: str | VideoBytes, device: str = "cpu"):
+        from torchcodec.decoders import VideoDecoder
+
+        # Bytes go in as bytes: torchcodec decodes them from memory through its own AVIO reader.
+        what = bytes(source.data) if isinstance(source, VideoBytes) else source
+        # One FFmpeg thread: parallelism comes from DataLoader workers (see _DecordReader).
+        self._decoder = VideoDecoder(what, dimension_order="NHWC", num_ffmpeg_threads=1,
+                                     device=device, seek_mode="exact")
+
+    def __len__(self) -> int:
+        return len(self._decoder)
+
+    def read_tensor(self, unique_sorted: list[int]) -> torch.Tensor:
+        """Frames ``unique_sorted`` (clamped to the last frame) as uint8 ``(K, H, W, 3)`` on the
+        decoder's device."""
+        last = len(self._decoder) - 1
+        if last < 0:
+            raise RuntimeError("no frames")
+        clamped = [min(i, last) for i in unique_sorted]
+        distinct = sorted(set(clamped))  # several indices past the end clamp to one frame
+        batch = self._decoder.get_frames_at(distinct).data  # (K', H, W, 3) uint8
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise RuntimeError(f"torchcodec returned frames of shape {tuple(batch.shape[1:])}, not (H, W, 3)")
+        position = {i: k for k, i in enumerate(distinct)}
+        if len(distinct) == len(clamped):
+            return batch
+        return batch[torch.tensor([position[i] for i in clamped], device=batch.device)]
+
+    def read(self, unique_sorted: list[int]) -> list[np.ndarray]:
+        return list(self.read_tensor(unique_sorted).cpu().numpy())
+
+    def close(self) -> None:
+        del self._decoder
+
+
 def _upright(frame, reformatter) -> np.ndarray:
     """An ``av.VideoFrame`` as uint8 RGB ``(H, W, 3)`` the way a player shows it: turned by the
     stream's display matrix (the rotation tag of phone videos), as ffmpeg's autorotate does.
@@ -367,7 +453,7 @@ def _upright(frame, reformatter) -> np.ndarray:
     return rgb
 
 
-_READERS = {"decord": _DecordReader, "pyav": _PyAVReader}
+_READERS = {"decord": _DecordReader, "pyav": _PyAVReader, "torchcodec": _TorchCodecReader}
 
 
 def _check_source(source: str | VideoBytes) -> None:
@@ -445,7 +531,8 @@ def _one_line(exc: BaseException) -> str:
 def _run_reader(name: str, source: str | VideoBytes, fn: Callable):
     # The whole life of the reader: decord indexes the file when it opens it and decodes on
     # its own thread, and both print (open errors, "frames corrupted and recovered").
-    quiet = _decord_stderr_to_debug if name == "decord" else _pyav_log_to_debug
+    # torchcodec's FFmpeg logs through av_log to fd 2, as decord's bundled one does.
+    quiet = _pyav_log_to_debug if name == "pyav" else _decord_stderr_to_debug
     with quiet():
         reader = _READERS[name](source)
         try:
@@ -520,6 +607,31 @@ def load_sampled_frames(source: VideoSource, index_fn: Callable[[int], Sequence[
         return _gather(reader, indices), n
 
     return _with_reader(source, backend, _read)
+
+
+def load_frames_torchcodec(source: VideoSource, frame_indices: Sequence[int], device: str = "cuda") -> torch.Tensor:
+    """Frames ``frame_indices`` of ``source`` decoded by torchcodec on ``device`` (``"cuda"``:
+    NVDEC), as uint8 RGB ``[N, H, W, 3]`` left on that device.
+
+    For the benchmark and GPU checks: the data path decodes on the CPU in DataLoader workers
+    (``video_backend: "torchcodec"``), because a CUDA context in every worker process and frames
+    crossing processes in GPU memory cost more than they save for short clips. No PyAV retry here:
+    a failure is a VideoDecodeError naming the source.
+    """
+    indices = _check_indices(frame_indices)
+    if not isinstance(source, VideoBytes):
+        source = os.fspath(source)
+    _check_source(source)
+    resolve_backend("torchcodec")
+    unique_sorted = sorted(set(indices))
+    try:
+        with _decord_stderr_to_debug():
+            reader = _TorchCodecReader(source, device=device)
+            batch = reader.read_tensor(unique_sorted)  # (K, H, W, 3) uint8 on device
+    except Exception as e:  # noqa: BLE001 - torchcodec raises RuntimeError, ValueError, IndexError...
+        raise VideoDecodeError(_source_name(source), f"torchcodec ({device}): {type(e).__name__}: {_one_line(e)}") from e
+    position = {i: k for k, i in enumerate(unique_sorted)}
+    return batch[torch.tensor([position[i] for i in indices], device=batch.device)]  # (N, H, W, 3)
 
 
 # ---------------------------------------------------------------------------------------------
