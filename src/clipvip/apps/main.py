@@ -36,6 +36,7 @@ tools:
   bench [--mode encode|train|both|data]      throughput and peak memory, one JSON object on stdout
   demo [--out DIR] [--quick]                 fine-tune and evaluate on a synthetic benchmark, no downloads
   synthetic --out DIR                        draw that synthetic benchmark (videos and annotations)
+  shard --out DIR --txt ANN --vis VIDEOS     pack a dataset into WebDataset tar shards (docs/shards.md)
   convert --config CFG --weights CKPT --out DIR   a checkpoint as a Hugging Face model folder (docs/hf.md)
 
 config keys: docs/config.md; a first run without data or weights: docs/first-run.md
@@ -73,6 +74,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "bench": _app("clipvip.apps.bench"),
     "demo": _app("clipvip.apps.demo"),
     "synthetic": _app("clipvip.apps.synthetic"),
+    "shard": _app("clipvip.apps.shard"),
     "convert": _app("clipvip.apps.convert"),
 }
 
