@@ -6,10 +6,10 @@ give the bytes of one uninterrupted run.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -294,6 +294,16 @@ def test_bad_input_is_one_line(synthetic_data, tmp_path, capsys):
         assert run(*args) == 2, message
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (message, err)
+
+
+def test_one_packer_per_folder(synthetic_data, tmp_path, capsys):
+    out = tmp_path / "shards"
+    (out / ".parts").mkdir(parents=True)
+    with open(out / ".parts" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run("--out", out, "--txt", synthetic_data["test"], "--vis", synthetic_data["videos"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: another clipvip shard is writing {out}"
+    assert run("--out", out, "--txt", synthetic_data["test"], "--vis", synthetic_data["videos"]) == 0
 
 
 def test_shard_command_is_listed():
