@@ -49,7 +49,6 @@ from typing import Callable, Iterator, Optional, Sequence
 import lmdb
 import numpy as np
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from clipvip.apps.synthetic import draw_train_specs, render_clip, write_video
 from clipvip.data.pretrain_dataset import LazyLmdb
@@ -289,6 +288,9 @@ def iter_shard(url: str) -> Iterator[dict]:
     reader's), which this one call is to become: webdataset's own expander and key grouping
     over a local file, as that reader does.
     """
+    # Imported here: the stand-in goes when the reader lands (webdataset joins requirements.txt with it).
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
     with open(url, "rb") as stream:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
 
