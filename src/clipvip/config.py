@@ -17,6 +17,7 @@ import copy
 import difflib
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from clipvip.errors import ConfigError
@@ -83,7 +84,7 @@ LOSS_DEFAULTS = {
 
 DATASET_DEFAULTS = {
     "name": "",  # shown in logs and used as the key of eval_results.json
-    "vis_format": "video",  # video | frame | videoframe (video + middle frame, pretraining)
+    "vis_format": "video",  # video | frame | videoframe (video + middle frame, pretraining) | webdataset (tar shards)
     "txt": "",  # annotation file (.jsonl/.json) or, for pretraining, the subtitles LMDB
     "vis": "",  # video folder (or frame-folder root)
     "vid_cap_path": "",  # auxiliary captions: LMDB or json list (pretraining)
@@ -93,6 +94,13 @@ DATASET_DEFAULTS = {
     "img_source": "",
     "img_ratio": 0,
     "ratio": 1,  # sampling weight of this training set when several are mixed
+    # vis_format "webdataset" (training sets; docs/scaling.md): video2dataset's KEY.mp4/KEY.txt/KEY.json
+    "shards": "",  # "DIR/{00000..00099}.tar", a glob, a .txt file of URLs, or a list; http(s)/s3/gs/pipe: URLs
+    "shard_index": "",  # samples per shard (shards.json); default: shards.json beside them, else counted once
+    "text_field": "txt",  # the text: member KEY.<text_field>, else that field of KEY.json (a list: one per example)
+    "caption_field": "",  # pretraining: the auxiliary caption (member or KEY.json field); also turns on the middle frame
+    "video_field": "",  # the video member's extension; "" = the first of mp4, avi, mkv, webm, mov, m4v
+    "shuffle_buffer": 256,  # samples each reader shuffles among (their bytes are held in memory)
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -179,7 +187,7 @@ NESTED_DEFAULTS = {
 DATASET_KEYS = ("train_datasets", "val_datasets", "inference_datasets")
 # Keys whose values are paths under blob_mount_dir (the original's blob_mount()).
 BLOB_PATH_KEYS = ("e2e_weights_path", "output_dir")
-BLOB_DATASET_PATH_KEYS = ("txt", "vis", "vid_cap_path")
+BLOB_DATASET_PATH_KEYS = ("txt", "vis", "vid_cap_path", "shard_index")
 # (H, W) sizes: one number (from a file or ``--input_res 224``) means a square.
 RESOLUTION_KEYS = ("video_res", "input_res")
 
@@ -342,6 +350,11 @@ def _join_blob(cfg: dict) -> None:
             for path_key in BLOB_DATASET_PATH_KEYS:
                 if dataset.get(path_key):
                     dataset[path_key] = os.path.join(root, dataset[path_key])
+            shards = dataset.get("shards")
+            if shards:  # local shard paths only: a URL (scheme://, pipe:) is left as it is
+                joined = [s if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", s) else os.path.join(root, s)
+                          for s in ([shards] if isinstance(shards, str) else shards)]
+                dataset["shards"] = joined[0] if isinstance(shards, str) else joined
 
 
 def _normalise_resolutions(cfg: dict, where: str) -> None:

@@ -19,6 +19,7 @@ from clipvip.apps import runner
 from clipvip.apps.cli import run_config_app
 from clipvip.data.loader import LoaderSettings, LoaderStream, MixedStream
 from clipvip.data.pretrain_dataset import PretrainDataset
+from clipvip.data.shards import ShardStream, is_sharded
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
 
@@ -79,8 +80,12 @@ def run(cfg) -> dict:
         streams, ratios = {}, {}
         loader = LoaderSettings.from_config(cfg)
         for entry in cfg.train_datasets:
-            dataset = PretrainDataset.from_config(cfg, entry, training=True, tokenizer=run_.tokenizer)
-            streams[entry.name] = LoaderStream(dataset, loader, run_.env.rank, run_.env.world_size)
+            if is_sharded(entry):  # WebDataset tar shards, streamed (clipvip.data.shards)
+                streams[entry.name] = ShardStream.from_config(cfg, entry, run_.tokenizer, run_.env.rank,
+                                                              run_.env.world_size, kind="pretrain")
+            else:
+                dataset = PretrainDataset.from_config(cfg, entry, training=True, tokenizer=run_.tokenizer)
+                streams[entry.name] = LoaderStream(dataset, loader, run_.env.rank, run_.env.world_size)
             ratios[entry.name] = entry.ratio
         return MixedStream(streams, ratios, seed=int(cfg.seed), accumulation=int(cfg.gradient_accumulation_steps))
 

@@ -17,6 +17,7 @@ from clipvip.apps import runner
 from clipvip.apps.cli import run_config_app
 from clipvip.data.loader import LoaderSettings, LoaderStream
 from clipvip.data.retrieval_dataset import VideoRetrievalDataset
+from clipvip.data.shards import ShardStream, is_sharded
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
 
@@ -67,7 +68,10 @@ def run(cfg) -> dict:
     def make_stream():
         if len(cfg.train_datasets) > 1:
             LOGGER.warning("retrieval fine-tuning uses the first of %d train_datasets", len(cfg.train_datasets))
-        train_set = VideoRetrievalDataset.from_config(cfg, cfg.train_datasets[0], run_.tokenizer, training=True)
+        entry = cfg.train_datasets[0]
+        if is_sharded(entry):  # WebDataset tar shards, streamed (clipvip.data.shards)
+            return ShardStream.from_config(cfg, entry, run_.tokenizer, run_.env.rank, run_.env.world_size)
+        train_set = VideoRetrievalDataset.from_config(cfg, entry, run_.tokenizer, training=True)
         return LoaderStream(train_set, LoaderSettings.from_config(cfg), run_.env.rank, run_.env.world_size)
 
     return runner.train_or_evaluate(run_, eval_sets, make_stream)

@@ -20,6 +20,7 @@ from clipvip.apps.convert import save_best_as_hf
 from clipvip.config import save_config
 from clipvip.data.loader import LoaderSettings
 from clipvip.data.retrieval_dataset import VideoRetrievalDataset
+from clipvip.data.shards import is_sharded
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import add_log_file, get_logger
 from clipvip.loss import LossSettings, build_loss
@@ -81,6 +82,9 @@ def build_eval_sets(run: Run, entries, rule_for: Callable[[dict], str | None] = 
     """Retrieval evaluation sets for config ``entries``, unreadable videos dropped up front."""
     sets = []
     for entry in entries:
+        if is_sharded(entry):
+            raise ConfigError(f"{entry.name or entry.shards}: vis_format 'webdataset' is for training sets; evaluation "
+                              "reads an annotation file and its videos (txt, vis)")
         dataset = VideoRetrievalDataset.from_config(run.cfg, entry, run.tokenizer, training=False, rule=rule_for(entry))
         dataset.scan_readable()
         sets.append(dataset)

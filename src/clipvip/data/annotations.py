@@ -175,13 +175,24 @@ class DatasetEntry:
     vis_format: str
     vid_cap_path: str
     vid_txt: str
+    # vis_format "webdataset" (clipvip.data.shards): the tar shards and how their members are read
+    shards: str | tuple[str, ...] = ""
+    shard_index: str = ""
+    text_field: str = "txt"
+    caption_field: str = ""
+    video_field: str = ""
+    shuffle_buffer: int = 256
 
     @classmethod
     def from_config(cls, entry: Mapping) -> "DatasetEntry":
         entry = dataset_entry(entry)
-        return cls(name=str(entry.name or entry.txt), txt=str(entry.txt), vis=str(entry.vis or ""),
+        shards = entry.shards if isinstance(entry.shards, str) else tuple(entry.shards)
+        return cls(name=str(entry.name or entry.txt or (shards if isinstance(shards, str) else shards[0])),
+                   txt=str(entry.txt), vis=str(entry.vis or ""),
                    vis_format=str(entry.vis_format), vid_cap_path=str(entry.vid_cap_path or ""),
-                   vid_txt=str(entry.vid_txt))
+                   vid_txt=str(entry.vid_txt), shards=shards, shard_index=str(entry.shard_index or ""),
+                   text_field=str(entry.text_field or ""), caption_field=str(entry.caption_field or ""),
+                   video_field=str(entry.video_field or ""), shuffle_buffer=int(entry.shuffle_buffer))
 
 
 def _mentions(word: str) -> Callable[[DatasetEntry], bool]:

@@ -60,11 +60,11 @@ def read_index(path: str) -> list[ShardInfo]:
         raise DataError(f"shard index {path}: not a {INDEX_FORMAT} index (needs 'format' and a 'shards' list)")
     folder = os.path.dirname(os.path.abspath(path))
     shards = []
-    for i, entry in enumerate(values["shards"]):
-        if not (isinstance(entry, dict) and isinstance(entry.get("url"), str)
-                and isinstance(entry.get("samples"), int) and entry["samples"] >= 0):
+    for i, item in enumerate(values["shards"]):
+        if not (isinstance(item, dict) and isinstance(item.get("url"), str)
+                and isinstance(item.get("samples"), int) and item["samples"] >= 0):
             raise DataError(f"shard index {path}: shards[{i}] needs a 'url' string and a 'samples' count >= 0")
-        shards.append(ShardInfo(resolve_url(entry["url"], folder), int(entry["samples"]), int(entry.get("bytes") or 0)))
+        shards.append(ShardInfo(resolve_url(item["url"], folder), int(item["samples"]), int(item.get("bytes") or 0)))
     return shards
 
 
