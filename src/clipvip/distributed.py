@@ -143,7 +143,18 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
         if key not in os.environ:
             raise ConfigError(f"{launcher} launch with {world} processes: set {key} (torch env:// rendezvous)")
     _set_cuda_device(device)  # nccl needs the device chosen before the group is made
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and restart != "0":
+        # A group restarted by torchrun (--max-restarts): env:// rendezvous would read the keys the
+        # previous attempt left in torchrun's store, and gloo then connects to the dead processes'
+        # ports and fails ("connectFullMesh ... Connection refused", torch 2.13). Each attempt gets
+        # its own key space in the same store instead.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"clipvip/attempt_{restart}", store),
+                                rank=rank, world_size=world)
+    else:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
     _OWNS_GROUP = True
     _ENV = DistEnv(rank, world, local_rank, backend, device)
     LOGGER.info("%s/%s: rank %d of %d (local %d) on %s", launcher, backend, rank, world, local_rank, device)
