@@ -233,3 +233,14 @@ def test_text_from_a_member_and_a_pretraining_caption_field(shard_dir, tokenizer
     batch = next(stream)
     assert batch["image"].shape == (2, 3, 32, 32) and batch["caption_ids"].shape == (2, 16)
     assert batch["text_input_ids"].shape == (2, 16)
+
+
+def test_blob_mount_dir_joins_local_shard_paths_not_urls(tmp_path):
+    cfg_path = tmp_path / "c.json"
+    cfg_path.write_text(json.dumps({"train_datasets": [
+        {"name": "a", "vis_format": "webdataset", "shards": "hdvila/{00000..00009}.tar", "shard_index": "hdvila/shards.json"},
+        {"name": "b", "vis_format": "webdataset", "shards": ["s3://bucket/x/{0..1}.tar", "local/y.tar"]}]}))
+    cfg = load_config(str(cfg_path), ["--blob_mount_dir", "/mnt"])
+    a, b = cfg.train_datasets
+    assert a.shards == "/mnt/hdvila/{00000..00009}.tar" and a.shard_index == "/mnt/hdvila/shards.json"
+    assert b.shards == ["s3://bucket/x/{0..1}.tar", "/mnt/local/y.tar"]

@@ -153,3 +153,45 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_weights(bench):
     assert_same_weights(weights(full, total), weights(out, total))
     ids = records(os.path.join(out, "ids", "rank0.jsonl"))
     assert ids[-1]["epoch"] == 3
+
+
+def test_pretraining_and_fine_tuning_read_what_clipvip_shard_writes(tmp_path):
+    """`clipvip shard` packs the synthetic HD-VILA set and a retrieval set; both apps train from the output
+    (subtitle + auxiliary caption + middle frame for the OCL loss; captions list for fine-tuning)."""
+    from clipvip.apps import synthetic
+
+    paths = synthetic.generate(str(tmp_path / "data"), n_train=8, n_test=4, seed=2, size=32, frames=8,
+                               n_pretrain_videos=4, clips_per_video=2, frame_folders=False, workers=1)
+    clip = str(tmp_path / "clip")
+    write_hf_clip(clip, vocab_size=49408, max_positions=32)
+    pack = [sys.executable, "-m", "clipvip", "shard", "--samples_per_shard", "4", "--no_progress"]
+    for args in (["--out", str(tmp_path / "pt"), "--kind", "pretrain", "--txt", paths["pretrain_subtitles"],
+                  "--vis", paths["pretrain_videos"], "--vid_cap_path", paths["pretrain_captions"]],
+                 ["--out", str(tmp_path / "ft"), "--txt", paths["train"], "--vis", paths["videos"]]):
+        result = subprocess.run(pack + args, capture_output=True, text=True, env=ENV, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    common = {"val_datasets": [{"name": "synthetic-test", "txt": paths["test"], "vis": paths["videos"]}],
+              "train_num_frms": 4, "test_num_frms": 4, "input_res": [32, 32], "max_txt_len": 32,
+              "clip_config": clip, "clip_weights": clip, "train_batch_size": 2, "test_batch_size": 4,
+              "n_workers": 1, "pin_mem": 0, "num_train_epochs": 2, "num_valid": 1, "seed": 0,
+              "clip_vision_additional_config": {"type": "ViP", "temporal_size": 4, "add_cls_num": 3}}
+    runs = {
+        "pretrain": {**common, "loss_config": {"loss_name": "NCELearnableTempLoss_vsc_fc", "if_gather": 1},
+                     "train_datasets": [{"name": "hdvila-shards", "vis_format": "webdataset",
+                                         "shards": str(tmp_path / "pt" / "*.tar"), "text_field": "txt",
+                                         "caption_field": "caption", "vid_txt": "subtitle"}]},
+        "retrieval": {**common, "inference_datasets": common["val_datasets"],
+                      "train_datasets": {"name": "ft-shards", "vis_format": "webdataset",
+                                         "shards": str(tmp_path / "ft" / "{00000..00001}.tar"),
+                                         "text_field": "captions"}},
+    }
+    for app, cfg in runs.items():
+        path = tmp_path / f"{app}.json"
+        path.write_text(json.dumps(cfg))
+        out = str(tmp_path / f"run_{app}")
+        result = subprocess.run([sys.executable, "-m", "clipvip", app, "--config", str(path), "--is_train",
+                                 "--output_dir", out], capture_output=True, text=True, env=ENV, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses = [r for r in records(os.path.join(out, "log", "metrics.jsonl")) if "loss" in r]
+        assert losses and all(r["skipped_samples"] == 0 for r in losses if "skipped_samples" in r), losses
+        assert os.path.isfile(os.path.join(out, "ckpt", "train_state.pt"))
