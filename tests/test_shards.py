@@ -244,3 +244,10 @@ def test_blob_mount_dir_joins_local_shard_paths_not_urls(tmp_path):
     a, b = cfg.train_datasets
     assert a.shards == "/mnt/hdvila/{00000..00009}.tar" and a.shard_index == "/mnt/hdvila/shards.json"
     assert b.shards == ["s3://bucket/x/{0..1}.tar", "/mnt/local/y.tar"]
+
+
+def test_a_training_set_given_as_json_on_the_command_line():
+    cfg = load_config(None, ["--train_datasets", '{"name": "m", "vis_format": "webdataset", "shards": "s/*.tar"}'])
+    assert cfg.train_datasets[0].shards == "s/*.tar" and cfg.train_datasets[0].text_field == "txt"
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        load_config(None, ["--train_datasets", '{"name": "m",'])

@@ -321,7 +321,12 @@ def _apply_override(cfg: dict, key: str, words: list[str]) -> None:
             target[name] = True if isinstance(like, bool) else 1
             return
         raise ConfigError(f"--{key} needs a value")
-    if isinstance(like, list):
+    if top in DATASET_KEYS and not sub and len(words) == 1 and words[0].lstrip().startswith(("{", "[")):
+        try:  # --train_datasets '{"name": ..., "shards": ...}': a dataset object (or a list of them) as JSON
+            value = json.loads(words[0])
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--{key}: invalid JSON at column {e.colno}: {e.msg}") from None
+    elif isinstance(like, list):
         value = _parse_list(words, like, key)
     elif len(words) == 1:
         value = _parse_scalar(words[0], like, key)
