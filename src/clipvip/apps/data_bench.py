@@ -52,6 +52,7 @@ import torch
 
 from clipvip.apps.synthetic import draw_train_specs, render_clip, write_video
 from clipvip.data.pretrain_dataset import LazyLmdb
+from clipvip.data.shards import iter_shard_samples
 from clipvip.data.sampling import sample_frame_indices
 from clipvip.data.transforms import frames_to_model_input
 from clipvip.data.video import (VideoBytes, available_backends, backend_import_error, load_sampled_frames,
@@ -282,17 +283,9 @@ def real_clip_paths() -> dict[str, str]:
 
 
 def iter_shard(url: str) -> Iterator[dict]:
-    """The samples of one tar shard: ``{"__key__", "__url__", "mp4": bytes, "txt": bytes, ...}``.
-
-    Stand-in, until it lands, for ``clipvip.data.shards.iter_shard_samples(url)`` (the training
-    reader's), which this one call is to become: webdataset's own expander and key grouping
-    over a local file, as that reader does.
-    """
-    # Imported here: the stand-in goes when the reader lands (webdataset joins requirements.txt with it).
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    with open(url, "rb") as stream:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    """The samples of one tar shard, ``{"__key__", "__url__", "mp4": bytes, "txt": bytes, ...}``,
+    read as training reads them (:func:`clipvip.data.shards.iter_shard_samples`)."""
+    return iter_shard_samples(url)
 
 
 def write_layouts(root: str, clips: dict[str, str]) -> dict:
@@ -441,7 +434,7 @@ def run_loader_bench(groups: dict[str, dict[str, str]], root: str, layouts: Sequ
                                  "frames": f"{num_frms} of N" if mode == "sampled" else "all N", **row})
     return {"rows": rows, "clips": clips_info, "repeats": repeats,
             **({"skipped_backends": skipped} if skipped else {}),
-            "shard_reader": "stand-in: webdataset tar_file_expander + group_by_keys on a local file"}
+            "shard_reader": "clipvip.data.shards.iter_shard_samples"}
 
 
 def loader_table_markdown(loader: dict) -> str:
