@@ -47,6 +47,19 @@ def write_clip(path, n_frames: int = 8, size: int = 64, seed: int = 0, fps: int 
     return path
 
 
+def write_distinct_clip(path, t: int = 16, h: int = 64, w: int = 96) -> np.ndarray:
+    """A ``t``-frame H.264 clip at ``path`` (x264 defaults: B-frames) in which every frame differs
+    from its neighbours; returns the uint8 RGB frames ``[t, h, w, 3]`` it was made from."""
+    from clipvip.apps.synthetic import ClipSpec, render_clip, write_video
+
+    spec = ClipSpec("clip", "red", "circle", "right", "large", "quickly", background=30, across=0.4, along=0.3)
+    frames = render_clip(spec, h, w, t)
+    # Brighten the background per frame so every frame differs from its neighbours.
+    frames = np.clip(frames.astype(int) + np.arange(t)[:, None, None, None] * 6, 0, 255).astype(np.uint8)
+    write_video(os.fspath(path), frames, fps=6)
+    return frames
+
+
 def write_frames(folder, clip_id: str, n_frames: int = 32, size: int = 32, seed: int = 0) -> str:
     """``{folder}/{clip_id}/{clip_id}_{i:03d}.jpg`` for i < n_frames (ActivityNet layout)."""
     from PIL import Image

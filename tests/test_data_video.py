@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clipvip.data import video as video_mod
-from clipvip.apps.synthetic import ClipSpec, render_clip, write_frame_folder, write_video
+from conftest import write_distinct_clip
+from clipvip.apps.synthetic import write_frame_folder
 from clipvip.data.video import (VideoDecodeError, available_backends, count_folder_frames,
                                 count_frames, load_frame_folder, load_frames, load_sampled_frames,
                                 resolve_backend)
@@ -20,14 +21,9 @@ pytestmark = pytest.mark.skipif("pyav" not in BACKENDS, reason="PyAV is required
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """A 16-frame H.264 clip (with B-frames: x264 defaults) and the frames it was made from."""
-    spec = ClipSpec("clip", "red", "circle", "right", "large", "quickly", background=30,
-                    across=0.4, along=0.3)
-    frames = render_clip(spec, H, W, T)
-    # Brighten the background per frame so every frame differs from its neighbours.
-    frames = np.clip(frames.astype(int) + np.arange(T)[:, None, None, None] * 6, 0, 255).astype(np.uint8)
     folder = tmp_path_factory.mktemp("video")
     path = str(folder / "clip.mp4")
-    write_video(path, frames, fps=6)
+    frames = write_distinct_clip(path, T, H, W)
     faststart = str(folder / "faststart.mp4")
     _write_faststart(faststart, frames)
     return {"path": path, "frames": frames, "faststart": faststart, "dir": folder}

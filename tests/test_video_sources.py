@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipvip.apps.synthetic import ClipSpec, render_clip, write_video
+from conftest import write_distinct_clip
 from clipvip.data import VideoBytes
 from clipvip.data import video as video_mod
 from clipvip.data.retrieval_dataset import ClipReader
@@ -30,13 +30,9 @@ pytestmark = pytest.mark.skipif("pyav" not in BACKENDS, reason="PyAV is required
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """A 16-frame H.264 clip (x264 defaults: B-frames), every frame distinct, and its bytes."""
-    spec = ClipSpec("clip", "red", "circle", "right", "large", "quickly", background=30,
-                    across=0.4, along=0.3)
-    frames = render_clip(spec, H, W, T)
-    frames = np.clip(frames.astype(int) + np.arange(T)[:, None, None, None] * 6, 0, 255).astype(np.uint8)
     folder = tmp_path_factory.mktemp("bytes")
     path = str(folder / "clip.mp4")
-    write_video(path, frames, fps=6)
+    write_distinct_clip(path, T, H, W)
     with open(path, "rb") as f:
         data = f.read()
     return {"path": path, "data": data, "dir": folder}
