@@ -662,7 +662,11 @@ class ShardStream:
             self.dataset.rotation = self.batch % self.dataset.readers_per_rank
             self.dataset.starts = [ReaderStart(c.cursor, c.batches) for c in self.cursors]
             self._iterator = iter(self.loader)
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:  # every reader owes its quota: ending early is a bug, not an epoch end
+            raise DataError(f"[{self.dataset.shards.name}] the shard readers ended after {self.batch} of "
+                            f"{self.batches_per_epoch} batches of epoch {self.epoch}") from None
         local = batch.pop("stream_reader")
         self.cursors[local] = ReaderStart(batch.pop("stream_cursor"), self.cursors[local].batches + 1)
         self.batch += 1
