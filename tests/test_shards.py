@@ -251,3 +251,11 @@ def test_a_training_set_given_as_json_on_the_command_line():
     assert cfg.train_datasets[0].shards == "s/*.tar" and cfg.train_datasets[0].text_field == "txt"
     with pytest.raises(ConfigError, match="invalid JSON"):
         load_config(None, ["--train_datasets", '{"name": "m",'])
+
+
+def test_empty_shards_are_left_out(clips, tmp_path, tokenizer):
+    paths = write_shards(str(tmp_path / "s"), clips, [4, 0, 4])
+    write_index(str(tmp_path / "s" / "shards.json"), [ShardInfo(p, n) for p, n in zip(paths, [4, 0, 4])])
+    stream = make_stream(tmp_path / "s", tokenizer, shards=str(tmp_path / "s" / "*.tar"), world=2, batch=2)
+    assert len(stream.dataset.shards.urls) == 2 and stream.batches_per_epoch == 2
+    assert len(take(stream, 2)) == 2

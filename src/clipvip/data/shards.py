@@ -338,7 +338,11 @@ class ShardSet:
         counts = shard_counts(urls, entry.shard_index, entry.name)
         if sum(counts) == 0:
             raise ConfigError(f"{entry.name}: the {len(urls)} shards hold no sample")
-        return cls(entry.name, tuple(urls), tuple(int(c) for c in counts))
+        empty = [u for u, c in zip(urls, counts) if c == 0]
+        if empty:  # a shard whose every clip failed to pack: nothing to deal out
+            LOGGER.warning("[%s] %d empty shards left out (first: %s)", entry.name, len(empty), empty[0])
+        kept = [(u, int(c)) for u, c in zip(urls, counts) if c > 0]
+        return cls(entry.name, tuple(u for u, _ in kept), tuple(c for _, c in kept))
 
 
 @dataclass(frozen=True)
