@@ -259,3 +259,15 @@ def test_empty_shards_are_left_out(clips, tmp_path, tokenizer):
     stream = make_stream(tmp_path / "s", tokenizer, shards=str(tmp_path / "s" / "*.tar"), world=2, batch=2)
     assert len(stream.dataset.shards.urls) == 2 and stream.batches_per_epoch == 2
     assert len(take(stream, 2)) == 2
+
+
+def test_clipvip_shard_index_writes_the_index_of_foreign_shards(clips, tmp_path, tokenizer):
+    from clipvip.apps.shard import main as shard_main
+
+    paths = write_shards(str(tmp_path / "v2d"), clips, [5, 3, 4])
+    raw = open(paths[2], "rb").read()
+    open(paths[2], "wb").write(raw[: len(raw) // 2])  # truncated: indexed as far as it reads
+    assert shard_main(["--index", str(tmp_path / "v2d" / "{00000..00002}.tar"), "--workers", "2", "--no_progress"]) == 0
+    shards = read_index(str(tmp_path / "v2d" / "shards.json"))
+    assert [s.samples for s in shards][:2] == [5, 3] and 0 < shards[2].samples < 4
+    assert S.shard_counts(paths) == [s.samples for s in shards]

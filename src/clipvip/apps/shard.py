@@ -49,10 +49,14 @@ from clipvip.config import load_config
 from clipvip.data.annotations import ANNOTATION_RULES, DatasetEntry, hdvila_video_path, load_annotations, select_rule
 from clipvip.data.pretrain_dataset import LazyLmdb, PretrainDataset, _is_lmdb, _load_caption_file
 from clipvip.data.reencode import DEFAULT_CRF, DEFAULT_KERNEL, RESIZE_KERNELS, images_to_mp4_bytes, reencode_to_bytes
-from clipvip.data.shard_index import INDEX_NAME, ShardInfo, write_index
+from clipvip.data.shard_index import INDEX_NAME, ShardInfo, is_remote, write_index
+from clipvip.data.shards import count_readable, expand_shards
 from clipvip.data.video import VideoDecodeError, count_folder_frames, frame_path, load_sampled_frames
 from clipvip.errors import ConfigError, DataError
 from clipvip.files import atomic_path, atomic_write_json, atomic_write_text
+from clipvip.logging_utils import get_logger
+
+LOGGER = get_logger(__name__)
 
 KINDS = ("retrieval", "pretrain")
 PARTS_DIR = ".parts"  # per-shard part files and the lock, beside the shards
@@ -509,7 +513,11 @@ def _positive(kind):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog_name("shard"), formatter_class=HelpFormatter,
                                 description=HELP.replace("{prog}", prog_name("shard")))
-    p.add_argument("--out", required=True, help="output folder of the shards")
+    p.add_argument("--out", help="output folder of the shards (required when packing)")
+    p.add_argument("--index", metavar="SHARDS",
+                   help="write the shard index of existing shards (another writer's, e.g. video2dataset) instead of "
+                        "packing: SHARDS as a training set's 'shards' ('DIR/{00000..00099}.tar', a glob, a .txt); "
+                        "counted with --workers processes, written to shards.json beside the first shard or to --out")
     p.add_argument("--kind", choices=KINDS, default="retrieval",
                    help="retrieval annotations, or the HD-VILA pretraining layout")
     data = p.add_argument_group("the dataset: as paths, or as an entry of a run config")
@@ -581,8 +589,34 @@ def dataset_entry(args: argparse.Namespace) -> DatasetEntry:
     return entry
 
 
+def write_shard_index(spec: str, out: str | None, workers: int, progress: bool) -> str:
+    """Count the samples of every shard of ``spec`` (in parallel) and write their ``shards.json``."""
+    urls = expand_shards(spec, "--index")
+    folder = out or (os.path.dirname(os.path.abspath(urls[0])) if not is_remote(urls[0]) else None)
+    if folder is None:
+        raise ConfigError("--index of remote shards needs --out (the folder to write shards.json to)")
+    os.makedirs(folder, exist_ok=True)
+    with multiprocessing.get_context("fork").Pool(min(workers, len(urls))) as pool:
+        counted = list(tqdm(pool.imap(count_readable, urls), total=len(urls), desc="counting", unit="shard",
+                            disable=not progress))
+    for _, problem in counted:
+        if problem:  # indexed as far as it reads: the reader skips the rest the same way
+            LOGGER.warning("%s", problem)
+    counts = [n for n, _ in counted]
+    sizes = [0 if is_remote(u) else os.path.getsize(u) for u in urls]
+    path = os.path.join(folder, INDEX_NAME)
+    write_index(path, [ShardInfo(u, c, b) for u, c, b in zip(urls, counts, sizes)])
+    return path
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
+    if args.index:
+        path = write_shard_index(args.index, args.out, args.workers, not args.no_progress)
+        print(f"shard index written: {path}")
+        return 0
+    if not args.out:
+        raise ConfigError("--out is required: the output folder of the shards")
     entry = dataset_entry(args)
     source = RetrievalSource(entry, args.rule) if args.kind == "retrieval" else PretrainSource(entry)
     opts = PackOptions(samples_per_shard=args.samples_per_shard, reencode=args.reencode, fps=args.fps,

@@ -230,6 +230,13 @@ def count_shard(url: str) -> int:
     return sum(1 for _ in iter_shard_samples(url))
 
 
+def count_readable(url: str) -> tuple[int, str]:
+    """``(samples readable in one shard, "" or why it ended early)``: the count a reader will see."""
+    errors = _ShardErrors()
+    n = sum(1 for _ in iter_shard_samples(url, errors))
+    return n, "" if errors.error is None else f"shard {url}: {_one_line(errors.error)}"
+
+
 def _cache_path(urls: Sequence[str]) -> str:
     h = hashlib.sha1()
     for url in urls:
@@ -266,11 +273,10 @@ def shard_counts(urls: Sequence[str], index_path: str = "", name: str = "shards"
                 name, len(urls), os.path.dirname(_cache_path(urls)))
     counts = []
     for url in urls:
-        try:
-            counts.append(count_shard(url))
-        except DataError as e:  # counted as far as it reads; the reader will skip the same way
-            LOGGER.warning("[%s] %s", name, e)
-            counts.append(sum(1 for _ in iter_shard_samples(url, _ShardErrors())))
+        n, problem = count_readable(url)
+        if problem:  # counted as far as it reads; the reader will skip the same way
+            LOGGER.warning("[%s] %s", name, problem)
+        counts.append(n)
     write_index(_cache_path(urls), [ShardInfo(u, c) for u, c in zip(urls, counts)])
     return counts
 
