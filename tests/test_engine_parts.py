@@ -44,7 +44,7 @@ class ToyRetrieval(nn.Module):
         text = (self.text(text_input_ids) * text_input_mask[..., None]).sum(1)
         return {"vis_features": F.normalize(self.video(video), dim=-1), "text_features": F.normalize(text, dim=-1)}
 
-    def freeze_text_encoder(self, freeze_projection: bool = False) -> None:
+    def freeze_text_encoder(self, freeze_projection: bool = False, cache_entries: int = 0) -> None:
         self.text.eval()
         self.text.weight.requires_grad_(False)
 

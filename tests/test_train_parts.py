@@ -212,6 +212,19 @@ def test_frozen_text_tower_gets_no_update(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_frozen_text_cache_trains_as_the_tower(tmp_path):
+    """frozen_text_cache: the same training as running the frozen tower every step."""
+    cached, _ = _tiny_trainer(tmp_path / "cached", "--freeze_text_encoder", "1", "--frozen_text_cache", "16")
+    plain, _ = _tiny_trainer(tmp_path / "plain", "--freeze_text_encoder", "1")
+    for _ in range(4):  # two fixed batches: steps 3 and 4 see known captions
+        a, b = cached.train_step(), plain.train_step()
+        assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-5)
+    cache = cached.raw_model.text_cache
+    assert plain.raw_model.text_cache is None and cache.hits == 4 and cache.misses == 4
+    for (name, p), q in zip(cached.raw_model.named_parameters(), plain.raw_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fp16_scale_overflow_is_skipped_not_counted_as_nan(tmp_path):
     trainer, _ = _tiny_trainer(tmp_path, precision="fp16")
     real_loss = trainer.loss_fn.forward

@@ -142,6 +142,7 @@ DEFAULTS: dict[str, Any] = {
     "compile": 0,  # torch.compile the encoder layers (first steps slower while compiling; needs a C++ compiler on CPU)
     "freeze_text_encoder": 0,  # keep the text tower fixed during training
     "freeze_text_proj": 0,  # with freeze_text_encoder: also keep text_projection fixed
+    "frozen_text_cache": 0,  # with freeze_text_encoder: run the frozen tower once per caption, remember up to this many (0: off; entries x text width x 4 bytes)
     # --- optimisation ---
     "train_batch_size": 16,  # per process
     "train_pair_field": "",  # record field naming a partner clip (synthetic: "twin"): partners share a batch

@@ -39,13 +39,14 @@ class StepSettings:
     accum_feature_cache: bool  # with accumulation: every micro-batch's loss sees the whole step's batch
     freeze_text_encoder: bool  # the text tower gets no gradient and stays in eval mode
     freeze_text_proj: bool  # with freeze_text_encoder: text_projection too
+    frozen_text_cache: int  # with freeze_text_encoder: remember the tower's output for this many captions
     nonfinite_check: str  # auto | step | deferred (clipvip.engine.guard)
 
     @classmethod
     def from_config(cls, cfg) -> "StepSettings":
         return cls(grad_norm=float(cfg.grad_norm or 0), accum_feature_cache=bool(cfg.accum_feature_cache),
                    freeze_text_encoder=bool(cfg.freeze_text_encoder), freeze_text_proj=bool(cfg.freeze_text_proj),
-                   nonfinite_check=str(cfg.nonfinite_check))
+                   frozen_text_cache=int(cfg.frozen_text_cache or 0), nonfinite_check=str(cfg.nonfinite_check))
 
 
 def train_mode(model: nn.Module, settings: StepSettings) -> None:
@@ -57,7 +58,7 @@ def train_mode(model: nn.Module, settings: StepSettings) -> None:
     """
     model.train()
     if settings.freeze_text_encoder:
-        model.freeze_text_encoder(settings.freeze_text_proj)
+        model.freeze_text_encoder(settings.freeze_text_proj, settings.frozen_text_cache)
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:

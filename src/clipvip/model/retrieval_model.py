@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipvip.model.clip_vip import CLIPViPTowers, VideoSettings
+from clipvip.model.text_cache import FrozenTextCache
 
 
 class CLIPViPRetrieval(nn.Module):
@@ -20,6 +21,7 @@ class CLIPViPRetrieval(nn.Module):
     def __init__(self, clip_config, video: VideoSettings):
         super().__init__()
         self.clipmodel = CLIPViPTowers(clip_config, video)
+        self.text_cache: FrozenTextCache | None = None  # freeze_text_encoder(cache_entries=N) sets it
 
     @property
     def uses_proxies(self) -> bool:
@@ -39,7 +41,10 @@ class CLIPViPRetrieval(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask (B, S) -> (B, P) unit vectors."""
-        return F.normalize(self.clipmodel.get_text_features(input_ids, attention_mask), dim=-1)
+        if self.text_cache is None:
+            return F.normalize(self.clipmodel.get_text_features(input_ids, attention_mask), dim=-1)
+        pooled = self.text_cache(self.clipmodel.text_model, input_ids, attention_mask)  # (B, D)
+        return F.normalize(self.clipmodel.text_projection(pooled), dim=-1)
 
     def forward(self, video, text_input_ids, text_input_mask, image=None, caption_ids=None, caption_masks=None):
         """Features for a training or evaluation batch.
@@ -48,10 +53,10 @@ class CLIPViPRetrieval(nn.Module):
         caption_ids/masks (B, S) for pretraining. Returns a dict of (B, P) unit vectors:
         ``vis_features``, ``text_features`` and, with images, ``img_features``, ``cap_features``.
         """
-        out = {
-            "vis_features": self.encode_video(video),
-            "text_features": self.encode_text(text_input_ids, text_input_mask),
-        }
+        # Text first: the frozen-text cache reads the token ids on the host, which on a GPU then
+        # does not wait for the video tower's kernels.
+        text_features = self.encode_text(text_input_ids, text_input_mask)
+        out = {"vis_features": self.encode_video(video), "text_features": text_features}
         if image is not None:
             if image.dim() == 5:  # (B, 1, 3, H, W) as the original collator gives
                 image = image.reshape(-1, *image.shape[2:])
@@ -76,7 +81,13 @@ class CLIPViPRetrieval(nn.Module):
         """``"sdpa"`` (default) or ``"eager"`` (the original formulation); see :mod:`.layers`."""
         self.clipmodel.set_attention(implementation)
 
-    def freeze_text_encoder(self, freeze_projection: bool = False) -> None:
+    def freeze_text_encoder(self, freeze_projection: bool = False, cache_entries: int = 0) -> None:
+        """No gradient and eval mode for the text tower (and ``text_projection`` with
+        ``freeze_projection``); ``cache_entries`` > 0: remember the frozen tower's pooled state of
+        up to that many captions (:class:`~clipvip.model.text_cache.FrozenTextCache`), kept across
+        calls (the trainer freezes again after every validation)."""
+        if cache_entries > 0 and (self.text_cache is None or self.text_cache.max_entries != cache_entries):
+            self.text_cache = FrozenTextCache(cache_entries)
         modules = [self.clipmodel.text_model] + ([self.clipmodel.text_projection] if freeze_projection else [])
         for module in modules:
             module.eval()
