@@ -131,6 +131,43 @@ def test_quick_gelu_mlp_is_the_written_formula(monkeypatch):
             assert torch.allclose(a, b, atol=1e-5)
     with torch.no_grad():  # evaluation: silu in place
         assert torch.allclose(quick_gelu_mlp(x, fc1, fc2), ref, atol=1e-6)
+    # Frozen weights, a gradient for x only (a frozen layer below a learning one): the addmm scalings.
+    monkeypatch.setattr(fast_paths, "onednn_linear_faster", lambda: False)
+    fc1.requires_grad_(False), fc2.requires_grad_(False)
+    out = quick_gelu_mlp(x, fc1, fc2)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("size, patch, bias", [(32, 8, False), (48, 16, True), (36, 8, False)])
+def test_patch_embedding_is_the_convolution(size, patch, bias):
+    """One matmul over the cut-out patches = the patchifying convolution, forward and gradients
+    (36 px at patch 8 does not divide: the convolution itself, which drops the remainder)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=patch, stride=patch, bias=bias)
+    frames = torch.randn(5, 3, size, size, requires_grad=True)
+    ref = conv(frames).flatten(2).transpose(1, 2)  # (N, L, D)
+    out = fast_paths.patch_embedding(frames, conv)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+    params = [frames, conv.weight] + ([conv.bias] if bias else [])
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_eager_embeds_patches_with_the_convolution(clip_folder, monkeypatch):
+    model = build(clip_folder)
+    calls = []
+    monkeypatch.setattr(fast_paths, "patch_embedding", lambda f, c: calls.append(1) or c(f).flatten(2).transpose(1, 2))
+    video = torch.randn(1, 4, 3, 32, 32)
+    model.encode_video(video)
+    assert calls == [1]
+    model.set_attention("eager")
+    model.encode_video(video)
+    assert calls == [1]  # the original formulation: the convolution
+    model.set_attention("sdpa")
+    model.encode_video(video)
+    assert calls == [1, 1]
 
 
 @pytest.mark.skipif(fast_paths._onednn_op() is None, reason="torch without oneDNN's dense linear op")

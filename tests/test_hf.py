@@ -172,7 +172,7 @@ def test_from_pretrained_gives_the_features_of_the_pt_path(converted, loader):
     scale = reference.clipmodel.logit_scale.exp()
     torch.testing.assert_close(out_features.logits_per_text,
                                scale * reference.encode_text(ids, mask) @ reference.encode_video(video).T,
-                               rtol=0, atol=1e-5)
+                               rtol=1e-6, atol=1e-5)  # logits of size ~scale: a few float32 ulps
 
 
 def test_auto_config_rebuilds_the_architecture(converted):

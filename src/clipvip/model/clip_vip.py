@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipvip.model import fast_paths
 from clipvip.model.layers import CLIPAttention, CLIPEncoder, CLIPEncoderLayer, ProxyLayout, check_attention_implementation
 
 
@@ -75,6 +76,9 @@ class VideoEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.num_patches + 1, D)
         # Not saved: HF and the released checkpoints may or may not carry it; it is always arange.
         self.register_buffer("position_ids", torch.arange(self.num_patches + 1)[None], persistent=False)
+        # The patch embedding's fast path (fast_paths.patch_embedding); set_attention("eager"),
+        # the original formulation, turns it off with the layers' fast paths.
+        self.fast_paths = True
         self.add_cls_num = video.add_cls_num
         if video.use_proxies:
             # The video proxy tokens; standard normal at init, as the original.
@@ -98,8 +102,11 @@ class VideoEmbeddings(nn.Module):
                 f"frames are {H}x{W} but the model's position embedding is for {self.image_size}x{self.image_size}"
                 " (set input_res to match the CLIP config)"
             )
-        patches = self.patch_embedding(video.reshape(B * T, C, H, W).to(self.patch_embedding.weight.dtype))
-        patches = patches.flatten(2).transpose(1, 2)  # (B*T, L, D)
+        frames = video.reshape(B * T, C, H, W).to(self.patch_embedding.weight.dtype)
+        if self.fast_paths and fast_paths.ENABLED:
+            patches = fast_paths.patch_embedding(frames, self.patch_embedding)  # (B*T, L, D)
+        else:
+            patches = self.patch_embedding(frames).flatten(2).transpose(1, 2)  # (B*T, L, D)
         L, D = patches.shape[1], patches.shape[2]
         patches = patches.reshape(B, T, L, D)
         positions = self.position_embedding(self.position_ids)  # (1, 1+L, D)
@@ -208,6 +215,7 @@ class CLIPViPTowers(nn.Module):
         ``python -m clipvip bench``) in every encoder layer of both towers. The same function
         either way."""
         check_attention_implementation(implementation)
+        self.vision_model.embeddings.fast_paths = implementation != "eager"
         for module in self.modules():
             if isinstance(module, CLIPEncoderLayer):
                 module.set_implementation(implementation)
