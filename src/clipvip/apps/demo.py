@@ -6,8 +6,8 @@
    with unique captions, 140 of them in time-reversed twin pairs) into ``OUT/data``; the training
    clips carry their canonical caption (``DemoSpec.n_paraphrases``);
 2. times a few CLIP-ViP training steps and keeps the vision tower and the epochs that fit the
-   time budget (:func:`fit_budget`: 4 layers and the configs' 40 epochs where they fit, else 2
-   layers), and writes the tiny image CLIP both models start from (HF layout, ``OUT/clip_config``:
+   time budget (:func:`fit_budget`: 4 layers and the configs' 40 epochs where they fit, else 3
+   layers with half the MLP), and writes the tiny image CLIP both models start from (HF layout, ``OUT/clip_config``:
    ``config.json`` and ``model.safetensors``). No CLIP weights can be downloaded here, so its weights
    are random, drawn once with the demo's seed; the vision position embeddings are drawn at a larger
    scale (``DemoSpec.position_init_std``) so that a from-scratch ViT sees where the shape is;
@@ -95,17 +95,19 @@ class DemoSpec:
     # they are, no timing). The configs' 40 epochs of the 4-layer tower take about 370 s on an
     # AVX-512 EPYC but 800-900 s on AVX2-only ones (docs/demo.md), so the demo times a few steps
     # first (:func:`fit_budget`): the architecture where all 40 epochs fit, else the smaller
-    # ``fallback_architecture`` with as many whole epochs as fit. The rest of the demo's 600 s:
-    # data, start CLIP, timing, app start-up, the first epoch's decoding, validations, re-scoring,
-    # plot (60-80 s measured).
-    train_budget_s: float | None = 480.0
-    # Half the vision layers: half the step time, and measured on an AVX2-only EPYC (docs/demo.md)
-    # t2v R@1 63.0 after 40 epochs where the 4-layer tower reached 55.5 in the same time (23 epochs).
+    # ``fallback_architecture`` with as many whole epochs as fit. The steps are timed alone; the
+    # runs' steps side by side, with their validations and the first epoch's decoding, took
+    # 1.02-1.19x as long (docs/demo.md), so 460 s of timed steps are 470-550 s of training. The
+    # rest of the demo's 600 s: data, start CLIP, timing, app start-up, re-scoring, plot (~25 s).
+    train_budget_s: float | None = 460.0
+    # 3 vision layers with half the MLP (intermediate = 2 x width): the step time of 2 full layers
+    # (about 0.6x the 4 full ones); on the demo's data t2v R@1 65.0-70.0 after 40 epochs where
+    # 2 full layers reached 62.5-63.0 (docs/demo.md).
     fallback_architecture: dict | None = None
 
 
 def _architecture(width: int, vision_layers: int, text_layers: int, heads: int, image_size: int,
-                  patch_size: int, max_positions: int) -> dict:
+                  patch_size: int, max_positions: int, vision_mlp_ratio: int = 4) -> dict:
     return {
         "projection_dim": width,
         # The real CLIP vocabulary: the demo uses the real CLIP BPE tokenizer.
@@ -113,7 +115,7 @@ def _architecture(width: int, vision_layers: int, text_layers: int, heads: int, 
                         "num_hidden_layers": text_layers, "num_attention_heads": heads,
                         "max_position_embeddings": max_positions, "hidden_act": "quick_gelu",
                         "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
-        "vision_config": {"hidden_size": width, "intermediate_size": 4 * width,
+        "vision_config": {"hidden_size": width, "intermediate_size": vision_mlp_ratio * width,
                           "num_hidden_layers": vision_layers, "num_attention_heads": heads,
                           "image_size": image_size, "patch_size": patch_size, "hidden_act": "quick_gelu"},
     }
@@ -121,7 +123,7 @@ def _architecture(width: int, vision_layers: int, text_layers: int, heads: int, 
 
 FULL = DemoSpec(n_train=2000, n_test=200, video_size=64, video_frames=16,
                 architecture=_architecture(128, 4, 3, 4, 64, 16, 32),
-                fallback_architecture=_architecture(128, 2, 3, 4, 64, 16, 32))
+                fallback_architecture=_architecture(128, 3, 3, 4, 64, 16, 32, vision_mlp_ratio=2))
 # A smoke test: every stage runs, nothing is learned to speak of.
 QUICK = DemoSpec(n_train=48, n_test=24, video_size=32, video_frames=8,
                  architecture=_architecture(32, 1, 1, 2, 32, 16, 24), train_budget_s=None,
@@ -345,7 +347,8 @@ def format_table(results: dict) -> str:
         lines.append(f"  {LABELS[name]:<16}{ds[name]['t2v_R1']:6.1f}   (other queries: {ds[name]['other_t2v_R1']:.1f})")
     budget = results.get("setup", {}).get("budget")
     if budget:
-        lines.append(f"trained: {budget['vision_layers']} vision layers, {budget['epochs']} of the configs' "
+        lines.append(f"trained: {budget['vision_layers']} vision layers (MLP {budget['vision_mlp']}), "
+                     f"{budget['epochs']} of the configs' "
                      f"{budget['config_epochs']} epochs ({budget['steps']} steps), as the step timing allowed")
     lines.append(f"wall time {results['wall_seconds']:.0f} s")
     return "\n".join(lines)
@@ -405,13 +408,16 @@ def fit_budget(vip_config: str, out: str, spec: DemoSpec, parallel: bool, thread
         config_epochs = int(cfg.num_train_epochs)
         epochs = plan_epochs(step_s, per_run, spec.n_train, int(cfg.train_batch_size), config_epochs)
         layers = int(architecture["vision_config"]["num_hidden_layers"])
-        tried.append({"vision_layers": layers, "step_ms": round(1000 * step_s, 1), "epochs_that_fit": epochs})
-        LOGGER.info("a CLIP-ViP training step with %d vision layers takes %.0f ms here: %d of the config's %d "
-                    "epochs fit in the %.0f s training budget", layers, 1000 * step_s, epochs, config_epochs, per_run)
+        mlp = int(architecture["vision_config"]["intermediate_size"])
+        tried.append({"vision_layers": layers, "vision_mlp": mlp, "step_ms": round(1000 * step_s, 1),
+                      "epochs_that_fit": epochs})
+        LOGGER.info("a CLIP-ViP training step with %d vision layers (MLP %d) takes %.0f ms here: %d of the config's "
+                    "%d epochs fit in the %.0f s training budget", layers, mlp, 1000 * step_s, epochs, config_epochs,
+                    per_run)
         if epochs == config_epochs:
             break
     steps = math.ceil(epochs * spec.n_train / int(cfg.train_batch_size))
-    return clip_config, {"train_budget_s": per_run, "vision_layers": layers, "epochs": epochs,
+    return clip_config, {"train_budget_s": per_run, "vision_layers": layers, "vision_mlp": mlp, "epochs": epochs,
                          "config_epochs": config_epochs, "steps": steps, "tried": tried}
 
 
