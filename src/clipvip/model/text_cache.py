@@ -4,7 +4,7 @@ A frozen text tower (``freeze_text_encoder``: no gradient, eval mode, so no drop
 caption the same pooled state every time it sees it; a fine-tuning run sees each of its captions
 once an epoch, and its validations see the test captions again and again. The cache computes each
 caption's state once and gives it back afterwards: the text tower's share of a step is saved from
-the second epoch on (about an eighth of the demo's step on a CPU, docs/demo.md). Only the frozen
+the second epoch on (5-12 % of the demo's step on a CPU, docs/performance.md). Only the frozen
 part is cached: ``text_projection``, which usually still learns, runs every step.
 
 What a cached state stands for, exactly:
