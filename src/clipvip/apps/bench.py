@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fps", type=int, default=6, help="frame rate of the written (and re-encoded) clips")
     d.add_argument("--repeats", type=int, default=5, help="timed passes over the clips")
     d.add_argument("--dir", help="reuse clips in this folder instead of a temporary one (e2e: the clips' links, "
-                                 "annotations and run folders, kept)")
+                                 "annotations and the run folders under DIR/run, kept; DIR/run is replaced)")
     d.add_argument("--layouts", nargs="*", choices=LAYOUTS, default=list(LAYOUTS),
                    help="loader table: loose files, LMDB text + files, tar shards (none: no table)")
     d.add_argument("--backends", nargs="+", choices=("decord", "pyav", "torchcodec"),
