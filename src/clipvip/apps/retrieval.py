@@ -64,17 +64,20 @@ def run(cfg) -> dict:
                           "(add --is_train to fine-tune)")
     run_ = runner.start(cfg)
     eval_sets = runner.build_eval_sets(run_, cfg.inference_datasets or cfg.val_datasets)
+    return runner.train_or_evaluate(run_, eval_sets, lambda: train_stream(run_))
 
-    def make_stream():
-        if len(cfg.train_datasets) > 1:
-            LOGGER.warning("retrieval fine-tuning uses the first of %d train_datasets", len(cfg.train_datasets))
-        entry = cfg.train_datasets[0]
-        if is_sharded(entry):  # WebDataset tar shards, streamed (clipvip.data.shards)
-            return ShardStream.from_config(cfg, entry, run_.tokenizer, run_.env.rank, run_.env.world_size)
-        train_set = VideoRetrievalDataset.from_config(cfg, entry, run_.tokenizer, training=True)
-        return LoaderStream(train_set, LoaderSettings.from_config(cfg), run_.env.rank, run_.env.world_size)
 
-    return runner.train_or_evaluate(run_, eval_sets, make_stream)
+def train_stream(run_: runner.Run):
+    """The batches fine-tuning trains on: the first of ``train_datasets``, streamed from tar shards
+    or read by a shuffled loader (also what ``clipvip bench --mode e2e`` times)."""
+    cfg = run_.cfg
+    if len(cfg.train_datasets) > 1:
+        LOGGER.warning("retrieval fine-tuning uses the first of %d train_datasets", len(cfg.train_datasets))
+    entry = cfg.train_datasets[0]
+    if is_sharded(entry):  # WebDataset tar shards, streamed (clipvip.data.shards)
+        return ShardStream.from_config(cfg, entry, run_.tokenizer, run_.env.rank, run_.env.world_size)
+    train_set = VideoRetrievalDataset.from_config(cfg, entry, run_.tokenizer, training=True)
+    return LoaderStream(train_set, LoaderSettings.from_config(cfg), run_.env.rank, run_.env.world_size)
 
 
 def main(argv: Sequence[str]) -> int:

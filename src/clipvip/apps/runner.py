@@ -91,6 +91,16 @@ def build_eval_sets(run: Run, entries, rule_for: Callable[[dict], str | None] = 
     return sets
 
 
+def build_trainer(run: Run, stream, evaluate: Callable, plan: TrainPlan | None = None) -> Trainer:
+    """The :class:`Trainer` of a training run: ``run``'s model fitted on ``stream``, validated with
+    ``evaluate``; ``plan`` (default: the config's) sets the steps (``clipvip bench --mode e2e`` sets its own)."""
+    cfg = run.cfg
+    plan = plan or TrainPlan.from_config(cfg, stream.num_examples, run.env.world_size)
+    loss_fn = build_loss(LossSettings.from_config(cfg), run.env)
+    return Trainer(TrainerSettings.from_config(cfg), run.model, loss_fn, stream, plan, evaluate, run.env,
+                   run.precision)
+
+
 def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], object] | None) -> dict:
     """Fine-tune/pretrain on ``make_stream()`` when ``is_train``, else evaluate; report the results."""
     cfg, env = run.cfg, run.env
@@ -101,11 +111,7 @@ def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], objec
         return evaluate_all(model, eval_sets, eval_loader, run.precision, run.device)
 
     if cfg.is_train:
-        stream = make_stream()
-        plan = TrainPlan.from_config(cfg, stream.num_examples, env.world_size)
-        loss_fn = build_loss(LossSettings.from_config(cfg), env)
-        trainer = Trainer(TrainerSettings.from_config(cfg), run.model, loss_fn, stream, plan, evaluate, env,
-                          run.precision)
+        trainer = build_trainer(run, make_stream(), evaluate)
         trainer.fit()
         if cfg.save_hf and env.is_main:
             save_best_as_hf(cfg)
