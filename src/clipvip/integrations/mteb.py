@@ -47,7 +47,7 @@ from clipvip.errors import CheckpointError, DataError
 from clipvip.hf.configuration import CLIPViPConfig
 from clipvip.hf.hub import WEIGHTS_FILE, is_converted_folder, is_hub_id, resolve_folder
 from clipvip.hf.processing import CLIPViPProcessor
-from clipvip.precision import PRECISIONS, autocast
+from clipvip.precision import PRECISIONS, autocast, resolve_precision
 
 CITATION = r"""@inproceedings{xue2023clipvip,
   title = {{CLIP-ViP}: Adapting Pre-trained Image-Text Model to Video-Language Representation Alignment},
@@ -72,8 +72,8 @@ class CLIPViPEncoder(AbsEncoder):
     """mteb's encoder protocol over a converted CLIP-ViP model (a folder or a Hub id).
 
     ``model_name``: what mteb files the results under (``owner/name``); ``path``: a local folder
-    to load instead of the Hub id ``model_name``. ``precision``: fp32 | fp16 | bf16 autocast
-    (fp32 scores as ``clipvip retrieval`` on a CPU; the official configs evaluate in fp16 on GPUs).
+    to load instead of the Hub id ``model_name``. ``precision``: fp32 | fp16 | bf16 autocast, as
+    ``clipvip retrieval`` evaluates (fp16 only on CUDA; the official configs evaluate in fp16 on GPUs).
     """
 
     def __init__(self, model_name: str, revision: str | None = None, *, path: str | None = None,
@@ -82,7 +82,8 @@ class CLIPViPEncoder(AbsEncoder):
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         folder = converted_folder(path or model_name, revision)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = precision
+        # As evaluation: fp16 is for CUDA (fp32 elsewhere), bf16 anywhere.
+        self.precision = resolve_precision(precision == "fp16", precision == "bf16", self.device.type)
         self.model = AutoModel.from_pretrained(folder).eval().to(self.device)
         self.processor = AutoProcessor.from_pretrained(folder)
 
