@@ -118,7 +118,8 @@ def bench(tmp_path_factory):
 
 
 def evaluate_file(bench, name: str, records: list):
-    """(per-query ranks keyed by query, the eval block) of ``records`` written as an annotation file."""
+    """``(per-query ranks keyed by query, eval block, (text features, video features, dataset))`` of
+    ``records`` written as an annotation file, through the real evaluation path."""
     txt = bench["tmp"] / f"{name}.jsonl"
     txt.write_text("".join(json.dumps(r) + "\n" for r in records))
     entry = {"name": name, "txt": str(txt), "vis": bench["videos"]}

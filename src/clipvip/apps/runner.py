@@ -94,7 +94,7 @@ def build_eval_sets(run: Run, entries, rule_for: Callable[[dict], str | None] = 
 def selection_sets(cfg, eval_sets: list) -> list[str]:
     """The evaluation sets whose scores are not held out: the first set validated chooses
     ``model_best.pt`` (``Trainer``), and so does any set with the same videos and captions.
-    None where no checkpoint was chosen (a zero-shot evaluation: no ``e2e_weights_path``)."""
+    None where no checkpoint was chosen (a zero-shot evaluation: no ``e2e_weights_path``): ``[]``."""
     if not eval_sets or not (cfg.is_train or cfg.e2e_weights_path):
         return []
     first = eval_sets[0]

@@ -37,13 +37,13 @@ DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
 # What the numbers of an eval block mean, recorded beside them (its "protocol"); docs/leaderboards.md.
 QUERIES = ("multi-caption: every caption is a text-to-video query, its video the target; every test video is a "
            "candidate, every video with a caption a video-to-text query")
-DSL = "transductive: a DSL score is normalised over all the test queries"
+DSL_NOTE = "transductive: a DSL score is normalised over all the test queries"
 
 
 def protocol(selected_on_this_set: bool) -> dict:
     """The ``protocol`` entry of an eval block. ``selected_on_this_set``: ``model_best.pt`` is chosen
     by this set's text-to-video R@1 (the first set validated), so its scores here are not held out."""
-    return {"queries": QUERIES, "dsl": DSL, "selected_on_this_set": bool(selected_on_this_set)}
+    return {"queries": QUERIES, "dsl": DSL_NOTE, "selected_on_this_set": bool(selected_on_this_set)}
 
 
 def encode_retrieval_set(model, dataset, loader: LoaderSettings, precision: str, device: torch.device,
