@@ -28,6 +28,8 @@ setup(
         "dev": read_requirements("requirements-dev.txt"),
         "wandb": ["wandb"],
         "search": ["faiss-cpu>=1.7"],  # clipvip encode/index/search/serve; faiss-gpu works too
+        # clipvip.integrations.mteb: CLIP-ViP as an MTEB model (docs/leaderboards.md)
+        "mteb": ["mteb>=2.26,<3"],
         # video_backend "torchcodec"; its Linux wheels load only beside a CUDA build of torch
         "torchcodec": ["torchcodec>=0.2"],
     },

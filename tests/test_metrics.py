@@ -138,5 +138,5 @@ def test_bad_targets_are_errors():
         retrieval_ranks(sim, [0])  # one target for two queries
     with pytest.raises(ValueError):
         retrieval_ranks(sim, [0, 3])  # outside the gallery
-    with pytest.raises(ValueError, match="no caption"):
-        video_to_text_targets([0, 0], 2)
+    with pytest.raises(ValueError, match="points at video 2"):
+        video_to_text_targets([0, 2], 2)

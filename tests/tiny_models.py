@@ -59,6 +59,23 @@ def tiny_cfg(folder: str, *overrides: str, **vision_extra) -> clipvip.Config:
     return cfg
 
 
+def released_tiny_model(folder: str, *overrides: str):
+    """``(cfg, model, weights)``: a tiny CLIP-ViP on the real CLIP vocabulary (the real tokenizer's
+    captions fit), every weight moved by noise, the proxies and temporal embedding too, so that
+    clips differ clearly; saved in the released ``clipmodel.*`` layout as ``folder/model.pt``."""
+    clip_folder = os.path.join(folder, "clip")
+    write_hf_clip(clip_folder, vocab_size=49408)
+    cfg = tiny_cfg(clip_folder, *overrides)
+    model = clipvip.build_model(cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    weights = os.path.join(folder, "model.pt")
+    clipvip.model.save_checkpoint(model, weights)
+    return cfg, model, weights
+
+
 def random_text(batch: int, length: int, lengths=None, seed: int = 0):
     """Token ids shaped like the CLIP tokenizer's: BOS, words, EOS, then EOS padding; and the mask."""
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,13 @@ Conventions (DESIGN §5):
   per video (a square ``sim`` with targets on the diagonal), where both rules agree.
 - DSL (dual softmax): ``sim ⊙ softmax(100·sim, axis=0)`` on ``sim = T·Vᵀ`` — the prior is
   normalised over the texts — and both directions are ranked on that one re-scored matrix (its
-  transpose for video-to-text), exactly as the original evaluation does (DESIGN §5).
+  transpose for video-to-text), exactly as the original evaluation does (DESIGN §5). It is
+  transductive: a query's DSL scores depend on every other test query, so DSL numbers are
+  reported apart from the plain ones.
+- A video without a caption stays in the gallery of text-to-video and is no video-to-text query.
+  So a query's plain rank depends only on its own score row, never on the order of the test items
+  or on which other queries are there (tests/test_eval_protocol.py): the gallery of text-to-video
+  is every test video, whatever captions are missing.
 """
 from __future__ import annotations
 
@@ -131,38 +137,48 @@ def retrieval_metrics(sim, targets, chunk: int = 4096) -> dict[str, float]:
 
 
 def video_to_text_targets(text_to_video: Sequence[int], n_videos: int) -> list[list[int]]:
-    """For each video the indices of its captions, from each caption's video index."""
+    """For each video the indices of its captions (empty for a video without one), from each
+    caption's video index."""
     groups: list[list[int]] = [[] for _ in range(n_videos)]
     for text_index, video_index in enumerate(text_to_video):
         if not 0 <= int(video_index) < n_videos:
             raise ValueError(f"text {text_index} points at video {video_index}; there are {n_videos}")
         groups[int(video_index)].append(text_index)
-    empty = [v for v, group in enumerate(groups) if not group]
-    if empty:
-        raise ValueError(f"{len(empty)} videos have no caption (first: {empty[:5]}); "
-                         "video-to-text needs at least one per video")
     return groups
 
 
-def evaluate_retrieval(text_feats, video_feats, text_to_video: Sequence[int],
-                       chunk: int = 4096) -> dict[str, dict[str, float]]:
-    """Both directions, plain and DSL, for features [Nt, P] and [Nv, P].
+def query_ranks(text_feats, video_feats, text_to_video: Sequence[int], chunk: int = 4096) -> dict[str, np.ndarray]:
+    """Every query's pessimistic rank, both directions, plain and DSL, for features [Nt, P] and [Nv, P].
 
     ``text_to_video[i]`` is the index (row of ``video_feats``) of text i's video; each video may
-    have several texts (every text is a t2v query; v2t counts a video's best caption). Returns
-    ``{"t2v": m, "v2t": m, "t2v_dsl": m, "v2t_dsl": m}`` with ``m`` as :func:`retrieval_metrics`.
+    have several texts or none. ``"t2v"``, ``"t2v_dsl"``: int64 [Nt], one per text, against every
+    video. ``"v2t"``, ``"v2t_dsl"``: one per video that has a caption, in video order
+    (``np.unique(text_to_video)``), its best caption against every text.
     """
     sim = similarity_chunked(text_feats, video_feats, chunk)  # [Nt, Nv]
     t2v_targets = np.asarray(text_to_video, dtype=np.int64)
     if t2v_targets.shape != (sim.shape[0],):
         raise ValueError(f"text_to_video has {t2v_targets.size} entries for {sim.shape[0]} texts")
-    v2t_targets = video_to_text_targets(t2v_targets, sim.shape[1])
-    results = {
-        "t2v": retrieval_metrics(sim, t2v_targets, chunk),
-        "v2t": retrieval_metrics(sim.T, v2t_targets, chunk),
-    }
+    groups = video_to_text_targets(t2v_targets, sim.shape[1])
+    queries = np.flatnonzero([len(g) > 0 for g in groups])  # the videos with a caption
+    v2t_targets = [groups[v] for v in queries]
+
+    def v2t_rows(matrix):  # [Nv_queries, Nt]: a copy only where some video has no caption
+        return matrix.T if len(queries) == sim.shape[1] else matrix.T[queries]
+
     # DSL: one re-scored matrix, prior over the texts, ranked both ways (module docstring).
     rescored = dsl(sim, axis=0)
-    results["t2v_dsl"] = retrieval_metrics(rescored, t2v_targets, chunk)
-    results["v2t_dsl"] = retrieval_metrics(rescored.T, v2t_targets, chunk)
-    return results
+    return {"t2v": retrieval_ranks(sim, t2v_targets, chunk), "v2t": retrieval_ranks(v2t_rows(sim), v2t_targets, chunk),
+            "t2v_dsl": retrieval_ranks(rescored, t2v_targets, chunk),
+            "v2t_dsl": retrieval_ranks(v2t_rows(rescored), v2t_targets, chunk)}
+
+
+def evaluate_retrieval(text_feats, video_feats, text_to_video: Sequence[int],
+                       chunk: int = 4096) -> dict[str, dict[str, float]]:
+    """Both directions, plain and DSL, for features [Nt, P] and [Nv, P] (see :func:`query_ranks`).
+
+    Every text is a t2v query; every video with a caption a v2t query (its best caption counts).
+    Returns ``{"t2v": m, "v2t": m, "t2v_dsl": m, "v2t_dsl": m}`` with ``m`` as :func:`retrieval_metrics`.
+    """
+    return {direction: metrics_from_ranks(ranks)
+            for direction, ranks in query_ranks(text_feats, video_feats, text_to_video, chunk).items()}

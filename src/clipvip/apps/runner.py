@@ -101,17 +101,35 @@ def build_trainer(run: Run, stream, evaluate: Callable, plan: TrainPlan | None =
                    run.precision)
 
 
+def selection_sets(cfg, eval_sets: list) -> list[str]:
+    """The evaluation sets whose scores are not held out: the first set validated chooses
+    ``model_best.pt`` (``Trainer``), and so does any set with the same videos and captions.
+    None where no checkpoint was chosen (a zero-shot evaluation: no ``e2e_weights_path``): ``[]``."""
+    if not eval_sets or not (cfg.is_train or cfg.e2e_weights_path):
+        return []
+    first = eval_sets[0]
+    return [d.name for d in eval_sets if d.videos == first.videos and d.texts == first.texts]
+
+
 def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], object] | None) -> dict:
     """Fine-tune/pretrain on ``make_stream()`` when ``is_train``, else evaluate; report the results."""
     cfg, env = run.cfg, run.env
 
     eval_loader = LoaderSettings.from_config(cfg)
+    selected = selection_sets(cfg, eval_sets)
+
+    def note_selection():  # once the run's log file is open; the official configs validate on their test file
+        for name in selected if env.is_main else ():
+            LOGGER.info("[%s] %s model_best.pt by text-to-video R@1 on this set and is scored on it: not a held-out "
+                        "score (eval_results.json: protocol.selected_on_this_set)", name,
+                        "this run chooses" if cfg.is_train else "training with this config chooses")
 
     def evaluate(model):
-        return evaluate_all(model, eval_sets, eval_loader, run.precision, run.device)
+        return evaluate_all(model, eval_sets, eval_loader, run.precision, run.device, selected_on=selected)
 
     if cfg.is_train:
         trainer = build_trainer(run, make_stream(), evaluate)
+        note_selection()
         trainer.fit()
         if cfg.save_hf and env.is_main:
             save_best_as_hf(cfg)
@@ -123,6 +141,7 @@ def train_or_evaluate(run: Run, eval_sets: list, make_stream: Callable[[], objec
             raise ConfigError("nothing to evaluate: the config has no inference_datasets or val_datasets")
         if env.is_main and cfg.if_log2file:
             add_log_file(os.path.join(cfg.output_dir, "log", "log.txt"))
+        note_selection()
         run.model.to(run.device)
         results = evaluate(run.model)
     if env.is_main and results:

@@ -286,30 +286,30 @@ class VideoRetrievalDataset(SubstitutingDataset):
 
     @property
     def skipped_clip_ids(self) -> list[str]:
-        """Clip ids left out of evaluation (no caption, unreadable), in the order they were left out."""
+        """Clip ids left out of evaluation (unreadable), in the order they were left out."""
         return list(self.skip_reasons)
 
     # -- evaluation index ------------------------------------------------------------------
     def _build_eval_index(self, records: Sequence[ClipRecord]) -> None:
-        """Merge records per clip id; drop clips without a usable caption (they cannot be scored)."""
+        """Merge records per clip id. A clip without a usable caption stays a video: a candidate
+        of every text query (the gallery does not depend on which captions exist), no query itself."""
         by_id: dict[str, ClipRecord] = {}
-        order: list[str] = []
         captions: dict[str, list[str]] = {}
         for r in records:
             if r.clip_id not in by_id:
                 by_id[r.clip_id] = r
-                order.append(r.clip_id)
                 captions[r.clip_id] = []
             captions[r.clip_id].extend(r.texts)
-        empty = [cid for cid in order if not captions[cid]]
+        self.records = list(by_id.values())
+        self.videos = list(by_id)
+        self.texts = [(t, i) for i, cid in enumerate(self.videos) for t in captions[cid]]
+        if not self.texts:
+            where = records[0].where.rsplit(":", 1)[0] or self.name
+            raise DataError(f"{where}: no clip has a non-empty caption; evaluation has nothing to query")
+        empty = [cid for cid in self.videos if not captions[cid]]
         if empty:
-            LOGGER.warning("[%s] %d clips have no non-empty caption and are left out: %s",
-                           self.name, len(empty), _preview(empty))
-            self.skip_reasons.update((cid, "no non-empty caption") for cid in empty)
-        kept = [cid for cid in order if captions[cid]]
-        self.records = [by_id[cid] for cid in kept]
-        self.videos = kept
-        self.texts = [(t, i) for i, cid in enumerate(kept) for t in captions[cid]]
+            LOGGER.warning("[%s] %d clips have no non-empty caption: they are text-to-video candidates, "
+                           "not video-to-text queries: %s", self.name, len(empty), _preview(empty))
 
     def scan_readable(self, decode: bool = False) -> list[str]:
         """Check every video up front; drop the unreadable ones with their captions.
@@ -345,15 +345,17 @@ class VideoRetrievalDataset(SubstitutingDataset):
         remaining videos keep their order and the captions' video indices are renumbered, so
         ``text_to_video()`` stays consistent with features encoded in ``self.videos`` order.
         ``log``: one warning line per video (path and reason) and a summary; an evaluator on
-        several processes logs on one. Dropping every video is a :class:`DataError`: nothing
-        would be left to score.
+        several processes logs on one. Dropping every video with a caption is a :class:`DataError`:
+        nothing would be left to query.
         """
         if not reasons:
             return []
         n_videos = len(self.records)
-        if len(reasons) >= n_videos:
+        if all(v in reasons for _, v in self.texts):  # no query would be left (nor, often, any video)
             first = min(reasons)
-            raise DataError(f"[{self.name}] none of the {n_videos} test videos can be read (first: "
+            captioned = len({v for _, v in self.texts})
+            which = f"{captioned} test videos" + ("" if captioned == n_videos else " with a caption")
+            raise DataError(f"[{self.name}] none of the {which} can be read (first: "
                             f"{_naming(self.records[first].path, reasons[first])}); check the dataset's 'vis' path")
         keep = [i for i in range(n_videos) if i not in reasons]
         new_index = {old: new for new, old in enumerate(keep)}

@@ -11,10 +11,16 @@ header) does not stop the evaluation: the loader hands it back as a marker, ever
 every rank's failures, and each drops the same videos, with their captions, from its copy of the
 dataset before the captions are encoded. The metrics then score exactly what the dataset without
 those clips would score, and the results block lists them (``skipped_videos``, ``skip_reasons``).
+
+Every block records what its numbers mean (``protocol``, :func:`protocol`): the query rule, that
+DSL is transductive, and whether the set is the one that chooses ``model_best.pt``. A query's
+plain rank depends on its own scores alone: neither the order of the test items nor another
+video's missing captions change it (:mod:`clipvip.metrics`, tests/test_eval_protocol.py).
 """
 from __future__ import annotations
 
 import os
+from typing import Collection
 
 import torch
 
@@ -27,8 +33,17 @@ from clipvip.precision import autocast
 from clipvip.files import atomic_write_json
 
 LOGGER = get_logger("evaluate")
-PROTOCOL = "multi-caption: every caption is a query, its video the target"
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
+# What the numbers of an eval block mean, recorded beside them (its "protocol"); docs/leaderboards.md.
+QUERIES = ("multi-caption: every caption is a text-to-video query, its video the target; every test video is a "
+           "candidate, every video with a caption a video-to-text query")
+DSL_NOTE = "transductive: a DSL score is normalised over all the test queries"
+
+
+def protocol(selected_on_this_set: bool) -> dict:
+    """The ``protocol`` entry of an eval block. ``selected_on_this_set``: ``model_best.pt`` is chosen
+    by this set's text-to-video R@1 (the first set validated), so its scores here are not held out."""
+    return {"queries": QUERIES, "dsl": DSL_NOTE, "selected_on_this_set": bool(selected_on_this_set)}
 
 
 def encode_retrieval_set(model, dataset, loader: LoaderSettings, precision: str, device: torch.device,
@@ -65,28 +80,32 @@ def encode_retrieval_set(model, dataset, loader: LoaderSettings, precision: str,
     return videos, texts
 
 
-def evaluate_retrieval_set(model, dataset, loader: LoaderSettings, precision: str, device: torch.device) -> dict:
+def evaluate_retrieval_set(model, dataset, loader: LoaderSettings, precision: str, device: torch.device,
+                           selected_on_this_set: bool = False) -> dict:
     """The eval block of one retrieval dataset (see :func:`evaluate_all`).
 
     ``n_videos``/``n_texts`` count what was scored; ``skipped_videos`` lists the clip ids left out
-    (no caption, unreadable up front or while encoding) and ``skip_reasons`` says why, per id.
+    (unreadable up front or while encoding) and ``skip_reasons`` says why, per id.
     """
     videos, texts = encode_retrieval_set(model, dataset, loader, precision, device)
     metrics = evaluate_retrieval(texts, videos, dataset.text_to_video())
-    return {"protocol": PROTOCOL, "n_videos": len(dataset.videos), "n_texts": len(dataset.texts),
+    return {"protocol": protocol(selected_on_this_set), "n_videos": len(dataset.videos), "n_texts": len(dataset.texts),
             "skipped_videos": dataset.skipped_clip_ids, "skip_reasons": dict(dataset.skip_reasons),
             **{d: metrics[d] for d in DIRECTIONS}}
 
 
-def evaluate_all(model, datasets: list, loader: LoaderSettings, precision: str, device: torch.device) -> dict:
+def evaluate_all(model, datasets: list, loader: LoaderSettings, precision: str, device: torch.device,
+                 selected_on: Collection[str] = ()) -> dict:
     """``{dataset name: eval block}`` for every evaluation dataset; ``model`` is put in eval mode.
 
     ``loader``: the evaluation loaders' batch size (``test_batch_size``), workers and seed.
+    ``selected_on``: the names of the sets that choose ``model_best.pt`` (:func:`protocol`).
     """
     model.eval()
     results = {}
     for dataset in datasets:
-        results[dataset.name] = block = evaluate_retrieval_set(model, dataset, loader, precision, device)
+        results[dataset.name] = block = evaluate_retrieval_set(model, dataset, loader, precision, device,
+                                                               dataset.name in selected_on)
         LOGGER.info("[%s] t2v R@1 %.2f R@5 %.2f R@10 %.2f | v2t R@1 %.2f | DSL t2v R@1 %.2f",
                     dataset.name, block["t2v"]["R1"], block["t2v"]["R5"], block["t2v"]["R10"],
                     block["v2t"]["R1"], block["t2v_dsl"]["R1"])
@@ -105,6 +124,8 @@ def format_results_table(results: dict) -> str:
         extra = f"{block['n_videos']} videos, {block['n_texts']} texts"
         if block["skipped_videos"]:
             extra += f", {len(block['skipped_videos'])} unreadable videos left out"
+        if block["protocol"]["selected_on_this_set"]:
+            extra += "; model_best.pt is chosen on this set: not held out"
         lines.append(f"{'':<24} {extra}")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from transformers import BatchFeature, ProcessorMixin
 
 from clipvip.data.retrieval_dataset import ClipReader, tokenize
 from clipvip.data.transforms import CLIP_MEAN, CLIP_STD, frames_to_model_input
-from clipvip.data.video import resolve_backend
+from clipvip.data.video import VideoBytes, resolve_backend
 from clipvip.errors import ConfigError, DataError
 from clipvip.files import atomic_write_json
 from clipvip.hf.hub import hub_options_in, resolve_folder
@@ -90,8 +90,9 @@ class CLIPViPProcessor(ProcessorMixin):
     """``processor(text=[...], videos=[...], return_tensors="pt")`` -> ``input_ids``,
     ``attention_mask`` ``[B, max_txt_len]`` and ``pixel_values [B, T, 3, H, W]``.
 
-    A video is a file path, a uint8 array or tensor ``[T, H, W, 3]`` (every frame of the clip,
-    RGB), or a list of PIL images (the same); ``videos`` may also be one such video alone.
+    A video is a file path, an encoded file in memory (:class:`clipvip.data.video.VideoBytes`), a
+    uint8 array or tensor ``[T, H, W, 3]`` (every frame of the clip, RGB), or a list of PIL images
+    (the same); ``videos`` may also be one such video alone.
     """
 
     attributes = ["tokenizer"]  # transformers 4; 5 reads the __init__ signature
@@ -122,7 +123,9 @@ class CLIPViPProcessor(ProcessorMixin):
         return BatchFeature(data=data)
 
     def video_input(self, video) -> torch.Tensor:
-        """``[T, 3, H, W]`` model input of one video (a path, a uint8 array, a list of PIL images)."""
+        """``[T, 3, H, W]`` model input of one video (a path, encoded bytes, a uint8 array, a list of PIL images)."""
+        if isinstance(video, VideoBytes):
+            return self.reader.read_video(video, random.Random(0))[0]
         if isinstance(video, (str, os.PathLike)):
             return self.reader.read_video(os.fspath(video), random.Random(0))[0]
         if isinstance(video, (list, tuple)):
@@ -162,7 +165,7 @@ class CLIPViPProcessor(ProcessorMixin):
 
 def _as_video_list(videos) -> Sequence:
     """``videos`` as a list of videos: one path, array or list of PIL images alone is one video."""
-    if isinstance(videos, (str, os.PathLike)) or (hasattr(videos, "ndim") and videos.ndim == 4):
+    if isinstance(videos, (str, os.PathLike, VideoBytes)) or (hasattr(videos, "ndim") and videos.ndim == 4):
         return [videos]
     videos = list(videos)
     if videos and hasattr(videos[0], "convert"):  # PIL images: the frames of one video
