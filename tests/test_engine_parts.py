@@ -202,6 +202,23 @@ def test_resume_training_restores_weights_optimizer_progress_and_position(tmp_pa
                         fresh_step.optimizer, fresh_step.scaler, fresh_stream)
 
 
+def test_a_state_from_before_the_settings_check_still_resumes(tmp_path, clipvip_log):
+    """States written before they recorded the settings: the plan's numbers are compared, the rest is said."""
+    folder = str(tmp_path)
+    model = ToyRetrieval()
+    step = make_step(model)
+    stream = ListStream([toy_batch(i) for i in range(5)])
+    save_training_state(folder, model, step.optimizer, step.scaler, Progress(step=1), run_fingerprint(PLAN, 42),
+                        data=stream.state_dict())
+    assert "settings" not in torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
+    fresh = ToyRetrieval()
+    fresh_step = make_step(fresh)
+    progress = resume_training(folder, run_fingerprint(PLAN, 42), fresh, fresh_step.optimizer, fresh_step.scaler,
+                               ListStream([]), settings={"learning_rate": 1e-3})
+    assert progress.step == 1
+    assert "records no settings besides world size, batch, accumulation, length and seed" in clipvip_log.text
+
+
 # ----------------------------------------------------------------------------------------------
 # The stop request
 # ----------------------------------------------------------------------------------------------

@@ -66,9 +66,11 @@ def test_two_process_pretraining_lowers_the_loss(pretrained):
 
 
 def test_pretrained_checkpoint_evaluates_in_retrieval(pretrained, tmp_path):
-    ckpt_dir = os.path.join(pretrained["out"], "ckpt")
-    last = max(int(n[len("model_step_"):-3]) for n in os.listdir(ckpt_dir) if n.startswith("model_step_"))
-    state = torch.load(os.path.join(ckpt_dir, f"model_step_{last}.pt"), weights_only=True)
+    with open(os.path.join(pretrained["out"], "eval_results.json")) as f:
+        during_pretraining = json.load(f)["synthetic-test"]
+    checkpoint = during_pretraining["checkpoint"]  # the file the results score: ckpt/model_best.pt
+    assert checkpoint == os.path.join(pretrained["out"], "ckpt", "model_best.pt")
+    state = torch.load(checkpoint, weights_only=True)
     assert all(k.startswith("clipmodel.") for k in state)
     retrieval_cfg = {k: v for k, v in pretrained["config"].items() if k not in ("train_datasets", "loss_config")}
     retrieval_cfg["inference_datasets"] = retrieval_cfg.pop("val_datasets")
@@ -76,14 +78,11 @@ def test_pretrained_checkpoint_evaluates_in_retrieval(pretrained, tmp_path):
     path.write_text(json.dumps(retrieval_cfg))
     out = str(tmp_path / "eval")
     result = subprocess.run([sys.executable, "-m", "clipvip", "retrieval", "--config", str(path), "--e2e_weights_path",
-                             os.path.join(ckpt_dir, f"model_step_{last}.pt"), "--output_dir", out],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+                             checkpoint, "--output_dir", out], capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]  # strict load: no missing or unexpected keys
     with open(os.path.join(out, "eval_results.json")) as f:
         ours = json.load(f)["synthetic-test"]
-    with open(os.path.join(pretrained["out"], "eval_results.json")) as f:
-        during_pretraining = json.load(f)["synthetic-test"]
-    assert ours == during_pretraining  # the same model, evaluated by the retrieval app
+    assert ours == during_pretraining  # the same model (and step), evaluated by the retrieval app
 
 
 def test_validation_sets_on_hdvila_folders_use_its_layout():

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from clipvip import horovod_adapter
 from clipvip.errors import ConfigError
-from clipvip.logging_utils import get_logger
+from clipvip.logging_utils import get_logger, set_rank
 
 LOGGER = get_logger("distributed")
 
@@ -123,6 +123,7 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
         local_rank = detect_launcher()[3]
         _ENV = DistEnv(rank, world, local_rank, str(dist.get_backend()), device or _default_device(local_rank))
         _set_cuda_device(_ENV.device)
+        set_rank(rank)
         return _ENV
 
     launcher, rank, world, local_rank = detect_launcher()
@@ -130,6 +131,7 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
         rank, world, local_rank = horovod_adapter.init()
         _ENV = DistEnv(rank, world, local_rank, "horovod", device or _default_device(local_rank))
         _set_cuda_device(_ENV.device)
+        set_rank(rank)  # the other ranks say warnings and errors only, naming their rank
         LOGGER.info("horovod: rank %d of %d (local %d) on %s", rank, world, local_rank, _ENV.device)
         return _ENV
 
@@ -157,6 +159,7 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
     _OWNS_GROUP = True
     _ENV = DistEnv(rank, world, local_rank, backend, device)
+    set_rank(rank)
     LOGGER.info("%s/%s: rank %d of %d (local %d) on %s", launcher, backend, rank, world, local_rank, device)
     return _ENV
 

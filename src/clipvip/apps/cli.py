@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from clipvip.config import Config, load_config
 from clipvip.errors import ClipvipError, ConfigError
+from clipvip.logging_utils import process_rank
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -28,15 +29,21 @@ a nested key a dot (--clip_vision_additional_config.add_cls_num 0), a path none 
 
 
 def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; a :class:`ClipvipError` prints ``error: <message>`` and exits 2."""
+    """Run ``main(argv)``; a :class:`ClipvipError` prints ``error: <message>`` and exits 2, Ctrl-C
+    prints the interrupt's own message (training: where the state was saved) and exits 130.
+
+    In a job of several processes the interrupt line comes from rank 0 alone, and an error of
+    another rank names it (``error (rank 3): ...``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(main(argv) or 0)
     except ClipvipError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = process_rank()
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if process_rank() == 0:
+            print(str(e) or "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from clipvip.apps.cli import OVERRIDES_HELP, HelpFormatter, prog_name
 from clipvip.config import load_config
+from clipvip.engine.checkpoints import BEST_MODEL, checkpoint_step
 from clipvip.errors import ClipvipError
 from clipvip.hf.convert import convert_checkpoint
 from clipvip.hf.hub import push_folder
@@ -57,27 +58,43 @@ def _read_results(path: str) -> dict:
     return results
 
 
-BEST_MODEL, BEST_MODEL_HF = "model_best.pt", "model_best_hf"
+BEST_MODEL_HF = "model_best_hf"
+
+
+def check_results_match(results: dict, weights: str, step: int | None) -> None:
+    """Refuse results that say they score another training step than ``weights`` holds (a card
+    would show the last step's numbers beside the best step's weights); unlabelled ones pass."""
+    scored = {block.get("step") for block in results.values() if isinstance(block, dict)} - {None}
+    if step is not None and scored and scored != {step}:
+        raise ClipvipError(
+            f"--results scores step {', '.join(map(str, sorted(scored)))}, but {weights} holds step {step}: pass "
+            f"the results of these weights (clipvip retrieval --e2e_weights_path {weights} writes them)")
 
 
 def convert_with_config(cfg, weights: str, out: str, results: dict | None = None, replace: bool = False) -> None:
-    """``weights`` converted into ``out`` with the architecture and input settings of ``cfg``."""
+    """``weights`` converted into ``out`` with the architecture and input settings of ``cfg``; the
+    card names the weights' training step where it is known (:func:`checkpoint_step`)."""
+    step = checkpoint_step(weights)
+    if results:
+        check_results_match(results, weights, step)
     convert_checkpoint(weights, resolve_clip_config(cfg.clip_config),
                        VideoSettings.from_config(cfg.clip_vision_additional_config),
-                       VideoInputSettings.from_config(cfg), build_tokenizer(cfg), out, results, replace=replace)
+                       VideoInputSettings.from_config(cfg), build_tokenizer(cfg), out, results, replace=replace,
+                       step=step)
 
 
-def save_best_as_hf(cfg) -> str | None:
+def save_best_as_hf(cfg, results: dict | None = None) -> str | None:
     """``--save_hf 1``: the run's ``ckpt/model_best.pt`` also as ``ckpt/model_best_hf``, replacing
-    that of an earlier attempt; its path, or None where the run kept no best model."""
+    that of an earlier attempt, its card showing ``results`` (the run's, of that model); its path,
+    or None where the run kept no best model."""
     ckpt = os.path.join(cfg.output_dir, "ckpt")
     best = os.path.join(ckpt, BEST_MODEL)
     if not os.path.isfile(best):
         LOGGER.warning("save_hf: no %s (if_model_saver 0, or no validation ran): nothing to convert", best)
         return None
     out = os.path.join(ckpt, BEST_MODEL_HF)
-    convert_with_config(cfg, best, out, replace=True)
-    LOGGER.info("the best model as a Hugging Face folder: %s", out)
+    convert_with_config(cfg, best, out, results or None, replace=True)
+    LOGGER.info("the best model (step %s) as a Hugging Face folder: %s", checkpoint_step(best), out)
     return out
 
 

@@ -17,9 +17,9 @@
    (twins share a batch, the random text tower stays fixed: ``freeze_text_encoder``), each
    through the retrieval app (``python -m clipvip retrieval --config ... --is_train``), the two
    side by side, one CPU thread each;
-4. evaluates both final checkpoints again through the library to rank every query, and reports
-   text-to-video R@1 on the *direction-sensitive* queries: those whose clip has its time-reversed
-   twin in the test set, which only frame order can tell apart;
+4. evaluates both runs' scored checkpoints (``ckpt/model_best.pt``) again through the library to
+   rank every query, and reports text-to-video R@1 on the *direction-sensitive* queries: those
+   whose clip has its time-reversed twin in the test set, which only frame order can tell apart;
 5. prints a table and writes ``OUT/results.json`` and ``OUT/curves.png``.
 
 ``results.json``::
@@ -277,10 +277,15 @@ def run_trainings(commands: dict[str, list[str]], run_dirs: dict[str, str], log_
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluation of the final checkpoints, query by query
+# Evaluation of the scored checkpoints, query by query
 # ------------------------------------------------------------------------------------------------
-def final_checkpoint(run_dir: str) -> str:
-    """``ckpt/model_step_N.pt`` of the last step N: the weights the app's eval_results.json scored."""
+def scored_checkpoint(run_dir: str) -> str:
+    """The checkpoint the app's ``eval_results.json`` scored (``ckpt/model_best.pt``, which the
+    results name), or ``ckpt/model_step_N.pt`` of the last step N for results that name none."""
+    with open(os.path.join(run_dir, "eval_results.json"), encoding="utf-8") as f:
+        named = json.load(f)[TEST_SET].get("checkpoint")
+    if named:
+        return named
     ckpt_dir = os.path.join(run_dir, "ckpt")
     steps = [int(n[len("model_step_"):-3]) for n in os.listdir(ckpt_dir)
              if n.startswith("model_step_") and n.endswith(".pt")]
@@ -290,14 +295,14 @@ def final_checkpoint(run_dir: str) -> str:
 
 
 def query_ranks(run_dir: str) -> tuple[list[int], list[bool]]:
-    """Pessimistic text-to-video rank of every test caption under the run's final checkpoint, and
+    """Pessimistic text-to-video rank of every test caption under the checkpoint the run scored, and
     for each caption whether its clip's time-reversed twin is in the test set.
 
     The model is rebuilt from the run's resolved ``config.json`` and scored with the evaluator's
     own pieces (ordered loaders, the same precision and batch size, :func:`retrieval_ranks`), so
     the ranks are those behind the app's eval block.
     """
-    cfg = load_config(os.path.join(run_dir, "config.json"), ["--e2e_weights_path", final_checkpoint(run_dir)])
+    cfg = load_config(os.path.join(run_dir, "config.json"), ["--e2e_weights_path", scored_checkpoint(run_dir)])
     device = torch.device("cpu")
     precision = precision_from_config(cfg, device.type)
     model = build_model(cfg).eval()
@@ -464,7 +469,7 @@ def run_demo(out: str, quick: bool = False, parallel: bool | None = None, config
     for name in MODELS:
         again, reported = results["direction_sensitive"][name]["all_t2v_R1"], results[name]["t2v"]["R1"]
         if abs(again - reported) > 1e-6:
-            LOGGER.warning("%s: re-evaluating the final checkpoint gives t2v R@1 %.2f, the run reported %.2f",
+            LOGGER.warning("%s: re-evaluating the scored checkpoint gives t2v R@1 %.2f, the run reported %.2f",
                            name, again, reported)
     plot_curves(run_dirs, os.path.join(out, "curves.png"))
     results["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -4,10 +4,11 @@ from clipvip.engine.optim import (OptimizerSettings, build_optimizer, learning_r
                                   param_groups)
 from clipvip.engine.schedule import TrainPlan
 from clipvip.engine.step import OptimizerStep, StepResult, StepSettings
-from clipvip.engine.trainer import Trainer, TrainerSettings, TrainingStopped
+from clipvip.engine.trainer import Trainer, TrainerSettings, TrainingInterrupted, TrainingStopped
 
 __all__ = [
-    "Trainer", "TrainerSettings", "TrainPlan", "TrainingStopped", "OptimizerStep", "StepResult", "StepSettings",
+    "Trainer", "TrainerSettings", "TrainPlan", "TrainingInterrupted", "TrainingStopped", "OptimizerStep",
+    "StepResult", "StepSettings",
     "evaluate_all", "format_results_table", "write_results", "OptimizerSettings", "build_optimizer",
     "learning_rate_at", "lr_multiplier", "param_groups",
 ]

@@ -130,6 +130,23 @@ def format_results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def scored_by(results: dict, checkpoint: str | None, step: int | None) -> dict:
+    """``results`` with every eval block naming the weights it scored: ``checkpoint`` (a path as
+    given, None where no file holds them) and the training ``step`` they are from (None: unknown)."""
+    return {name: {**block, "checkpoint": checkpoint, "step": step} for name, block in results.items()}
+
+
+def scored_label(results: dict) -> str | None:
+    """``run/ckpt/model_best.pt (step 12)``: what the first block of ``results`` says it scored;
+    None where it says nothing (random weights, or results written before blocks said it)."""
+    block = next(iter(results.values()), {})
+    checkpoint, step = block.get("checkpoint"), block.get("step")
+    if checkpoint is None and step is None:
+        return None
+    checkpoint = checkpoint or "the weights in the training state (no model file kept)"
+    return checkpoint if step is None else f"{checkpoint} (step {step})"
+
+
 def write_results(results: dict, output_dir: str, name: str = "eval_results.json") -> str:
     path = os.path.join(output_dir, name)
     atomic_write_json(path, results, indent=2)

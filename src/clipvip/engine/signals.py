@@ -1,6 +1,7 @@
 """Ctrl-C / SIGTERM during training, turned into a stop between two optimizer steps."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -20,16 +21,28 @@ class StopRequest:
     C callback (decord) it is printed and swallowed, and mid-step it would leave processes of a
     distributed job at different steps. With several processes the flag is combined over all of
     them each step, so every process stops after the same step.
+
+    Under torchrun (and ``accelerate launch``, which runs its agent) one Ctrl-C reaches a worker
+    twice: from the terminal, and again from the launcher, which passes the signal it got on to its
+    workers. That second SIGINT is not the user's "stop now": it is ignored once.
     """
 
-    def __init__(self, when: str = "after this step"):
+    def __init__(self, when: str = "after this step", forwarded_sigints: int | None = None):
         self.requested = False
         self.when = when  # where the loop looks at the flag, for the message
+        # SIGINTs a launcher forwards per Ctrl-C (TORCHELASTIC_RUN_ID: a worker of torch's elastic agent)
+        self.forwarded = int("TORCHELASTIC_RUN_ID" in os.environ) if forwarded_sigints is None else forwarded_sigints
+        self._repeats = 0
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            self._repeats += 1
+            if self._repeats > self.forwarded:
+                raise KeyboardInterrupt
+            return
+        if self.requested:
+            return
         self.requested = True
         LOGGER.warning("%s: stopping %s and saving the training state (Ctrl-C again to stop now)",
                        signal.Signals(signum).name, self.when)

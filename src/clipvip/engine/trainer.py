@@ -18,9 +18,10 @@ validation, at the end and on Ctrl-C; rerunning the same command resumes from it
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,12 +30,15 @@ from tqdm.auto import tqdm
 
 from clipvip import distributed
 from clipvip.data.loader import DevicePrefetcher
+from clipvip.engine.checkpoints import BEST_MODEL, step_checkpoint, write_checkpoint_info
+from clipvip.engine.evaluate import scored_by
 from clipvip.engine.guard import PendingUpdate, UpdateReport
 from clipvip.engine.logger import LogSettings, RunLogger
 from clipvip.engine.optim import OptimizerSettings
 from clipvip.engine.schedule import TrainPlan, actions_at, best_model_change, needs_final_validation
 from clipvip.engine.signals import StopRequest
-from clipvip.engine.state import Progress, resume_training, run_fingerprint, save_training_state
+from clipvip.engine.state import (STATE_FILE, Progress, resume_settings, resume_training, run_fingerprint,
+                                  save_training_state)
 from clipvip.engine.step import OptimizerStep, StepResult, StepSettings, train_mode
 from clipvip.errors import ClipvipError
 from clipvip.logging_utils import get_logger
@@ -45,6 +49,18 @@ LOGGER = get_logger("train")
 
 class TrainingStopped(ClipvipError):
     """Training cannot go on (repeated non-finite losses); the state was saved first."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM ended the training; the message says where the state was saved and how to
+    go on (the command line prints it as the run's last line, without a traceback)."""
+
+
+# DistributedDataParallel's keyword for "no buffer broadcast before every forward": torch 2.13 renamed
+# broadcast_buffers (deprecated, with a FutureWarning at every construction) to forward_sync_buffers.
+_DDP_BUFFER_SYNC = ("forward_sync_buffers"
+                    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                    else "broadcast_buffers")
 
 
 @dataclass(frozen=True)
@@ -60,13 +76,15 @@ class TrainerSettings:
     step: StepSettings
     optimizer: OptimizerSettings
     log: LogSettings
+    resume: dict = field(default_factory=dict)  # the settings a resumed run is checked against (state.resume_settings)
 
     @classmethod
     def from_config(cls, cfg) -> "TrainerSettings":
         return cls(output_dir=cfg.output_dir, seed=int(cfg.seed), prefetch_to_device=bool(cfg.prefetch_to_device),
                    save_models=bool(cfg.if_model_saver), log_interval=max(int(cfg.log_interval), 1),
                    max_nonfinite_steps=int(cfg.max_nonfinite_steps), step=StepSettings.from_config(cfg),
-                   optimizer=OptimizerSettings.from_config(cfg), log=LogSettings.from_config(cfg))
+                   optimizer=OptimizerSettings.from_config(cfg), log=LogSettings.from_config(cfg),
+                   resume=resume_settings(cfg))
 
 
 class Trainer:
@@ -89,9 +107,10 @@ class Trainer:
         train_mode(self.raw_model, settings.step)  # frozen parameters first: DDP and the optimizer skip them
         self.model = self.raw_model
         if env.world_size > 1 and env.backend in distributed.TORCH_BACKENDS:
+            # Buffers (position ids) are equal on every rank: synced once at construction, not per forward.
             self.model = nn.parallel.DistributedDataParallel(
                 self.raw_model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                **{_DDP_BUFFER_SYNC: False})
         self.optimizer_step = OptimizerStep(
             self.raw_model, loss_fn, settings.step, settings.optimizer, precision, self.device, plan.total_steps,
             forward_model=self.model,
@@ -102,14 +121,15 @@ class Trainer:
         self.progress = Progress()
         self.nonfinite_in_a_row = 0
         self.longest_nonfinite_run = 0  # in the steps of the last report (deferred: since the last read)
-        self.last_results: dict = {}
+        self.last_results: dict = {}  # the latest validation's blocks
+        self.last_validated_step = -1
         self.ckpt_dir = os.path.join(settings.output_dir, "ckpt")
         self.fingerprint = run_fingerprint(plan, settings.seed)
         # The run's log file first, so that it holds the resume message too.
         self.run_log = RunLogger(settings.log, env.is_main)
         try:
             resumed = resume_training(self.ckpt_dir, self.fingerprint, self.raw_model, self.optimizer,
-                                      self.scaler, self.stream)
+                                      self.scaler, self.stream, settings.resume)
         except BaseException:
             self.run_log.close()
             raise
@@ -126,7 +146,7 @@ class Trainer:
         self.settle()  # the counts of deferred steps belong in the saved progress
         if self.env.is_main:
             save_training_state(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, self.progress,
-                                self.fingerprint, data=self.stream.state_dict())
+                                self.fingerprint, data=self.stream.state_dict(), settings=self.settings.resume)
         distributed.barrier()
 
     def save_model(self, name: str) -> None:
@@ -180,6 +200,7 @@ class Trainer:
         LOGGER.info("step %d: validation%s", step, " and checkpoint" if save_step_checkpoint else "")
         self.raw_model.eval()
         results = self.last_results = self.evaluate(self.raw_model)
+        self.last_validated_step = step
         train_mode(self.raw_model, self.settings.step)
         metrics = {}
         for name, block in results.items():
@@ -188,19 +209,24 @@ class Trainer:
                     metrics[f"val/{name}/{direction}_{key}"] = value
         self.run_log.log(step, metrics)
         if save_step_checkpoint:
-            self.save_model(f"model_step_{step}.pt")
+            self.save_model(step_checkpoint(step))
         if results:
-            self._keep_best(next(iter(results.values()))["t2v"]["R1"], step)
+            self._keep_best(results, step)
         distributed.barrier()
 
-    def _keep_best(self, r1: float, step: int) -> None:
-        """``model_best.pt`` := this step if its R@1 is the best so far; of equals, the later step."""
+    def _keep_best(self, results: dict, step: int) -> None:
+        """``model_best.pt`` := this step if its R@1 (of the first set) is the best so far; of equals,
+        the later step. Its step is noted beside it (``model_best.json``), its results kept."""
+        name, block = next(iter(results.items()))
+        r1 = block["t2v"]["R1"]
         best, best_step = self.progress.best_r1, self.progress.best_step
         change = best_model_change(r1, best, best_step)
         if change == "worse":
             return
-        self.progress.best_r1, self.progress.best_step = r1, step
-        self.save_model("model_best.pt")
+        self.progress.best_r1, self.progress.best_step, self.progress.best_results = r1, step, results
+        self.save_model(BEST_MODEL)
+        if self.env.is_main and self.settings.save_models:
+            write_checkpoint_info(os.path.join(self.ckpt_dir, BEST_MODEL), step, t2v_R1=r1, dataset=name)
         saved = ": ckpt/model_best.pt" if self.settings.save_models else ""
         if change == "first":
             LOGGER.info("step %d: text-to-video R@1 %.2f, the best so far%s", step, r1, saved)
@@ -231,9 +257,11 @@ class Trainer:
             with stop:
                 self._run_steps(stop, bar, stop_everywhere)
         except KeyboardInterrupt:
-            LOGGER.warning("interrupted at step %d: saving the training state", self.progress.step)
             self.save_state()
-            raise
+            self.run_log.close()
+            raise TrainingInterrupted(
+                f"interrupted at step {self.progress.step}: the training state is saved in "
+                f"{os.path.join(self.ckpt_dir, STATE_FILE)}; rerun the same command to resume from it") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -300,3 +328,15 @@ class Trainer:
         return (f"{p.step} steps ({self.plan.epochs_at(p.step):.4g} epochs); {best}; {p.nonfinite_steps} non-finite "
                 f"steps skipped, {p.scale_overflow_steps} fp16 overflow steps, {p.skipped_samples} unreadable "
                 "clips replaced")
+
+    def reported_results(self) -> dict:
+        """The run's results (``eval_results.json``): the validation of ``ckpt/model_best.pt``, the
+        model the run keeps (and ``--save_hf`` converts), each block naming that file and its step.
+        Without saved models (``if_model_saver 0``) the best weights are gone: the last validation,
+        of the weights in the training state, naming no file. Empty when nothing was validated."""
+        p = self.progress
+        if self.settings.save_models and p.best_results:
+            return scored_by(p.best_results, os.path.join(self.ckpt_dir, BEST_MODEL), p.best_step)
+        if self.last_results:
+            return scored_by(self.last_results, None, self.last_validated_step)
+        return {}

@@ -31,27 +31,30 @@ HASH_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Source:
-    """Where the weights came from, for the model card."""
+    """Where the weights came from, for the model card: the file, its hash, its training step if known."""
 
     path: str
     sha256: str
+    step: int | None = None
 
     @classmethod
-    def of(cls, path: str) -> "Source":
+    def of(cls, path: str, step: int | None = None) -> "Source":
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(HASH_CHUNK), b""):
                 digest.update(block)
-        return cls(path=path, sha256=digest.hexdigest())
+        return cls(path=path, sha256=digest.hexdigest(), step=step)
 
 
 def convert_checkpoint(weights: str, clip_config: CLIPConfig, video: VideoSettings, video_input: VideoInputSettings,
-                       tokenizer, out: str, results: dict | None = None, replace: bool = False) -> CLIPViPModel:
+                       tokenizer, out: str, results: dict | None = None, replace: bool = False,
+                       step: int | None = None) -> CLIPViPModel:
     """Write the converted folder ``out`` (which must not exist, or be empty) and return the model.
 
     ``weights``: a checkpoint in the released ``clipmodel.*`` layout or any this project writes;
     it must match the architecture exactly (:func:`clipvip.model.weights.load_checkpoint`).
     ``results``: an ``eval_results.json`` (``{dataset: eval block}``) for the card's table.
+    ``step``: the training step the weights are from, named by the card (None: not known).
     ``replace``: an earlier converted folder at ``out`` is replaced (a rerun of a training run),
     moved aside only once the new one is complete, and put back if the new one cannot take its place.
     """
@@ -68,8 +71,8 @@ def convert_checkpoint(weights: str, clip_config: CLIPConfig, video: VideoSettin
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        atomic_write_text(os.path.join(staging, CARD_FILE), model_card(model.config, video_input, Source.of(weights),
-                                                                      results))
+        atomic_write_text(os.path.join(staging, CARD_FILE), model_card(model.config, video_input,
+                                                                      Source.of(weights, step), results))
         if replacing:
             os.replace(out, previous)
         elif os.path.isdir(out):
@@ -111,6 +114,11 @@ def model_card(config: CLIPViPConfig, video_input: VideoInputSettings, source: S
     kernel = ("bicubic, antialiased" if video_input.resize_antialias
               else "bicubic without antialiasing as torchvision 0.9, the released checkpoints' input")
     evaluation = results_table(results) if results else "No evaluation results were given to the conversion."
+    scored = next(iter(results.values()), {}) if results else {}  # eval blocks name what they scored
+    if isinstance(scored, dict) and scored.get("checkpoint"):
+        at = f" (step {scored['step']})" if scored.get("step") is not None else ""
+        evaluation = f"Scores of `{os.path.basename(scored['checkpoint'])}`{at}:\n\n{evaluation}"
+    step = f"; step {source.step} of its training run" if source.step is not None else ""
     frames = video_input.n_clips * video_input.num_frms
     name = os.path.splitext(os.path.basename(source.path))[0]
     return f"""---
@@ -136,7 +144,7 @@ This model uses {video}. Videos and sentences are encoded into one space of
 {video_input.max_txt_len} tokens per caption.
 - Input: {frames} frames {sampling}, resized to {video_input.input_res[0]}x{video_input.input_res[1]} \
 ({kernel}), CLIP's mean and std.
-- Converted from `{os.path.basename(source.path)}` (sha256 `{source.sha256}`) with `clipvip convert`.
+- Converted from `{os.path.basename(source.path)}` (sha256 `{source.sha256}`{step}) with `clipvip convert`.
 
 ## Evaluation
 
