@@ -345,7 +345,7 @@ def test_real_clips_decode_without_native_complaints(real_videos, debug_records,
     n = count_frames(path)
     idx = np.linspace(0, n - 1, 12).round().astype(int).tolist()
     a = load_frames(path, idx)
-    if "decord" in BACKENDS:
+    if "decord" in BACKENDS:  # exact: FFmpeg's H.264 decoding is bit-exact, both convert with swscale's defaults
         assert torch.equal(a, load_frames(path, idx, "pyav"))
     assert not [r.getMessage() for r in debug_records if r.name == "clipvip.data.video"]
 

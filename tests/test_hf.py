@@ -203,6 +203,7 @@ def test_random_model_from_config_matches_the_retrieval_model(vip):
     video, ids, mask = _video_text(seed=2)
     with torch.no_grad():
         features = model.get_video_features(video)
+        # Bit-equal: get_*_features are the retrieval model's encode_* on the same input.
         torch.testing.assert_close(features, model.retrieval.encode_video(video), rtol=0, atol=0)
         torch.testing.assert_close(model.get_text_features(ids, mask), model.retrieval.encode_text(ids, mask),
                                    rtol=0, atol=0)
@@ -293,7 +294,7 @@ def test_hub_id_loads_from_the_cache_offline(converted, tmp_path, monkeypatch):
     # The Auto classes pass options of their own (trust_remote_code, ...) on to the classes.
     assert AutoProcessor.from_pretrained("someone/clipvip-tiny", cache_dir=cache).settings == processor.settings
     auto = AutoModel.from_pretrained("someone/clipvip-tiny", cache_dir=cache).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # bit-equal: the same class and weights, the same input
         assert torch.equal(auto.get_video_features(video), model.get_video_features(video))
 
 
@@ -351,7 +352,7 @@ def test_a_converted_folder_is_a_checkpoint_for_build_model(converted):
     _, config_path, weights, out, _ = converted
     from_folder = reference_model(config_path, out)
     video, ids, mask = _video_text()
-    with torch.no_grad():
+    with torch.no_grad():  # bit-equal: the same weights in the same model, the same input
         reference = reference_model(config_path, weights)
         assert torch.equal(from_folder.encode_video(video), reference.encode_video(video))
         assert torch.equal(from_folder.encode_text(ids, mask), reference.encode_text(ids, mask))

@@ -70,6 +70,7 @@ def weights(out, step):
 
 
 def assert_same_weights(a, b):
+    """Bit-equal: the same run resumed, with the same processes, batches and kernels."""
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import pathlib
 import re
 
@@ -105,3 +106,48 @@ def test_no_config_defaults_outside_config(name):
     lines = MODULES[name].read_text(encoding="utf-8").splitlines()
     offending = [f"{i}: {line.strip()}" for i, line in enumerate(lines, 1) if CONFIG_GET.search(line)]
     assert not offending, f"{MODULES[name]} restates config defaults: {offending}"
+
+
+def is_hf(name: str) -> bool:
+    return name == "clipvip.hf" or name.startswith("clipvip.hf.")
+
+
+# The Hugging Face classes (clipvip.hf) sit above the model; the package's __init__ imports them
+# only to register them with transformers' Auto classes. Weights references (file, folder, Hub id)
+# are resolved below the model, in clipvip.weights_ref.
+BELOW_HF = [m for m in MODULES if not (is_app(m) or is_hf(m) or m == "clipvip")]
+
+
+@functools.lru_cache(maxsize=None)
+def import_graph() -> dict[str, set[str]]:
+    """Each module's project imports, at any level."""
+    return {m: {n for n, _ in imported_modules(parsed(m), top_level_only=False) if n in MODULES or is_hf(n)}
+            for m in MODULES}
+
+
+@pytest.mark.parametrize("name", BELOW_HF)
+def test_nothing_below_the_hf_classes_reaches_them(name):
+    graph = import_graph()
+    seen, todo, via = set(), [name], {name: None}
+    while todo:
+        module = todo.pop()
+        for nxt in graph.get(module, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                via[nxt] = module
+                todo.append(nxt)
+    reached = sorted(m for m in seen if is_hf(m))
+    if reached:
+        chain, node = [], reached[0]
+        while node is not None:
+            chain.append(node)
+            node = via[node]
+        pytest.fail(f"{name} imports the Hugging Face layer: {' <- '.join(chain)}")
+
+
+def test_the_hf_rule_sees_an_import():
+    """The rule above finds a module's import of clipvip.hf (else it could pass by reading nothing)."""
+    tree = ast.parse("from clipvip.hf.hub import push_folder\nimport clipvip.hf\n")
+    assert {m for m, _ in imported_modules(tree, top_level_only=False)} == {"clipvip.hf.hub", "clipvip.hf"}
+    assert "clipvip.model.weights" in BELOW_HF and "clipvip.weights_ref" in BELOW_HF
+    assert not any(is_hf(m) for m in BELOW_HF)

@@ -97,6 +97,7 @@ def test_round_trip_same_outputs(tmp_path, hf_folder):
     video = torch.randn(2, 3, 3, 32, 32)
     with torch.no_grad():
         a, b = model(video, ids, mask), reloaded(video, ids, mask)
+    # Bit-equal: the same weights in the same model, the same input.
     assert torch.equal(a["vis_features"], b["vis_features"]) and torch.equal(a["text_features"], b["text_features"])
     assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]  # atomic write leaves nothing
 

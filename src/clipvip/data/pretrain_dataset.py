@@ -33,6 +33,7 @@ import torch
 from clipvip.errors import ConfigError, DataError
 from clipvip.logging_utils import get_logger
 from clipvip.data.annotations import DatasetEntry, hdvila_video_path, iter_annotation_file
+from clipvip.data.bad_samples import carry_from_items
 from clipvip.data.retrieval_dataset import ClipReader, DatasetSettings, SubstitutingDataset, tokenize
 
 LOGGER = get_logger(__name__)
@@ -278,7 +279,8 @@ class PretrainCollator:
 
     ``video`` [B, T, 3, H, W]; ``text_input_ids``, ``text_input_mask`` [B, L] (the video's text);
     ``image`` [B, 3, H, W] and ``caption_ids``, ``caption_masks`` [B, L] for "videoframe" sets,
-    else None; ``clip_ids``; ``indices`` [B] long; ``num_skipped`` int.
+    else None; ``clip_ids``; ``indices`` [B] long; ``num_skipped`` int; ``bad_samples`` when any
+    (:mod:`clipvip.data.bad_samples`).
     """
 
     def __init__(self, tokenizer, max_txt_len: int = 50):
@@ -298,4 +300,4 @@ class PretrainCollator:
         batch["clip_ids"] = [it["clip_id"] for it in items]
         batch["indices"] = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (B,)
         batch["num_skipped"] = int(sum(it.get("num_skipped", 0) for it in items))
-        return batch
+        return carry_from_items(batch, items)

@@ -15,9 +15,10 @@ and serves them through two views, :class:`VideoOnlyView` (``dataset.video_view(
 independently. In evaluation mode the dataset itself indexes videos, like its video view.
 
 Bad input (DESIGN §2): at training time a clip that cannot be read (missing, empty, truncated or
-undecodable video, no usable caption) is logged once with its path and replaced by a random
-other clip, at most ``MAX_TRIES`` times in a row before a :class:`DataError`; every item says how
-many clips were skipped to produce it (``num_skipped``; the collator sums it per batch). At
+undecodable video, no usable caption) is replaced by a random other clip, at most ``MAX_TRIES``
+times in a row before a :class:`DataError`; every item says how many clips were skipped to produce
+it (``num_skipped``; the collator sums it per batch) and which (``bad_samples``: the training
+process warns once per clip and run, and lists them at its end; :mod:`clipvip.data.bad_samples`). At
 evaluation time nothing is replaced: an unreadable video is dropped with all its captions
 (:meth:`VideoRetrievalDataset.drop_videos`), and ``skipped_clip_ids`` / ``skip_reasons`` say
 which and why. :meth:`VideoRetrievalDataset.scan_readable` drops what a cheap check finds before
@@ -43,6 +44,7 @@ from torch.utils.data import Dataset
 from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
 from clipvip.data.annotations import AnnotationRule, ClipRecord, DatasetEntry, load_annotations, select_rule
+from clipvip.data.bad_samples import BadSample, carry, carry_from_items
 from clipvip.data.sampling import middle_frame_index, sample_frame_indices
 from clipvip.data.transforms import frames_to_model_input
 from clipvip.data.video import (VideoBytes, count_folder_frames, count_frames, load_frame_folder,
@@ -221,21 +223,22 @@ class SubstitutingDataset(Dataset):
                 raise DataError(f"{self.clip_path(index)}: {type(e).__name__}: {e}") from e
             item["num_skipped"] = 0
             return item
-        skipped = 0
+        bad: list[BadSample] = []
         last_error: BaseException | None = None
         for _ in range(self.max_tries):
             try:
                 item = self._load(index)
             except BAD_SAMPLE_ERRORS as e:
                 last_error = e
-                skipped += 1
                 self.num_skipped += 1
-                LOGGER.warning("%s: skipping unreadable clip %s (%s); using a random other clip",
-                               self.name, self.clip_path(index), e)
+                # Warned about once per run by the training process (clipvip.data.bad_samples).
+                bad.append(BadSample(self.name, self.clip_path(index), unreadable_reason(e)))
+                LOGGER.debug("%s: skipping unreadable clip %s (%s); using a random other clip",
+                             self.name, self.clip_path(index), e)
                 index = self.rng.randrange(len(self))
                 continue
-            item["num_skipped"] = skipped
-            return item
+            item["num_skipped"] = len(bad)
+            return carry(item, bad)
         raise DataError(
             f"{self.name}: {self.max_tries} clips in a row could not be read (last: {last_error}); "
             f"check the dataset's 'vis' and 'txt' paths") from last_error
@@ -603,7 +606,8 @@ class RetrievalCollator:
     ``clip_ids`` list[str]; ``indices`` [B] long (dataset index of each item: clip, video or text);
     ``video_indices`` [B] long (text view: the target video); ``durations`` list[float | None]
     (:class:`VideoFiles`); ``num_skipped`` int (clips replaced
-    to build this batch; the training loop sums it over steps, and so over workers).
+    to build this batch; the training loop sums it over steps, and so over workers); ``bad_samples``
+    (which, when any: :mod:`clipvip.data.bad_samples`).
     """
 
     def __init__(self, tokenizer, max_txt_len: int = 50):
@@ -628,4 +632,4 @@ class RetrievalCollator:
         if "duration" in first:  # VideoFiles: seconds, or None where the container does not say
             batch["durations"] = [it["duration"] for it in items]
         batch["num_skipped"] = int(sum(it.get("num_skipped", 0) for it in items))
-        return batch
+        return carry_from_items(batch, items)

@@ -34,9 +34,11 @@ so nothing is exchanged between processes):
    Workers are started afresh per epoch (and on resume), each told its reader and cursor.
 
 Bad data: a member that cannot be used (no video member, undecodable video, no text) is skipped,
-counted in the batch's ``num_skipped`` and logged; a shard that cannot be opened, or ends early
-(truncated), is logged once and its missing samples are skipped the same way; a shard list that
-matches nothing is a one-line error when the stream is built, before training starts.
+counted in the batch's ``num_skipped`` and named in its ``bad_samples``; the missing samples of a
+shard that cannot be opened, or ends early (truncated), are skipped the same way, named by the
+shard. The training process warns once per run about each and lists them at its end
+(:mod:`clipvip.data.bad_samples`). A shard list that matches nothing is a one-line error when the
+stream is built, before training starts.
 
 Epoch length: from the shard index (``shards.json`` beside the shards, written by
 ``clipvip shard``, or ``shard_index`` in the dataset entry); without one each shard is counted once
@@ -69,7 +71,9 @@ from clipvip.logging_utils import get_logger
 from clipvip.data.annotations import DatasetEntry
 from clipvip.data.loader import LoaderSettings, derived_seed, loader_kwargs
 from clipvip.data.pretrain_dataset import VID_TXT_MODES, PretrainCollator
-from clipvip.data.retrieval_dataset import (BAD_SAMPLE_ERRORS, ClipReader, DatasetSettings, RetrievalCollator)
+from clipvip.data.bad_samples import BadSample, carry
+from clipvip.data.retrieval_dataset import (BAD_SAMPLE_ERRORS, ClipReader, DatasetSettings, RetrievalCollator,
+                                            unreadable_reason)
 from clipvip.data.shard_index import INDEX_NAME, ShardInfo, is_remote, read_index, write_index
 from clipvip.data.video import VideoBytes
 
@@ -430,7 +434,8 @@ class PlanReader:
             why = (f"shard {url} unreadable after {self._in_shard} of {count} samples: {_one_line(self._errors.error)}"
                    if self._errors.error is not None else
                    f"shard {url} holds {self._in_shard} samples, its index says {count}")
-            LOGGER.warning("[%s] %s; the rest of it is skipped", self.name, why)
+            # Each missing sample is a bad sample named by this shard: warned about once per run.
+            LOGGER.debug("[%s] %s; the rest of it is skipped", self.name, why)
             for p in range(self.position, end):
                 self._keep(p, _MISSING, why)
             self.position = end
@@ -547,7 +552,8 @@ class ShardDataset(IterableDataset):
     Set ``epoch``, ``starts`` (per reader of this rank) and ``rotation`` (the reader the first
     worker plays: a resumed epoch goes on with the reader whose turn it is) before each
     ``iter(DataLoader)``; workers are started per iteration, so they see the values.
-    Batches: the collator's dict plus ``num_skipped`` and ``stream_reader``/``stream_cursor``.
+    Batches: the collator's dict plus ``num_skipped`` (``bad_samples`` when any) and
+    ``stream_reader``/``stream_cursor``.
     """
 
     def __init__(self, shards: ShardSet, decoder: SampleDecoder, collator: Callable, *, batch_size: int,
@@ -583,7 +589,7 @@ class ShardDataset(IterableDataset):
         plan_reader, pass_ = None, -1
         good_in_pass, whole_pass = 0, False
         while done < layout.batches_per_reader:
-            items, skipped = [], 0
+            items, bad = [], []
             while len(items) < self.batch_size:
                 if cursor // n != pass_:  # a new pass over the plan (the first, or a repeat of it)
                     if whole_pass and good_in_pass == 0:
@@ -604,15 +610,15 @@ class ShardDataset(IterableDataset):
                         raise DataError(why)
                     item = self.decoder(sample, index, random.Random(seed))
                 except BAD_SAMPLE_ERRORS as e:
-                    skipped += 1
-                    name = f"{sample['__url__']}:{sample['__key__']}" if sample is not None else f"sample {index}"
-                    LOGGER.warning("[%s] skipping %s (%s)", self.shards.name, name, e)
+                    # A sample the shard's end took with it is named by its shard: the shard is what to repair.
+                    name = f"{sample['__url__']}:{sample['__key__']}" if sample is not None else shards[shard_no][0]
+                    bad.append(BadSample(self.shards.name, name, unreadable_reason(e)))  # warned once per run
                     continue
                 good_in_pass += 1
                 items.append(item)
-            batch = self.collator(items)
+            batch = carry(self.collator(items), bad)
             done += 1
-            batch["num_skipped"] = skipped
+            batch["num_skipped"] = len(bad)
             batch["stream_reader"], batch["stream_cursor"] = local, cursor
             yield batch
 

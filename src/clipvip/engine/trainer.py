@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clipvip import distributed
+from clipvip.data import bad_samples
 from clipvip.data.loader import DevicePrefetcher
 from clipvip.engine.checkpoints import BEST_MODEL, step_checkpoint, write_checkpoint_info
 from clipvip.engine.evaluate import scored_by
@@ -137,6 +138,11 @@ class Trainer:
         if resumed is not None:
             self.progress = resumed
         self.run_log.forget_after(self.progress.step)
+        # Bad training samples: one warning each per rank and run, the list in log/ at every save.
+        self.bad_samples_path = os.path.join(settings.output_dir, "log", bad_samples.FILE_NAME)
+        self.bad_sample_rows = bad_samples.carried_over(self.bad_samples_path, self.resumed, env.is_main)
+        self.bad_samples = bad_samples.BadSampleLog(env.rank, env.world_size, known=self.bad_sample_rows)
+        self.earlier_bad_samples = self.bad_sample_rows  # the part of the run before a resume
         self._unreported_from = self.progress.step + 1  # the first step not yet in a report
 
     # ------------------------------------------------------------------------------------------
@@ -144,9 +150,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def save_state(self) -> None:
         self.settle()  # the counts of deferred steps belong in the saved progress
+        self.bad_sample_rows = bad_samples.merge(distributed.gather_objects(self.bad_samples.entries()),
+                                                 self.earlier_bad_samples)
         if self.env.is_main:
             save_training_state(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, self.progress,
                                 self.fingerprint, data=self.stream.state_dict(), settings=self.settings.resume)
+            if self.bad_sample_rows:
+                bad_samples.write(self.bad_samples_path, self.bad_sample_rows)
         distributed.barrier()
 
     def save_model(self, name: str) -> None:
@@ -161,6 +171,7 @@ class Trainer:
         when :meth:`settle` reads it."""
         batches = [next(self.stream) for _ in range(self.plan.accumulation)]
         self.progress.skipped_samples += sum(int(b.get("num_skipped", 0)) for b in batches)
+        self.bad_samples.add(bad for b in batches for bad in b.get(bad_samples.KEY, ()))
         result = self.optimizer_step(self.progress.step + 1, batches)
         self.progress.step = result.step
         if isinstance(result.update, UpdateReport):
@@ -314,8 +325,9 @@ class Trainer:
         if needs_final_validation(self.plan, self.progress.step):
             self.validate(save_step_checkpoint=True)
         self.save_state()
-        if self.progress.skipped_samples:
-            LOGGER.warning("%d unreadable training samples were replaced by others", self.progress.skipped_samples)
+        if self.env.is_main and self.bad_sample_rows:
+            LOGGER.warning("%s", bad_samples.describe(self.bad_sample_rows, self.bad_samples_path,
+                                                      show_ranks=self.env.world_size > 1))
         LOGGER.info("done: %s", self.summary())
         self.run_log.close()
 

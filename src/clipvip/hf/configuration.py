@@ -13,8 +13,8 @@ from dataclasses import fields
 
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
-from clipvip.hf.hub import MODEL_TYPE
 from clipvip.model.clip_vip import VideoSettings
+from clipvip.weights_ref import MODEL_TYPE
 
 
 class CLIPViPConfig(PretrainedConfig):

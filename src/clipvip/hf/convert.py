@@ -17,11 +17,11 @@ from transformers import CLIPConfig
 from clipvip.errors import ClipvipError
 from clipvip.files import atomic_write_text, fsync_dir, temporary_sibling
 from clipvip.hf.configuration import CLIPViPConfig
-from clipvip.hf.hub import checkpoint_file, download_command, is_converted_folder
 from clipvip.hf.modeling import CLIPViPModel
 from clipvip.hf.processing import CLIPViPProcessor, VideoInputSettings
 from clipvip.model.clip_vip import VideoSettings
 from clipvip.model.weights import load_checkpoint
+from clipvip.weights_ref import checkpoint_file, download_command, is_converted_folder
 
 CARD_FILE = "README.md"
 # The eval blocks' metric columns (clipvip.metrics / eval_results.json), in table order.

@@ -21,9 +21,10 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from clipvip.hf.configuration import CLIPViPConfig
-from clipvip.hf.hub import hub_options_in, resolve_folder
+from clipvip.hf.hub import hub_options_in
 from clipvip.model.clip_vip import CLIPViPTowers
 from clipvip.model.retrieval_model import CLIPViPRetrieval
+from clipvip.weights_ref import resolve_folder
 
 
 @dataclass

@@ -34,8 +34,9 @@ from clipvip.data.transforms import CLIP_MEAN, CLIP_STD, frames_to_model_input
 from clipvip.data.video import VideoBytes, resolve_backend
 from clipvip.errors import ConfigError, DataError
 from clipvip.files import atomic_write_json
-from clipvip.hf.hub import hub_options_in, resolve_folder
+from clipvip.hf.hub import hub_options_in
 from clipvip.tokenizer import load_clip_tokenizer
+from clipvip.weights_ref import resolve_folder
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 RESIZE_KERNELS = {"bicubic": False, "bicubic_antialias": True}  # name -> antialias

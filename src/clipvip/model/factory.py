@@ -14,12 +14,12 @@ from transformers import CLIPConfig
 
 from clipvip.config import Config
 from clipvip.errors import CheckpointError, ConfigError
-from clipvip.hf.hub import is_hub_id
 from clipvip.logging_utils import get_logger
 from clipvip.model.clip_vip import VideoSettings
 from clipvip.model.layers import ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer
 from clipvip.model.retrieval_model import CLIPViPRetrieval
-from clipvip.model.weights import hub_cached_folder, load_checkpoint, load_clip_weights
+from clipvip.model.weights import load_checkpoint, load_clip_weights
+from clipvip.weights_ref import hub_cached_folder, is_hub_id
 
 LOGGER = get_logger("model")
 

@@ -9,14 +9,13 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file
 from torch import nn
 
 from clipvip.errors import CheckpointError
 from clipvip.files import atomic_write
-from clipvip.hf.hub import checkpoint_file
 from clipvip.logging_utils import get_logger
+from clipvip.weights_ref import HF_WEIGHT_FILES, checkpoint_file, hf_weights_file, resolve_pretrained_path
 
 LOGGER = get_logger("weights")
 
@@ -24,7 +23,6 @@ LOGGER = get_logger("weights")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Buffers that are always arange() and that checkpoints may or may not carry.
 OPTIONAL_KEY_SUFFIXES = ("position_ids",)
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SUMMARY_KEYS_SHOWN = 8
 # Suffixes of weight files, for "did you mean" when a folder is given where a file is expected.
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -194,38 +192,6 @@ def load_matching(
     return report
 
 
-def hf_weights_file(folder: str) -> str:
-    for name in HF_WEIGHT_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
-    raise CheckpointError(f"no {' or '.join(HF_WEIGHT_FILES)} in {folder}")
-
-
-def hub_cached_folder(name: str, filename: str) -> str | None:
-    """The local HF cache folder holding ``filename`` of repo ``name``, if it was downloaded before."""
-    try:
-        found = try_to_load_from_cache(name, filename)
-    except Exception:  # not a valid repo id
-        return None
-    return os.path.dirname(found) if isinstance(found, str) else None
-
-
-def resolve_pretrained_path(name_or_path: str, kind: str) -> str:
-    """A local folder or file with weights for ``name_or_path``: as given, or from the HF cache."""
-    if os.path.exists(name_or_path):
-        return name_or_path
-    for filename in HF_WEIGHT_FILES:
-        folder = hub_cached_folder(name_or_path, filename)
-        if folder:
-            return folder
-    raise CheckpointError(
-        f"{kind} '{name_or_path}' is not a local folder or file and is not in the Hugging Face cache; "
-        f"download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "
-        f"and pass --{kind} DIR, or pass --{kind} none for random weights (docs/first-run.md)"
-    )
-
-
 def load_clip_weights(model, path: str) -> LoadReport:
     """Initialise ``model.clipmodel`` from image CLIP (a HF folder, or a weights file).
 
@@ -255,7 +221,7 @@ def load_checkpoint(model: nn.Module, path: str) -> LoadReport:
     Anything missing, unexpected or of another shape, beyond the optional ``position_ids``
     buffers, is a :class:`CheckpointError` listing the keys: a checkpoint that does not match
     the config would otherwise evaluate a half-random model. A folder written by ``clipvip
-    convert`` or a Hub id of one stands for its ``model.safetensors`` (:mod:`clipvip.hf`).
+    convert`` or a Hub id of one stands for its ``model.safetensors`` (:mod:`clipvip.weights_ref`).
     """
     path = checkpoint_file(path)
     state = read_state_dict(path)
