@@ -113,9 +113,9 @@ def is_hf(name: str) -> bool:
 
 
 # The Hugging Face classes (clipvip.hf) sit above the model; the package's __init__ imports them
-# only to register them with transformers' Auto classes. Weights references (file, folder, Hub id)
-# are resolved below the model, in clipvip.weights_ref.
-BELOW_HF = [m for m in MODULES if not (is_app(m) or is_hf(m) or m == "clipvip")]
+# only to register them with transformers' Auto classes, and clipvip.integrations (MTEB) is built on
+# them. Weights references (file, folder, Hub id) are resolved below the model, in clipvip.weights_ref.
+BELOW_HF = [m for m in MODULES if not (is_app(m) or is_hf(m) or m == "clipvip" or m.startswith("clipvip.integrations"))]
 
 
 @functools.lru_cache(maxsize=None)

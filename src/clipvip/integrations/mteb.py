@@ -45,7 +45,7 @@ from transformers import AutoModel, AutoProcessor
 from clipvip.data.video import VideoBytes
 from clipvip.errors import CheckpointError, DataError
 from clipvip.hf.configuration import CLIPViPConfig
-from clipvip.hf.hub import WEIGHTS_FILE, is_converted_folder, is_hub_id, resolve_folder
+from clipvip.weights_ref import WEIGHTS_FILE, is_converted_folder, is_hub_id, resolve_folder
 from clipvip.hf.processing import CLIPViPProcessor
 from clipvip.precision import PRECISIONS, autocast, resolve_precision
 
