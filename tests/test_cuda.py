@@ -7,8 +7,8 @@ step), fp16 loss scaling, the defaults each device gets, resuming at the right b
 evaluation through :class:`~clipvip.data.loader.DevicePrefetcher`. On the CPU the deferred check
 is asked for (``auto`` takes it on CUDA only), "no host sync" means that no tensor is read from
 Python inside the step (on CUDA: the sync debug mode set to error), and the prefetcher has no copy
-stream. What exists only on CUDA - the side-stream copy of pinned batches and its batch in flight
-- is what the ``[cuda]`` runs add. ``scripts/gpu_check.sh`` runs this file first.
+stream. The ``[cuda]`` runs add what exists only there: the side-stream copy of pinned batches,
+its batch in flight at a save, CUDA's own sync check. ``scripts/gpu_check.sh`` runs this file first.
 """
 import contextlib
 import os
