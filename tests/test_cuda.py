@@ -22,7 +22,7 @@ from clipvip.distributed import DistEnv
 from clipvip.engine import Trainer, TrainerSettings, TrainPlan
 from clipvip.engine.encode import encode_in_order
 from clipvip.loss import LossOutput, LossSettings, build_loss
-from tiny_models import random_text, tiny_cfg, write_hf_clip
+from tiny_models import random_text, tensor_reads, tiny_cfg, write_hf_clip
 
 # cuBLAS reproducible from run to run (read when cuBLAS starts, so set before any CUDA work)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -124,28 +124,16 @@ def assert_close_weights(a, b):
 def host_syncs_recorded(device, monkeypatch):
     """Inside: CUDA raises at a host-device sync (sync debug mode); on the CPU every read of a
     tensor from Python (what would be a sync on a GPU) is recorded in the list yielded."""
-    reads = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+    if device != "cuda":
+        with tensor_reads(monkeypatch) as reads:
             yield reads
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         return
-
-    def recording(name):
-        real = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return real(self, *args, **kwargs)
-        return read
-
-    with monkeypatch.context() as patch:
-        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-            patch.setattr(torch.Tensor, name, recording(name))
-        yield reads
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield []
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_defaults_per_device(tmp_path, device):
