@@ -146,7 +146,8 @@ bench b16 $((COLD + 60)) --mode both "${B16[@]}" --batch "$B1" --precision "$PRE
 # the target's number (scripts/gpu_check_summary.py). The GPU image lacks scikit-video: its wheel
 # travels in .whl/ too. SMOKE=1: a 1-layer CLIP of width 32 written to a scratch folder.
 E2E_CLIP=$(mktemp -d)
-cat >"$E2E_CLIP/config.json" <<'JSON'
+if [ "$SMOKE" = "1" ]; then
+  cat >"$E2E_CLIP/config.json" <<'JSON'
 {"projection_dim": 32,
  "text_config": {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                  "num_attention_heads": 2, "max_position_embeddings": 16, "hidden_act": "quick_gelu",
@@ -154,7 +155,8 @@ cat >"$E2E_CLIP/config.json" <<'JSON'
  "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                    "image_size": 64, "patch_size": 32, "hidden_act": "quick_gelu"}}
 JSON
-[ "$SMOKE" = "1" ] && E2E+=(--clip_config "$E2E_CLIP")
+  E2E+=(--clip_config "$E2E_CLIP")
+fi
 NOT_BUILT="invalid choice: 'e2e'" run_step e2e $((COLD + 60)) "$OUT_DIR/e2e.json" \
   "$PY" -m clipvip bench --mode e2e --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \
   --videos real --reencode --e2e_weights_path none --clip_weights none --video_backend pyav \
@@ -173,7 +175,7 @@ bench b32 $((COLD + 200)) --mode both "${B32[@]}" --batch "${BATCHES[@]}" --prec
 # 5. torchcodec (it loads only beside a CUDA torch with FFmpeg's libraries): its tests, then CPU
 # against NVDEC decoding of the same clips, loose files and shards.
 if "$PY" -c "import torchcodec.decoders" >/dev/null 2>&1; then
-  run_step test_torchcodec 30 "$LOG" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_video_sources.py \
+  run_step test_torchcodec $((COLD + 15)) "$LOG" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_video_sources.py \
     tests/test_fidelity.py -k "torchcodec or decord_frames_on_real"
   run_step torchcodec $((COLD + 35)) "$OUT_DIR/torchcodec.json" "$PY" -m clipvip bench --mode data "${DATA[@]}" \
     --layouts files shards --backends torchcodec --nvdec

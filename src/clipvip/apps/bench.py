@@ -477,6 +477,11 @@ def utilisation(flops: float, seconds: float, peak_tflops: Optional[float]) -> t
     return tflops, (tflops / peak_tflops if peak_tflops else None)
 
 
+def _significant(value: float, digits: int) -> float:
+    """``value`` to ``digits`` significant digits (a tiny test model's TFLOP/s keeps its precision)."""
+    return float(f"{value:.{digits}g}")
+
+
 def _chunks(values: list, size: int) -> list[list]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
@@ -604,11 +609,11 @@ class ModelBench:
             work = flops["train_step"] if mode == "train" else flops["video_forward"]
             peak, _ = self.peak(variant.precision)
             tflops, mfu = utilisation(work, statistics.median(times[name]["wall"]), peak)
-            entry["model_gflops"] = round(work / 1e9, 3)
-            entry["model_tflops_per_s"] = round(tflops, 3)
+            entry["model_gflops"] = _significant(work / 1e9, 6)
+            entry["model_tflops_per_s"] = _significant(tflops, 4)
             entry["peak_tflops"] = peak
             if mfu is not None:
-                entry["mfu"] = round(mfu, 4)
+                entry["mfu"] = _significant(mfu, 4)
             entry["gpu_busy_ms"] = entry["host_bound_share"] = None
             if args.profile or (device.type == "cuda" and not args.no_host_share):
                 setup()
@@ -657,7 +662,7 @@ def run_model_bench(args, progress: Optional[Callable[[dict], None]] = None) -> 
                                                              "num_attention_heads", "patch_size")},
             "text": {k: arch["text_config"][k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
         },
-        "model_gflops": {str(b): {k: round(v / 1e9, 3) for k, v in
+        "model_gflops": {str(b): {k: _significant(v / 1e9, 6) for k, v in
                                   model_flops(arch, b, args.frames, args.text_len).items()} for b in args.batch},
         "peak_tflops": round(peak, 2) if peak else None,  # of --precision; each entry has its own
         "peak_source": peak_source,
