@@ -102,8 +102,11 @@ def weights(trainer):
 def scaled_loss(trainer, factor):
     """Make the trainer's loss ``factor`` times the real one (its terms unchanged); returns the real forward."""
     real = trainer.loss_fn.forward
-    trainer.loss_fn.forward = lambda outputs, scale: (lambda out: LossOutput(out.total * factor, out.terms))(
-        real(outputs, scale))
+
+    def scaled(outputs, scale):
+        out = real(outputs, scale)
+        return LossOutput(out.total * factor, out.terms)
+    trainer.loss_fn.forward = scaled
     return real
 
 
