@@ -13,7 +13,7 @@ from clipvip.data.loader import MixedStream, ResumableSampler
 from clipvip.engine.guard import PendingUpdate
 from clipvip.loss import LossOutput
 
-from tiny_models import ListStream
+from tiny_models import ListStream, tensor_reads
 
 
 def original_lr(step, decay, lr, total, warmup_ratio):
@@ -321,22 +321,11 @@ def test_a_deferred_step_reads_no_tensor_on_the_host(tmp_path, monkeypatch):
     not happen inside a deferred step, model and loss included; settle() is where it happens."""
     trainer, _ = _deferred_trainer(tmp_path)
     trainer.train_step()  # first step: optimizer state created
-    reads = []
-
-    def recording(name):
-        real = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return real(self, *args, **kwargs)
-        return read
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, recording(name))
-    trainer.train_step()
-    assert reads == []
-    trainer.settle()
-    assert reads  # the check: the reading happens here
+    with tensor_reads(monkeypatch) as reads:
+        trainer.train_step()
+        assert reads == []
+        trainer.settle()
+        assert reads  # the check: the reading happens here
 
 
 def test_device_prefetcher_copies_one_batch_ahead_and_keeps_the_resume_position(monkeypatch):

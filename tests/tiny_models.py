@@ -1,6 +1,7 @@
 """Tiny CLIP / CLIP-ViP models for tests, written in the real on-disk formats (HF folders)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -130,3 +131,27 @@ def fixed_batches(n_batches: int = 2, batch: int = 2, frames: int = 3, size: int
         video = torch.randn(batch, frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
         batches.append({"video": video, "text_input_ids": ids, "text_input_mask": mask})
     return batches
+
+
+# What reads a tensor's value from Python: on a GPU each of these waits for the device.
+TENSOR_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def tensor_reads(monkeypatch):
+    """Inside, every read of a tensor's value from Python (:data:`TENSOR_READS`, what would be a
+    host-device sync on a GPU) is recorded, by name, in the list yielded."""
+    reads = []
+
+    def recording(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return real(self, *args, **kwargs)
+        return read
+
+    with monkeypatch.context() as patch:
+        for name in TENSOR_READS:
+            patch.setattr(torch.Tensor, name, recording(name))
+        yield reads

