@@ -607,7 +607,7 @@ def _gather(reader, indices: list[int]) -> torch.Tensor:
 def probe_video(source: VideoSource) -> None:
     """Raise :class:`VideoDecodeError` unless ``source`` looks like a video a decoder can read.
 
-    Cheap: the file checks, then the container's header (PyAV, no frame decoded; ~1 ms), which
+    Cheap: the file checks, then the container's header (PyAV, no frame decoded), which
     must hold a video stream and not be a still image. For a command that takes a folder of files
     (``clipvip index``) to sort them out before it loads a model; a file that passes can still
     fail to decode later, and is then skipped as unreadable.
