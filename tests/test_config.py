@@ -207,3 +207,78 @@ def test_comment_key_is_free_text_and_the_demo_configs_say_where_their_paths_poi
         cfg = load_config(os.path.join(repo, "configs", "demo", f"{name}.json"))
         assert "relative to the demo's output folder" in cfg.comment
     assert load_config(None, ["--comment", "a note"]).comment == "a note"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26 item 7: "did you mean" names the key a user meant
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("typed, meant", [
+    ("lr", "learning_rate"),  # initials: difflib alone ranks lr_mul first
+    ("wd", "weight_decay"), ("gas", "gradient_accumulation_steps"),
+    ("train_batch", "train_batch_size"), ("learning", "learning_rate"), ("out", "output_dir"),  # cut words
+    ("epochs", "num_train_epochs"), ("batch_size", "train_batch_size"), ("num_workers", "n_workers"),  # aliases
+    ("max_grad_norm", "grad_norm"),
+    ("lr_mult", "lr_mul"), ("learning_rat", "learning_rate"), ("train_batch_sise", "train_batch_size"),  # typos
+])
+def test_did_you_mean_prefers_the_key_a_user_meant(typed, meant):
+    with pytest.raises(ConfigError, match=rf"unknown option --{typed} \(did you mean '{meant}'\?\)"):
+        clipvip.load_config(None, [f"--{typed}", "1"])
+
+
+def test_did_you_mean_in_nested_and_dataset_keys():
+    with pytest.raises(ConfigError, match="did you mean 'temporal_size'"):
+        clipvip.load_config(None, ["--clip_vision_additional_config.temporal", "4"])
+    with pytest.raises(ConfigError, match="did you mean 'vid_cap_path'"):
+        clipvip.load_config({"train_datasets": {"name": "x", "vcp": "captions"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26 item 7: where a config file's relative model paths are
+# ---------------------------------------------------------------------------------------------
+def _model_folder(path) -> str:
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write("{}")
+    return str(path)
+
+
+def test_a_config_files_model_paths_are_found_beside_it_from_any_directory(tmp_path, monkeypatch):
+    """clipvip convert --config DIR/retrieval.json failed outside DIR: clip_config "clip" meant DIR/clip."""
+    folder = tmp_path / "DIR"
+    _model_folder(folder / "clip")
+    (folder / "model.pt").write_bytes(b"")
+    config = folder / "retrieval.json"
+    config.write_text(json.dumps({"clip_config": "clip", "clip_weights": "clip", "e2e_weights_path": "model.pt",
+                                  "output_dir": "run"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = clipvip.load_config(str(config))
+    assert cfg.clip_config == cfg.clip_weights == str(folder / "clip")
+    assert cfg.e2e_weights_path == str(folder / "model.pt")
+    assert cfg.output_dir == "run"  # an output is made, not found: relative to the current directory
+    relative = clipvip.load_config("../DIR/retrieval.json")
+    assert os.path.samefile(relative.clip_config, folder / "clip")
+    # Typed on the command line, a path is the shell's: relative to the current directory.
+    assert clipvip.load_config(str(config), ["--clip_config", "clip"]).clip_config == "clip"
+
+
+def test_blob_mount_dir_is_looked_in_first_and_names_stay_names(tmp_path, monkeypatch):
+    folder = tmp_path / "DIR"
+    _model_folder(folder / "clip")
+    blob = tmp_path / "blob"
+    _model_folder(blob / "clip")
+    config = folder / "c.json"
+    config.write_text(json.dumps({"clip_config": "clip", "clip_weights": "openai/clip-vit-base-patch32",
+                                  "e2e_weights_path": "ckpt/w.pt"}))
+    monkeypatch.chdir(tmp_path)
+    cfg = clipvip.load_config(str(config), ["--blob_mount_dir", str(blob)])
+    assert cfg.clip_config == str(blob / "clip")
+    assert cfg.clip_weights == "openai/clip-vit-base-patch32"  # found nowhere: a Hub id, as written
+    assert cfg.e2e_weights_path == str(blob / "ckpt" / "w.pt")  # found nowhere: joined, as the original
+    # The blob holds what the file names: a relative blob_mount_dir is joined once.
+    (blob / "ckpt").mkdir()
+    (blob / "ckpt" / "w.pt").write_bytes(b"")
+    cfg = clipvip.load_config(str(config), ["--blob_mount_dir", "blob"])
+    assert cfg.clip_config == os.path.join("blob", "clip") and cfg.e2e_weights_path == os.path.join("blob", "ckpt", "w.pt")
+    assert clipvip.load_config(str(config)).clip_config == str(folder / "clip")  # no blob: beside the file

@@ -144,6 +144,79 @@ def test_error_pickles_and_keeps_its_message():
     assert str(VideoDecodeError("plain message")) == "plain message"
 
 
+# ---------------------------------------------------------------------------------------------
+# Issue 26 item 7: reasons are one readable line; a still image is not a video
+# ---------------------------------------------------------------------------------------------
+# How decord's messages look (dmlc's "[time] file:line: " before the text, a native stack trace
+# after), from a wheel built in /tmp by pip and from the PyPI wheel, and wrapped by another layer.
+DECORD_MESSAGES = [
+    "[09:12:01] /tmp/pip-req-build-3k2x/src/video/video_reader.cc:151: ERROR opening: {p}, Invalid data found "
+    "when processing input\n\nStack trace returned 10 entries:\n[bt] (0) /usr/lib/libdecord.so(+0x1a2b) [0x7f]",
+    "Check failed: /tmp/decord/src/video/video_reader.cc:151: ERROR opening: {p}, Invalid data found when "
+    "processing input",
+    "DECORDError: [14:18:32] /github/workspace/src/video/ffmpeg/threaded_decoder.cc:292: ERROR opening: {p}, "
+    "Invalid data found when processing input",
+]
+
+
+@pytest.mark.parametrize("message", DECORD_MESSAGES)
+def test_unreadable_reasons_carry_no_native_source_paths(clip, monkeypatch, message):
+    path = _bad_files(clip)["random"]
+
+    class FailingReader:
+        def __init__(self, source):
+            raise RuntimeError(message.format(p=source))
+
+    monkeypatch.setitem(video_mod._READERS, "decord", FailingReader)
+    monkeypatch.setitem(video_mod._importable, "decord", True)
+    with pytest.raises(VideoDecodeError) as info:
+        load_frames(path, [0], "decord")
+    reason = info.value.reason
+    assert reason.startswith("decord: RuntimeError: ")
+    assert f"ERROR opening: {path}, Invalid data found when processing input; pyav: " in reason
+    for noise in (".cc:", "pip-req-build", "/tmp/decord", "/github/", "[bt]", "Stack trace", "[09:", "[14:", "\n"):
+        assert noise not in reason, reason
+    assert str(info.value) == f"cannot read video {path}: {reason}"  # one line, the path said once up front
+
+
+def _png_named_mp4(path) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(str(path), format="PNG")
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_still_image_renamed_mp4_is_not_a_video(clip, tmp_path, backend):
+    """PyAV opened a PNG as a one-frame video: a clip of one picture, indexed as if it were one."""
+    png = _png_named_mp4(tmp_path / "holiday.mp4")
+    with pytest.raises(VideoDecodeError, match=r"an image \(png_pipe\), not a video"):
+        load_frames(png, [0, 1, 2], backend)
+    with pytest.raises(VideoDecodeError) as info:
+        video_mod.probe_video(png)
+    assert info.value.reason == "an image (png_pipe), not a video"
+
+
+def test_probe_video_reads_the_header_only(clip, monkeypatch):
+    files = _bad_files(clip)
+    video_mod.probe_video(clip["path"])  # a real clip passes
+    video_mod.probe_video(files["truncated_faststart"])  # its header is intact: found when decoding
+    reasons = {}
+    for kind in ("missing", "empty", "truncated", "random", "text", "directory"):
+        with pytest.raises(VideoDecodeError) as info:
+            video_mod.probe_video(files[kind])
+        reasons[kind] = info.value.reason
+    assert reasons["missing"] == "no such file" and reasons["empty"] == "empty file"
+    assert reasons["random"] == f"InvalidDataError: Invalid data found when processing input: '{files['random']}'"
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(video_mod, "_gather", no_decoding)
+    monkeypatch.setitem(video_mod._READERS, "decord", no_decoding)
+    video_mod.probe_video(clip["path"])
+
+
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv("CLIPVIP_VIDEO_BACKEND", raising=False)
     assert resolve_backend("PyAV") == "pyav"

@@ -126,6 +126,24 @@ def test_convert_writes_a_pickle_free_model_folder(converted):
     assert pre["image_mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
 
 
+def test_every_file_of_a_converted_folder_has_the_umask_mode(converted, tmp_path):
+    """safetensors writes its file through a private 0600 temporary file: model.safetensors came
+    out unreadable to the group while config.json beside it was 0644 (issue 26)."""
+    _, config_path, weights, out, _ = converted
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+    assert modes and set(modes.values()) == {expected}, {k: oct(v) for k, v in modes.items()}
+    # Whatever the umask: under 027 the folder's files are 0640, all of them.
+    old = os.umask(0o027)
+    try:
+        clipvip_main(["convert", "--config", config_path, "--weights", weights, "--out", str(tmp_path / "c")])
+    finally:
+        os.umask(old)
+    assert {os.stat(p).st_mode & 0o777 for p in (tmp_path / "c").iterdir()} == {0o640}
+
+
 def test_model_card_names_the_source_and_shows_the_results(converted):
     _, _, weights, out, _ = converted
     with open(os.path.join(out, "README.md"), encoding="utf-8") as f:

@@ -312,3 +312,27 @@ def test_config_docs_are_current():
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gen_config_docs.py"), "--check"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26 item 7: a config beside its model folder works from another directory
+# ---------------------------------------------------------------------------------------------
+def test_convert_with_a_config_in_another_folder(tmp_path, monkeypatch, capsys):
+    """``clipvip convert --config DIR/retrieval.json`` failed outside DIR: its clip_config "clip"
+    was looked for in the current directory instead of beside the config (docs/config.md, Paths)."""
+    from clipvip.apps.main import main
+
+    folder = tmp_path / "DIR"
+    write_hf_clip(str(folder / "clip"), vocab_size=49408)
+    cfg = tiny_cfg(str(folder / "clip"))
+    weights = str(folder / "model.pt")
+    clipvip.model.save_checkpoint(clipvip.build_model(cfg), weights)
+    (folder / "retrieval.json").write_text(json.dumps({
+        "clip_config": "clip", "clip_weights": "clip", "input_res": 32, "max_txt_len": 16,
+        "clip_vision_additional_config": dict(cfg.clip_vision_additional_config)}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = run_main(main, ["convert", "--config", "../DIR/retrieval.json", "--weights", weights, "--out", "hf"])
+    assert code == 0, capsys.readouterr().err
+    assert (elsewhere / "hf" / "model.safetensors").is_file()

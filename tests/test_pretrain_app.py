@@ -92,3 +92,36 @@ def test_validation_sets_on_hdvila_folders_use_its_layout():
     cfg = clipvip.load_config("configs/pretrain/pretrain_vip_base_32.json", ["--blob_mount_dir", "/data"])
     rule_for = validation_rule(cfg)
     assert [rule_for(entry) for entry in cfg.val_datasets] == [None, "hdvila", "hdvila"]  # msrvtt, how2, ours
+
+
+def test_the_documented_pretraining_run(tmp_path):
+    """docs/first-pretrain.md's commands, exactly as written, in order (issue 26: no minimal
+    ``clipvip pretrain`` run was documented): synthetic data, the tiny CLIP, pretraining, then
+    fine-tuning from the checkpoint it names."""
+    import re
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "docs", "first-pretrain.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```(sh|python)\n(.*?)```", f.read(), re.S)
+    assert [kind for kind, _ in blocks] == ["sh", "python", "sh", "sh"]
+    os.symlink(os.path.join(repo, "configs"), tmp_path / "configs")  # the page runs from the repository
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    shim = shims / "python"  # "python" is this interpreter (the page says: .venv active)
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
+    env = {**ENV, "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for kind, code in blocks:
+        command = [sys.executable, "-"] if kind == "python" else ["bash", "-e", "-c", code]
+        done = subprocess.run(command, input=code if kind == "python" else None, cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{code}\n{done.stderr[-3000:]}"
+    run = tmp_path / "first_pretrain" / "pretrain"
+    assert sorted(os.listdir(run / "ckpt")) == ["model_best.pt", "model_step_8.pt", "train_state.pt"]
+    with open(run / "log" / "metrics.jsonl") as f:
+        losses = [r for r in map(json.loads, f) if "loss" in r]
+    assert losses[-1]["step"] == 8 and {"loss/v2s", "loss/v2c", "loss/f2c"} <= set(losses[-1])
+    with open(tmp_path / "first_pretrain" / "finetune" / "config.json") as f:
+        finetune = json.load(f)
+    assert finetune["e2e_weights_path"] == os.path.join("first_pretrain", "pretrain", "ckpt", "model_step_8.pt")
+    assert (tmp_path / "first_pretrain" / "finetune" / "eval_results.json").is_file()

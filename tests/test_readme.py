@@ -39,3 +39,11 @@ def test_readme_snippet_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     similarity = float(re.search(r"tensor\(\[\[(-?[0-9.e-]+)\]\]\)", printed).group(1))
     assert -1.0 <= similarity <= 1.0
+
+
+def test_readme_says_to_activate_the_venv_where_make_is_introduced():
+    """``make`` installs into .venv; the README's ``python -m clipvip`` commands need it active (issue 26)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    setup = text[text.index("## Set up"):text.index("## Demo")]
+    assert "make test" in setup and "source .venv/bin/activate" in setup

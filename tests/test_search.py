@@ -308,3 +308,157 @@ def test_a_config_stored_by_another_version_still_loads(bench):
     assert again.test_batch_size == 2 and again.video_backend == cfg.video_backend
     assert "key_from_a_newer_version" not in again
     assert config_fingerprint(again) == config_fingerprint(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26 item 7: what a new user met with clipvip index / search
+# ---------------------------------------------------------------------------------------------
+def _png_named_mp4(path) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(str(path), format="PNG")  # a still image, a video's name
+    return str(path)
+
+
+def _sidecar_ids(idx) -> set:
+    return {r[0] for r in sidecar_rows(idx, "SELECT id FROM videos")}
+
+
+def test_index_takes_subfolders_with_recursive_and_says_what_it_found(bench, tmp_path, capsys):
+    clipvip = InProcess(capsys)
+    folder = tmp_path / "trip"
+    (folder / "day1" / "morning").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    names = [r["clip_id"] + ".mp4" for r in bench["test"][:4]]
+    shutil.copy(os.path.join(bench["videos"], names[0]), folder / "top.mp4")
+    shutil.copy(os.path.join(bench["videos"], names[1]), folder / "day1" / "a.mp4")
+    shutil.copy(os.path.join(bench["videos"], names[2]), folder / "day1" / "morning" / "b.mp4")
+    shutil.copy(os.path.join(bench["videos"], names[3]), folder / ".hidden" / "c.mp4")
+
+    flat = tmp_path / "flat"
+    out = clipvip("index", "--config", bench["config"], "--videos", folder, "--out", flat, "--workers", 0)
+    assert out.returncode == 0, out.stderr
+    assert f"found 1 video file in {folder} (2 more in its subfolders: --recursive takes them); " \
+           "indexed 1 new videos (" in out.stdout
+    assert _sidecar_ids(str(flat)) == {"top"}
+
+    deep = tmp_path / "deep"
+    out = clipvip("index", "--config", bench["config"], "--videos", folder, "--recursive", "--out", deep,
+                  "--workers", 0)
+    assert out.returncode == 0, out.stderr
+    assert f"found 3 video files in {folder} and its subfolders; indexed 3 new videos (" in out.stdout
+    assert _sidecar_ids(str(deep)) == {"top", "day1/a", "day1/morning/b"}  # the path below DIR, no hidden folder
+    # Only subfolders hold videos: the error says where they are, before any model is built.
+    outer = tmp_path / "outer"
+    (outer / "inner").mkdir(parents=True)
+    shutil.copy(folder / "top.mp4", outer / "inner")
+    only_nested = clipvip("index", "--config", bench["config"], "--videos", outer, "--out", tmp_path / "none")
+    assert f"no video files directly in {outer}, 1 in its subfolders: pass --recursive" in one_line_error(only_nested)
+
+
+def test_index_checks_its_inputs_before_loading_the_model(bench, tmp_path, capsys, monkeypatch):
+    """An empty folder, or one of files that are no videos (a PNG renamed .mp4, a broken file),
+    is an error before the model loads, and leaves no index folder behind."""
+    from clipvip.apps.search import engine
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine.Encoder, "__init__", no_model)
+    clipvip = InProcess(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_line_error(clipvip("index", "--config", bench["config"], "--videos", empty, "--out", tmp_path / "i1"))
+    assert f"no video files in {empty}" in line
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    png = _png_named_mp4(junk / "a_photo.mp4")
+    shutil.copy(os.path.join(bench["videos"], "broken.mp4"), junk)
+    line = one_line_error(clipvip("index", "--config", bench["config"], "--videos", junk, "--out", tmp_path / "i2"))
+    assert f"no readable video to index: 2 found, 2 unreadable (first: {png}: an image (png_pipe), not a video)" \
+        in line, line
+    assert not (tmp_path / "i1").exists() and not (tmp_path / "i2").exists()
+
+
+def test_a_png_renamed_mp4_is_skipped_and_listed_with_its_reason(bench, tmp_path, capsys):
+    clipvip = InProcess(capsys)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for record in bench["test"][:2]:
+        shutil.copy(os.path.join(bench["videos"], record["clip_id"] + ".mp4"), folder)
+    png = _png_named_mp4(folder / "holiday.mp4")
+    out = clipvip("index", "--config", bench["config"], "--videos", folder, "--out", tmp_path / "idx", "--workers", 0)
+    assert out.returncode == 0, out.stderr
+    assert "indexed 2 new videos (0 already there, 1 unreadable)" in out.stdout
+    assert f"{png}: an image (png_pipe), not a video" in out.stderr
+    assert _sidecar_ids(str(tmp_path / "idx")) == {r["clip_id"] for r in bench["test"][:2]}
+    with open(tmp_path / "idx" / "skipped.tsv") as f:
+        assert f.read() == f"{png}\tan image (png_pipe), not a video\n"
+
+
+def test_a_failed_index_command_leaves_no_trace(bench, tmp_path, capsys, monkeypatch):
+    from clipvip.apps.search import VideoIndex, engine
+
+    clipvip = InProcess(capsys)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    _png_named_mp4(junk / "photo.mp4")
+    # A folder that was there (empty) stays, empty: no .lock left in it.
+    given = tmp_path / "given"
+    given.mkdir()
+    assert clipvip("index", "--config", bench["config"], "--videos", junk, "--out", given).returncode == 2
+    assert os.listdir(given) == []
+    # An index that was there is left as it was by a rebuild that fails.
+    idx = tmp_path / "idx"
+    shutil.copytree(bench["idx"], idx)
+    files = {name: (idx / name).read_bytes() for name in os.listdir(idx)}
+    assert clipvip("index", "--config", bench["config"], "--videos", junk, "--out", idx, "--overwrite").returncode == 2
+    assert {name: (idx / name).read_bytes() for name in os.listdir(idx)} == files
+    # Interrupted while encoding the first build: the folder it made is gone.
+    real_iter = engine.Encoder.iter_videos
+
+    def interrupted(self, *args, **kwargs):
+        for batch in real_iter(self, *args, **kwargs):
+            yield batch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Encoder, "iter_videos", interrupted)
+    new = tmp_path / "new"
+    assert clipvip("index", "--config", bench["config"], "--videos", bench["videos"], "--out", new,
+                   "--batch-size", 2, "--workers", 0).returncode == 130
+    assert not new.exists()
+    with VideoIndex.open(str(idx)) as index:
+        assert len(index) == 6
+
+
+def test_the_progress_bar_counts_videos_not_batches(bench, capsys, monkeypatch):
+    from clipvip.apps.search import Encoder, list_videos
+    from clipvip.apps.search.encode import resolve_config
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    encoder = Encoder(resolve_config(bench["config"]))
+    videos = list_videos(bench["videos"])  # 6 clips and broken.mp4
+    capsys.readouterr()
+    batches = list(encoder.iter_videos(videos, batch_size=3, workers=0))
+    bar = capsys.readouterr().err
+    assert len(batches) == 3 and "7/7" in bar and "3/3" not in bar, bar
+
+
+def test_search_json_is_utf8_and_says_when_a_query_is_cut(bench, capsys):
+    clipvip = InProcess(capsys)
+    query = "un cercle rouge se déplace vers la gauche — café"
+    out = clipvip("search", bench["idx"], query, "-k", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert query in out.stdout and "\\u" not in out.stdout  # UTF-8, not \u escapes
+    (line,) = json_lines(out.stdout)
+    assert line["query"] == query and "truncated" not in line and "warning" not in out.stderr
+    # max_txt_len is 24 in the bench config: 22 words and the start and end marks.
+    long_query = " and ".join(["a red circle moves to the left"] * 5)  # one token a word: 39 words
+    out = clipvip("search", bench["idx"], long_query, "-k", "1", "--json")
+    (line,) = json_lines(out.stdout)
+    cut = line["truncated"]
+    assert cut["max_txt_len"] == 24 and cut["tokens"] > 24
+    assert cut["tokens"] == 41 and cut["read"] == " ".join(long_query.split()[:22])
+    assert f'the model reads 24 (max_txt_len): "{cut["read"]}"' in out.stderr
+    table = clipvip("search", bench["idx"], long_query, "-k", "1")
+    assert "warning: the query is" in table.stderr and table.stdout.startswith("# query: ")

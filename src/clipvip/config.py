@@ -188,14 +188,52 @@ NESTED_DEFAULTS = {
 DATASET_KEYS = ("train_datasets", "val_datasets", "inference_datasets")
 # Keys whose values are paths under blob_mount_dir (the original's blob_mount()).
 BLOB_PATH_KEYS = ("e2e_weights_path", "output_dir")
+# The model's architecture and weights: a folder or file, or a name that is no path at all (a known
+# architecture, a Hugging Face Hub id); where a config file's relative one is looked for: _find_model_paths.
+MODEL_PATH_KEYS = ("clip_config", "clip_weights", "e2e_weights_path")
 BLOB_DATASET_PATH_KEYS = ("txt", "vis", "vid_cap_path", "shard_index")
 # (H, W) sizes: one number (from a file or ``--input_res 224``) means a square.
 RESOLUTION_KEYS = ("video_res", "input_res")
 
 
+# What other trainers (HF Trainer, open_clip, timm) call a key, where shortening the key cannot
+# give the name (``--lr``, ``--wd`` and ``--out`` are found as abbreviations).
+KEY_ALIASES = {
+    "epochs": "num_train_epochs", "num_epochs": "num_train_epochs", "batch_size": "train_batch_size",
+    "bs": "train_batch_size", "eval_batch_size": "test_batch_size", "workers": "n_workers",
+    "num_workers": "n_workers", "max_grad_norm": "grad_norm", "clip_grad_norm": "grad_norm",
+}
+
+
+def _shortening(word: str, key: str) -> int | None:
+    """How ``word`` shortens ``key``: 0, its initials (``lr``: learning_rate); 1, its first words
+    each cut short (``learning_rat``, ``train_batch``: train_batch_size); None, neither."""
+    parts, typed = key.split("_"), word.split("_")
+    if len(typed) == 1 and len(word) == len(parts) > 1 and word == "".join(p[0] for p in parts):
+        return 0
+    if len(typed) <= len(parts) and all(t and p.startswith(t) for t, p in zip(typed, parts)):
+        return 1
+    return None
+
+
+def nearest_key(word: str, known: Iterable[str]) -> str | None:
+    """The known key a user most likely meant by ``word``: a common alias, else a key ``word``
+    shortens (initials before cut words, then the shortest key), else the closest spelling.
+    ``--lr`` is learning_rate, not the lr_mul that spelling alone ranks first."""
+    known = list(known)
+    lowered = word.lower().replace("-", "_")
+    if KEY_ALIASES.get(lowered) in known:
+        return KEY_ALIASES[lowered]
+    ranked = sorted((rank, len(k), k) for k in known if (rank := _shortening(lowered, k)) is not None)
+    if ranked:
+        return ranked[0][2]
+    matches = difflib.get_close_matches(lowered, known, n=1, cutoff=0.0)
+    return matches[0] if matches else None
+
+
 def _nearest(key: str, known: Iterable[str]) -> str:
-    matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.0)
-    return f" (did you mean '{matches[0]}'?)" if matches else ""
+    match = nearest_key(key, known)
+    return f" (did you mean '{match}'?)" if match else ""
 
 
 def _check_keys(values: dict, known: dict, where: str) -> None:
@@ -340,16 +378,44 @@ def _apply_override(cfg: dict, key: str, words: list[str]) -> None:
     target[name] = value
 
 
-def _join_blob(cfg: dict) -> None:
+def _find_model_paths(cfg: dict, config_file: str, typed: set[str]) -> set[str]:
+    """Where the relative model paths a config file names are (docs/config.md, "Paths").
+
+    Each of clip_config, clip_weights and e2e_weights_path that the file gives as a relative path
+    (and the command line does not override: a typed path is relative to the current directory)
+    is looked for under blob_mount_dir, when set, then in the config file's own folder; the first
+    that exists replaces it. So a config beside its model folder works from any directory
+    (``clipvip convert --config DIR/retrieval.json`` outside DIR). Where neither holds it the value
+    is left to the usual rules: clip_config and clip_weights as written (the current directory, a
+    known name, a Hub id such as openai/clip-vit-base-patch32), e2e_weights_path joined to
+    blob_mount_dir. Returns the keys it replaced (absolute already, or joined: not joined again).
+    """
+    found = set()
+    roots = [cfg.get("blob_mount_dir") or "", os.path.dirname(config_file)]
+    for key in MODEL_PATH_KEYS:
+        value = cfg.get(key)
+        if key in typed or not isinstance(value, str) or not value or os.path.isabs(value):
+            continue
+        for root in filter(None, dict.fromkeys(roots)):
+            candidate = os.path.join(root, value)
+            if os.path.exists(candidate):
+                cfg[key] = candidate
+                found.add(key)
+                break
+    return found
+
+
+def _join_blob(cfg: dict, skip: Iterable[str] = ()) -> None:
     """Join data, weight and output paths to blob_mount_dir as the original's blob_mount() does.
 
     os.path.join leaves absolute paths unchanged, so a config with absolute paths is unaffected.
+    ``skip``: keys already resolved (:func:`_find_model_paths`).
     """
     root = cfg.get("blob_mount_dir") or ""
     if not root:
         return
     for key in BLOB_PATH_KEYS:
-        if cfg.get(key):
+        if cfg.get(key) and key not in skip:
             cfg[key] = os.path.join(root, cfg[key])
     for key in DATASET_KEYS:
         for dataset in cfg.get(key) or []:
@@ -450,7 +516,10 @@ def load_config(source: str | Mapping | None = None, overrides: Sequence[str] | 
     _normalise_resolutions(cfg, where)
     _check_types(cfg, where)
     cfg["is_train"] = bool(cfg["is_train"])
-    _join_blob(cfg)
+    found = set()
+    if source is not None and not isinstance(source, Mapping):
+        found = _find_model_paths(cfg, str(source), {key.partition(".")[0] for key, _ in pairs})
+    _join_blob(cfg, skip=found)
     return Config(cfg)
 
 

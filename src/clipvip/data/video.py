@@ -18,7 +18,12 @@ annotations) can promise more frames than a file holds.
 The decoders' own diagnostics ("moov atom not found", decord's ``video_reader.cc:83: ERROR
 opening``) are kept off stderr, where they would repeat the one-line error of the same file in a
 foreign format; they are logged at DEBUG on the ``clipvip.data.video`` logger instead. Set
-``CLIPVIP_NATIVE_STDERR=1`` to let them through untouched.
+``CLIPVIP_NATIVE_STDERR=1`` to let them through untouched. The reason a
+:class:`VideoDecodeError` gives is one line without the decoders' source positions and build paths.
+
+A still image renamed ``.mp4`` is not a video: PyAV would open a PNG as a clip of one frame, so
+the PyAV reader refuses image containers, and :func:`probe_video` says so from the file's header
+alone (``clipvip index`` sorts a folder with it before loading a model).
 """
 from __future__ import annotations
 
@@ -73,10 +78,15 @@ class BackendUnavailable(ConfigError, ImportError):
 
 
 class VideoDecodeError(DataError):
-    """A video file or frame folder is missing, empty, truncated or cannot be decoded."""
+    """A video file or frame folder is missing, empty, truncated or cannot be decoded.
+
+    The one place every reason a clip is skipped for is made: it becomes one readable line
+    (:func:`readable_reason`), whatever the decoder put in its message.
+    """
 
     def __init__(self, path, reason: str | None = None):
         self.path = os.fspath(path)
+        reason = None if reason is None else readable_reason(reason)
         self.reason = reason
         # args = (path, reason) so the error pickles across DataLoader worker processes.
         super().__init__(*((self.path,) if reason is None else (self.path, reason)))
@@ -85,6 +95,19 @@ class VideoDecodeError(DataError):
         if self.reason is None:  # built from a bare message (e.g. torch's ExceptionWrapper)
             return self.path
         return f"cannot read video {self.path}: {self.reason}"
+
+
+# What a native library puts in its messages that says nothing about the user's file: dmlc's log
+# prefix "[14:18:32] ", a build path and line such as "/tmp/pip-req-build-x/src/video/video_reader.cc:151: "
+# (decord's messages carry both; the path is where the wheel was built), and errno's "[Errno -1094995529] ".
+_NATIVE_NOISE = re.compile(r"\[\d\d:\d\d:\d\d\]\s*|\[Errno -?\d+\]\s*"
+                           r"|(?:[^\s:'\"]*/)?[\w.+-]+\.(?:cc|cpp|cxx|c|h|hpp):\d+:\s*")
+
+
+def readable_reason(text: str) -> str:
+    """``text`` as one line, without native source positions, build paths or a stack trace."""
+    text = str(text).split("Stack trace", 1)[0]  # dmlc appends the native frames to its message
+    return " ".join(_NATIVE_NOISE.sub("", text).split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +322,32 @@ def _open_arg(source: str | VideoBytes):
     return io.BytesIO(source.data) if isinstance(source, VideoBytes) else source
 
 
+class _NotAVideo(RuntimeError):
+    """The container opens but holds no video to read: its message is the whole reason."""
+
+
+# FFmpeg's demuxers of still images: image2 and the *_pipe family (png_pipe, jpeg_pipe, ...).
+# Through one of them PyAV reads a PNG renamed .mp4 as a one-frame "video", which would become a
+# clip of one picture repeated; yuv4mpegpipe (raw video) does not end in "_pipe".
+def _is_image_format(name: str) -> bool:
+    return name == "image2" or name.endswith("_pipe")
+
+
+def _open_video_container(source: str | VideoBytes):
+    """``av.open`` of ``source`` (header only, no decoding), refused unless it holds a video stream
+    and is not a still image."""
+    import av
+
+    container = av.open(_open_arg(source))
+    problem = ("no video stream" if not container.streams.video
+               else f"an image ({container.format.name}), not a video" if _is_image_format(container.format.name)
+               else None)
+    if problem:
+        container.close()
+        raise _NotAVideo(problem)
+    return container
+
+
 class _DecordReader:
     def __init__(self, source: str | VideoBytes):
         import decord
@@ -337,10 +386,7 @@ class _PyAVReader:
         import av
 
         self._source = source
-        self._container = av.open(_open_arg(source))
-        if not self._container.streams.video:
-            self._container.close()
-            raise RuntimeError("no video stream")
+        self._container = _open_video_container(source)
         self._stream = self._container.streams.video[0]
         self._stream.thread_count = 1  # see _DecordReader: workers give the parallelism
         self._reformatter = av.video.reformatter.VideoReformatter()  # one YUV -> RGB set-up per file
@@ -507,12 +553,12 @@ def _with_reader(source: VideoSource, backend: str | None, fn: Callable):
     except VideoDecodeError:
         raise
     except Exception as first:  # noqa: BLE001 - decoders raise anything (RuntimeError, av.error.*)
-        reason = f"{name}: {type(first).__name__}: {_one_line(first)}"
+        reason = f"{name}: {_describe(first)}"
         if name == "decord" and _is_importable("pyav"):
             try:
                 result = _run_reader("pyav", source, fn)
             except Exception as second:  # noqa: BLE001
-                reason += f"; pyav: {type(second).__name__}: {_one_line(second)}"
+                reason += f"; pyav: {_describe(second)}"
             else:
                 logger.warning("decord could not read %s (%s); read it with PyAV", path, _one_line(first))
                 return result
@@ -521,11 +567,16 @@ def _with_reader(source: VideoSource, backend: str | None, fn: Callable):
 
 def _one_line(exc: BaseException) -> str:
     # decord's errors are dmlc log lines ("[04:18:47] src/video/video_reader.cc:486: Error: ..."),
-    # sometimes followed by a native stack trace: the first line, without the log prefix.
+    # sometimes followed by a native stack trace: the first line, without the source position.
     text = str(exc).strip().split("\n", 1)[0]
     # PyAV names an in-memory file "'<none>'" at the end of its errors: the caller names the bytes.
     text = text[: -len(": '<none>'")] if text.endswith(": '<none>'") else text
-    return _NATIVE_LINE.sub(b"", text.encode("utf-8", "replace")).decode("utf-8", "replace").strip()
+    return readable_reason(text)
+
+
+def _describe(exc: BaseException) -> str:
+    """Why a decoder failed, in one line: the exception's type and first line (ours: the line)."""
+    return _one_line(exc) if isinstance(exc, _NotAVideo) else f"{type(exc).__name__}: {_one_line(exc)}"
 
 
 def _run_reader(name: str, source: str | VideoBytes, fn: Callable):
@@ -553,6 +604,26 @@ def _gather(reader, indices: list[int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Public API: video files
 # ---------------------------------------------------------------------------------------------
+def probe_video(source: VideoSource) -> None:
+    """Raise :class:`VideoDecodeError` unless ``source`` looks like a video a decoder can read.
+
+    Cheap: the file checks, then the container's header (PyAV, no frame decoded), which
+    must hold a video stream and not be a still image. For a command that takes a folder of files
+    (``clipvip index``) to sort them out before it loads a model; a file that passes can still
+    fail to decode later, and is then skipped as unreadable.
+    """
+    if not isinstance(source, VideoBytes):
+        source = os.fspath(source)
+    _check_source(source)
+    if not _is_importable("pyav"):
+        return  # nothing cheaper to ask: the decoder will say
+    try:
+        with _pyav_log_to_debug():
+            _open_video_container(source).close()
+    except Exception as e:  # noqa: BLE001 - av.error.* and anything else a broken header raises
+        raise VideoDecodeError(_source_name(source), _describe(e)) from e
+
+
 def count_frames(source: VideoSource, backend: str | None = None) -> int:
     """Number of frames of the video ``source`` (a path or :class:`VideoBytes`) as the backend
     reports it (> 0)."""

@@ -54,15 +54,18 @@ def iter_encoded(encode: Callable[[dict], torch.Tensor], loader, device: torch.d
     already on ``device``: the next batch's inputs travel there while this one is encoded. The
     other entries (``indices``, ids, ``failed``) stay on the host, where reading them does not wait
     for the device. A batch of failures only (empty ``indices``) is not encoded. ``progress``:
-    a bar named ``desc`` (main process only); off for what takes no time (a search query).
+    a bar named ``desc`` (main process only); off for what takes no time (a search query). It
+    counts items (videos, texts), as the summaries after it do, not batches.
     """
-    total = len(loader) if hasattr(loader, "__len__") else None
-    batches = DevicePrefetcher(loader, device)
-    for batch in tqdm(batches, total=total, desc=desc, disable=not (progress and _shows_progress()), leave=False,
-                      dynamic_ncols=True):
-        failed = [(int(i), str(reason)) for i, reason in batch.get("failed", ())]
-        features = encode(batch).float() if len(batch["indices"]) else None
-        yield EncodedBatch(batch, features, failed)
+    sampler = getattr(loader, "sampler", None)
+    total = len(sampler) if hasattr(sampler, "__len__") else None  # this process's items
+    with tqdm(total=total, desc=desc, unit=f" {desc.split()[-1]}" if desc else "it", leave=False,
+              dynamic_ncols=True, disable=not (progress and _shows_progress())) as bar:
+        for batch in DevicePrefetcher(loader, device):
+            failed = [(int(i), str(reason)) for i, reason in batch.get("failed", ())]
+            features = encode(batch).float() if len(batch["indices"]) else None
+            bar.update(len(batch["indices"]) + len(failed))
+            yield EncodedBatch(batch, features, failed)
 
 
 @torch.no_grad()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import dataclass
 
 from transformers import CLIPConfig
 
 from clipvip.errors import ClipvipError
-from clipvip.files import atomic_write_text, fsync_dir, temporary_sibling
+from clipvip.files import atomic_folder, atomic_write_text
 from clipvip.hf.configuration import CLIPViPConfig
 from clipvip.hf.modeling import CLIPViPModel
 from clipvip.hf.processing import CLIPViPProcessor, VideoInputSettings
@@ -65,26 +64,11 @@ def convert_checkpoint(weights: str, clip_config: CLIPConfig, video: VideoSettin
     model = CLIPViPModel(CLIPViPConfig.from_parts(clip_config, video)).eval()
     load_checkpoint(model.retrieval, weights)  # refuses a checkpoint of another architecture
     processor = CLIPViPProcessor(tokenizer, video_input)
-    staging, previous = temporary_sibling(out), temporary_sibling(out) + ".previous"
-    for leftover in (staging, previous):  # of an interrupted conversion
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
+    with atomic_folder(out, replace=replacing) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        atomic_write_text(os.path.join(staging, CARD_FILE), model_card(model.config, video_input,
-                                                                      Source.of(weights, step), results))
-        if replacing:
-            os.replace(out, previous)
-        elif os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if os.path.isdir(previous) and not os.path.exists(out):
-            os.replace(previous, out)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
-    fsync_dir(os.path.dirname(os.path.abspath(out)))
+        atomic_write_text(os.path.join(staging, CARD_FILE),
+                          model_card(model.config, video_input, Source.of(weights, step), results))
     return model
 
 

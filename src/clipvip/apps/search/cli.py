@@ -11,7 +11,8 @@ import sys
 from typing import Sequence
 
 from clipvip.errors import DataError
-from clipvip.apps.search.encode import Encoder, encode_to_folder, list_videos, read_sentences, read_video_list, resolve_config
+from clipvip.apps.search.encode import (VIDEO_EXTENSIONS, Encoder, count_videos_in_subfolders, encode_to_folder,
+                                       list_videos, read_sentences, read_video_list, resolve_config)
 from clipvip.apps.search.engine import SearchEngine, index_videos
 from clipvip.apps.search.errors import EmptyQueryError, SearchError
 from clipvip.apps.search.index import IndexSpec
@@ -45,9 +46,11 @@ def encode_main(argv: Sequence[str]) -> int:
                           "OUT/ids.txt, written in chunks; rerunning resumes.")
     _model_options(p, required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--videos", metavar="DIR", help="every video file directly in DIR (id = file stem)")
+    src.add_argument("--videos", metavar="DIR", help="every video file directly in DIR (id = file stem); "
+                                                      "with --recursive also those in its subfolders")
     src.add_argument("--video-list", metavar="FILE", help="video paths, one per line (id = file stem)")
     src.add_argument("--texts", metavar="FILE", help="sentences, one per line (id = line number)")
+    p.add_argument("--recursive", action="store_true", help=RECURSIVE_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--batch-size", type=int, help="default: the config's test_batch_size")
     p.add_argument("--workers", type=int, default=2, help="video decoding processes (default 2; 0: in-process)")
@@ -55,8 +58,9 @@ def encode_main(argv: Sequence[str]) -> int:
     args, overrides = _parse(p, argv)
 
     videos = sentences = None
+    found = ""
     if args.videos:
-        videos = list_videos(args.videos)
+        videos, found = _find_videos(args.videos, args.recursive)
     elif args.video_list:
         videos = read_video_list(args.video_list)
     else:
@@ -66,10 +70,29 @@ def encode_main(argv: Sequence[str]) -> int:
     encoder = Encoder(resolve_config(args.config, args.weights, overrides), args.device)
     summary = encode_to_folder(encoder, args.out, videos=videos, sentences=sentences, batch_size=args.batch_size,
                                workers=args.workers, chunk_size=args.chunk_size)
-    print(f"encoded {summary.encoded}, already in {args.out}: {summary.already}, "
+    print(f"{found}encoded {summary.encoded}, already in {args.out}: {summary.already}, "
           f"unreadable: {len(summary.failed)}")
     _list_skipped(summary.failed, f"{args.out}/failed.tsv")
     return 0
+
+
+RECURSIVE_HELP = ("also the videos in DIR's subfolders, at any depth (id = the path below DIR without the "
+                  "extension: trip/cat_042)")
+
+
+def _find_videos(folder: str, recursive: bool) -> tuple[list, str]:
+    """The videos of ``--videos DIR`` and what was found, for the summary ("found 7 video files in
+    DIR (3 more in its subfolders: --recursive takes them); "); none at all is an error, before any
+    model is loaded."""
+    videos = list_videos(folder, recursive=recursive)
+    nested = 0 if recursive else count_videos_in_subfolders(folder)
+    below = f" ({nested} more in its subfolders: --recursive takes them)" if nested else ""
+    if not videos and nested:
+        raise DataError(f"no video files directly in {folder}, {nested} in its subfolders: pass --recursive")
+    if not videos:
+        raise DataError(f"no video files in {folder} (looked for {' '.join(VIDEO_EXTENSIONS)})")
+    where = f"{folder} and its subfolders" if recursive else folder
+    return videos, f"found {len(videos)} video file{'' if len(videos) == 1 else 's'} in {where}{below}; "
 
 
 def _list_skipped(failed, where: str) -> None:
@@ -84,7 +107,9 @@ def index_main(argv: Sequence[str]) -> int:
     p = _parser("index", "Encode every video in DIR and write a FAISS index with a SQLite sidecar "
                          "(see docs/search.md).")
     _model_options(p, required=False)
-    p.add_argument("--videos", required=True, metavar="DIR", help="folder of videos (id = file stem)")
+    p.add_argument("--videos", required=True, metavar="DIR",
+                   help="folder of videos (id = file stem); subfolders only with --recursive")
+    p.add_argument("--recursive", action="store_true", help=RECURSIVE_HELP)
     p.add_argument("--out", required=True, metavar="IDX", help="index folder")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--add", action="store_true",
@@ -103,10 +128,11 @@ def index_main(argv: Sequence[str]) -> int:
 
     spec = IndexSpec(kind=args.index_type, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                      ef_construction=args.ef_construction, ef_search=args.ef_search)
-    summary = index_videos(args.out, list_videos(args.videos), config=args.config, weights=args.weights,
+    videos, found = _find_videos(args.videos, args.recursive)
+    summary = index_videos(args.out, videos, config=args.config, weights=args.weights,
                            overrides=overrides, add=args.add, overwrite=args.overwrite, spec=spec,
                            batch_size=args.batch_size, workers=args.workers, device=args.device)
-    print(f"indexed {summary.added} new videos ({summary.already} already there, {len(summary.skipped)} "
+    print(f"{found}indexed {summary.added} new videos ({summary.already} already there, {len(summary.skipped)} "
           f"unreadable); {args.out} holds {summary.total}")
     _list_skipped(summary.skipped, f"{args.out}/skipped.tsv")
     return 0
@@ -134,7 +160,9 @@ def search_main(argv: Sequence[str]) -> int:
     p.add_argument("--queries", metavar="FILE", help="one query per line; one JSON line of results per query")
     p.add_argument("--like", metavar="VIDEO", help="videos similar to VIDEO (a file, or the id of an indexed video)")
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    p.add_argument("--json", action="store_true", help="JSON lines: {query, results: [{id, path, score}]}")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines (UTF-8): {query, results: [{id, path, score}]}, and truncated: {tokens, "
+                        "max_txt_len, read} for a query longer than the model reads")
     args, overrides = _parse(p, argv)
 
     given = [x is not None for x in (args.query, args.queries, args.like)]
@@ -151,21 +179,37 @@ def search_main(argv: Sequence[str]) -> int:
     engine = _open_engine(args, overrides)  # the model is loaded once, for every query
     try:
         if args.like is not None:
-            blocks = [("like", args.like, engine.search_like(args.like, args.k))]
+            blocks = [("like", args.like, engine.search_like(args.like, args.k), None)]
         else:
             texts = queries if queries is not None else [args.query]
-            blocks = [("query", q, hits) for q, hits in zip(texts, engine.search_texts(texts, args.k))]
+            blocks = [("query", q, hits, cut) for q, hits, cut in
+                      zip(texts, engine.search_texts(texts, args.k), engine.encoder.cut_texts(texts))]
     finally:
         engine.close()
     json_out = args.json or queries is not None
-    for key, value, hits in blocks:
+    for key, value, hits, cut in blocks:
+        if cut:
+            print(f"warning: the query is {cut['tokens']} tokens long, the model reads {cut['max_txt_len']} "
+                  f"(max_txt_len): \"{cut['read']}\"", file=sys.stderr)
         if json_out:
-            print(json.dumps({key: value, "results": hits}))
+            _print_utf8(json.dumps({key: value, "results": hits, **({"truncated": cut} if cut else {})},
+                                   ensure_ascii=False))
         else:
             print(f"# {key}: {value}")
             for rank, hit in enumerate(hits, start=1):
                 print(f"{rank:3d}  {hit['score']:.4f}  {hit['id']}  {hit['path']}")
     return 0
+
+
+def _print_utf8(line: str) -> None:
+    """``line`` on stdout as UTF-8 (JSON's own encoding) whatever the locale's encoding."""
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:
+        print(line)
+        return
+    sys.stdout.flush()
+    out.write(line.encode("utf-8") + b"\n")
+    out.flush()
 
 
 # ---------------------------------------------------------------------------------------------

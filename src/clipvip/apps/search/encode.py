@@ -32,6 +32,7 @@ from clipvip import __version__
 from clipvip.config import DATASET_KEYS, DEFAULTS, NESTED_DEFAULTS, Config, load_config
 from clipvip.data.loader import LoaderSettings, build_eval_loader
 from clipvip.data.retrieval_dataset import ClipReader, RetrievalCollator, Sentences, VideoFiles, VideoOnlyView
+from clipvip.data.video import VideoDecodeError, probe_video
 from clipvip.engine.encode import iter_encoded
 from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
@@ -73,17 +74,63 @@ def _check_unique(items: Sequence[VideoItem]) -> list[VideoItem]:
     return list(items)
 
 
-def list_videos(folder: str) -> list[VideoItem]:
-    """The video files directly in ``folder`` (by extension), sorted, with id = file stem."""
+def _video_files(folder: str, recursive: bool) -> Iterator[str]:
+    """Paths below ``folder`` (relative, "/"-separated) of the video files (by extension) directly in
+    it, or at any depth with ``recursive``; hidden files and folders left out, sorted."""
+    seen: set[str] = set()  # real paths of the folders walked: a symlink loop is walked once
+
+    def walk(relative: str) -> Iterator[str]:
+        here = os.path.join(folder, relative)
+        if os.path.realpath(here) in seen:
+            return
+        seen.add(os.path.realpath(here))
+        try:
+            with os.scandir(here) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as e:
+            raise DataError(f"cannot list the video folder {here}: {e.strerror or e}") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            below = f"{relative}/{entry.name}" if relative else entry.name
+            if entry.is_dir():
+                if recursive:
+                    yield from walk(below)
+            elif os.path.splitext(entry.name)[1].lower() in VIDEO_EXTENSIONS and entry.is_file():
+                yield below
+
+    return walk("")
+
+
+def list_videos(folder: str, recursive: bool = False) -> list[VideoItem]:
+    """The video files (by extension) directly in ``folder``, or at any depth with ``recursive``,
+    sorted, with id = the path below ``folder`` without its extension: the file stem for the files
+    directly in it (``cat_042``), ``trip/cat_042`` one folder down."""
     if not os.path.isdir(folder):
         raise DataError(f"video folder not found: {folder}")
-    items = []
-    for name in sorted(os.listdir(folder)):
-        stem, ext = os.path.splitext(name)
-        path = os.path.join(folder, name)
-        if ext.lower() in VIDEO_EXTENSIONS and not name.startswith(".") and os.path.isfile(path):
-            items.append(VideoItem(stem, os.path.abspath(path)))
-    return _check_unique(items)
+    return _check_unique([VideoItem(os.path.splitext(relative)[0], os.path.abspath(os.path.join(folder, relative)))
+                          for relative in _video_files(folder, recursive)])
+
+
+def count_videos_in_subfolders(folder: str) -> int:
+    """How many video files lie in the subfolders of ``folder``, which :func:`list_videos` leaves
+    out unless ``recursive`` (said in the commands' summaries, so none is missed unknowingly)."""
+    return sum(1 for relative in _video_files(folder, recursive=True) if "/" in relative)
+
+
+def probe_videos(items: Sequence[VideoItem]) -> tuple[list[VideoItem], list[tuple[VideoItem, str]]]:
+    """``(readable, [(item, reason), ...])``: ``items`` sorted by :func:`clipvip.data.video.probe_video`,
+    which reads each file's header only (a missing or empty file, no video stream, a still image
+    renamed .mp4), so a folder holding nothing to encode is known before a model is loaded."""
+    readable, unreadable = [], []
+    for item in items:
+        try:
+            probe_video(item.path)
+        except VideoDecodeError as e:
+            unreadable.append((item, e.reason or str(e)))
+        else:
+            readable.append(item)
+    return readable, unreadable
 
 
 def read_video_list(list_file: str) -> list[VideoItem]:
@@ -223,6 +270,18 @@ class Encoder:
         out += [self._as_numpy(encoded.features)
                 for encoded in iter_encoded(self._encode_texts, loader, self.device, "texts", progress=False)]
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def cut_texts(self, texts: Sequence[str]) -> list[dict | None]:
+        """For each text longer than the model reads (``max_txt_len`` tokens, start and end marks
+        included) ``{"tokens": its length, "max_txt_len", "read": the words kept}``; None for the others.
+
+        Tokenising truncates silently; a search command says what the model read instead.
+        """
+        limit = int(self.cfg.max_txt_len)
+        kept = limit - 2  # <|startoftext|> and <|endoftext|> take two of the positions
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        return [{"tokens": len(t) + 2, "max_txt_len": limit, "read": self.tokenizer.decode(t[:kept]).strip()}
+                if len(t) > kept else None for t in ids]
 
     def _encode_texts(self, batch: dict) -> torch.Tensor:
         """[B, dim] features of a batch's ``text_input_ids`` / ``text_input_mask`` (B, L), on the device."""

@@ -8,21 +8,24 @@ mismatch is an :class:`IndexMismatchError` rather than silently meaningless scor
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from clipvip import __version__
 from clipvip.data.sampling import middle_frame_index
 from clipvip.data.video import load_sampled_frames
-from clipvip.apps.search.encode import Encoder, VideoItem, resolve_config
+from clipvip.apps.search.encode import Encoder, VideoItem, probe_videos, resolve_config
 from clipvip.apps.search.errors import EmptyQueryError, IndexMismatchError, SearchError
-from clipvip.apps.search.index import SIDECAR, IndexSpec, VideoIndex, index_writer, write_index, write_skipped
+from clipvip.apps.search.index import (SIDECAR, IndexSpec, VideoIndex, index_writer, remove_strays, write_index,
+                                       write_skipped)
 
 THUMBNAIL_WIDTH = 320
 THUMBNAIL_CACHE = 1024
@@ -169,6 +172,28 @@ class IndexSummary:
     total: int          # vectors in the index afterwards
 
 
+@contextlib.contextmanager
+def _undone_on_failure(path: str, existed: bool, before: set[str]) -> Iterator[None]:
+    """A build that fails leaves ``path`` as it found it (``existed``, holding ``before``).
+
+    Where there is an index (the one there before, or a new one committed just before the
+    failure) only the strays of the unfinished write go; elsewhere the folder this build made is
+    removed, or, in a folder that was there, what this build put in it.
+    """
+    try:
+        yield
+    except BaseException:
+        if os.path.isfile(os.path.join(path, SIDECAR)):
+            remove_strays(path)
+        elif not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for name in set(os.listdir(path)) - before:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(path, name))
+        raise
+
+
 def index_videos(path: str, videos: Sequence[VideoItem], *, config: str | None = None,
                  weights: str | None = None, overrides: Sequence[str] = (), add: bool = False,
                  overwrite: bool = False, spec: IndexSpec | None = None, batch_size: int | None = None,
@@ -177,9 +202,14 @@ def index_videos(path: str, videos: Sequence[VideoItem], *, config: str | None =
 
     With ``add`` the config and weights default to those stored in the index, videos whose id
     is already there are skipped, and the model must match the index. Unreadable videos are
-    skipped and listed (``IDX/skipped.tsv``), never fatal.
+    skipped and listed (``IDX/skipped.tsv``), never fatal. The inputs are checked before the
+    model loads: the config, then each new video's header (:func:`probe_videos`), so a folder of
+    nothing readable is an error in milliseconds. A failed build leaves no trace (no folder holding
+    only ``.lock``); an index that was there stays as it was.
     """
-    with index_writer(path):
+    existed = os.path.isdir(path)
+    before = set(os.listdir(path)) if existed else set()
+    with index_writer(path), _undone_on_failure(path, existed, before):
         exists = os.path.isfile(os.path.join(path, SIDECAR))
         if exists and not (add or overwrite):
             raise SearchError(f"{path} already holds an index: --add appends new videos, --overwrite rebuilds it")
@@ -189,35 +219,43 @@ def index_videos(path: str, videos: Sequence[VideoItem], *, config: str | None =
                 cfg = resolve_config(config or base.meta["config"], weights or base.meta.get("weights_path"),
                                      overrides)
                 spec = base.spec
+                present = base.ids()
             else:
                 if not config:
                     raise SearchError("--config is needed to build a new index")
                 cfg = resolve_config(config, weights, overrides)
                 spec = spec or IndexSpec()
-            encoder = Encoder(cfg, device)
-            if base is not None:
-                check_compatible(base, encoder)
-                present = base.ids()
-                todo = [v for v in videos if v.id not in present]
-            else:
-                todo = list(videos)
-            vectors, records, skipped = [], [], []
-            for batch in encoder.iter_videos(todo, batch_size, workers):
-                vectors.append(batch.features)
-                records += [(v.id, v.path, d) for v, d in zip(batch.items, batch.durations)]
-                skipped += [(v.path, reason) for v, reason in batch.failed]
-            if base is None and not records:
-                raise SearchError(f"no readable video to index ({len(videos)} found, {len(skipped)} unreadable)")
-            meta = {"config": cfg.to_dict(), "config_path": cfg.config,
-                    "weights_path": cfg.e2e_weights_path, **encoder.describe(),
-                    "clipvip_version": __version__}
-            stacked = np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32)
+                present = set()
+            todo, unreadable = probe_videos([v for v in videos if v.id not in present])
+            skipped = [(v.path, reason) for v, reason in unreadable]
+            if base is None and not todo:
+                _no_readable_video(videos, skipped)
+            vectors, records = [], []
+            if todo:
+                encoder = Encoder(cfg, device)
+                if base is not None:
+                    check_compatible(base, encoder)
+                for batch in encoder.iter_videos(todo, batch_size, workers):
+                    vectors.append(batch.features)
+                    records += [(v.id, v.path, d) for v, d in zip(batch.items, batch.durations)]
+                    skipped += [(v.path, reason) for v, reason in batch.failed]
+                if base is None and not records:
+                    _no_readable_video(videos, skipped)
             if base is not None and not records:  # nothing new: leave the index files as they are
                 total = len(base)
                 write_skipped(path, skipped)
             else:
-                total = write_index(path, stacked, records, meta, spec, base, skipped)
+                meta = {"config": cfg.to_dict(), "config_path": cfg.config,
+                        "weights_path": cfg.e2e_weights_path, **encoder.describe(),
+                        "clipvip_version": __version__}
+                total = write_index(path, np.concatenate(vectors), records, meta, spec, base, skipped)
         finally:
             if base is not None:
                 base.close()
-    return IndexSummary(added=len(records), already=len(videos) - len(todo), skipped=skipped, total=total)
+    already = len(videos) - len(todo) - len(unreadable)
+    return IndexSummary(added=len(records), already=already, skipped=skipped, total=total)
+
+
+def _no_readable_video(videos: Sequence[VideoItem], skipped: Sequence[tuple[str, str]]) -> None:
+    first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+    raise SearchError(f"no readable video to index: {len(videos)} found, {len(skipped)} unreadable{first}")

@@ -348,6 +348,18 @@ def write_skipped(path: str, skipped: Sequence[tuple[str, str]]) -> None:
                       "".join(f"{p}\t{' '.join(str(r).split())}\n" for p, r in skipped))
 
 
+def remove_strays(path: str) -> None:
+    """Remove what an interrupted write left in index folder ``path``: FAISS files its sidecar
+    does not name, temporary files. The caller holds :func:`index_writer`; an unreadable sidecar
+    leaves everything as it is."""
+    try:
+        conn, meta = _read_sidecar(os.path.join(path, SIDECAR))
+    except SearchError:
+        return
+    conn.close()
+    _remove_unreferenced(path, keep=meta["faiss_file"])
+
+
 def _remove_unreferenced(path: str, keep: str) -> None:
     for name in os.listdir(path):
         stale = (name.startswith("vectors-") and name.endswith(".faiss") and name != keep) or name.startswith(".tmp-")
