@@ -117,7 +117,8 @@ def test_the_documented_pretraining_run(tmp_path):
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{code}\n{done.stderr[-3000:]}"
     run = tmp_path / "first_pretrain" / "pretrain"
-    assert sorted(os.listdir(run / "ckpt")) == ["model_best.pt", "model_step_8.pt", "train_state.pt"]
+    assert sorted(os.listdir(run / "ckpt")) == [
+        "model_best.json", "model_best.pt", "model_step_8.pt", "train_state.pt"]
     with open(run / "log" / "metrics.jsonl") as f:
         losses = [r for r in map(json.loads, f) if "loss" in r]
     assert losses[-1]["step"] == 8 and {"loss/v2s", "loss/v2c", "loss/f2c"} <= set(losses[-1])
