@@ -13,7 +13,8 @@ ahead; pinned memory when ``pin_mem`` is set and CUDA is there. Batches hold uin
 (``video`` [B, T, H, W, 3]), made model input where the model is
 (:class:`clipvip.data.transforms.VideoTransform`), and ``load_s``: the seconds the worker spent
 producing the batch (the run's loader throughput, :class:`clipvip.engine.logger.Throughput`).
-:class:`MixedStream` mixes several streams by ``ratio``, one source per optimizer step, the same on every process (pretraining, as the original's MetaLoader).
+:class:`MixedStream` mixes several streams by ``ratio``, one source per optimizer step, the same
+on every process (pretraining, as the original's MetaLoader).
 Every loader takes its batch sizes, workers and seed from :class:`LoaderSettings`
 (``LoaderSettings.from_config(cfg)``). On CUDA the trainer wraps the stream in
 :class:`DevicePrefetcher`, which copies the next batch to the GPU on a side stream while the

@@ -281,8 +281,8 @@ class PretrainCollator:
 
     ``video`` uint8 [B, T, H, W, 3] (a list where clips differ in size); ``text_input_ids``,
     ``text_input_mask`` [B, L] (the video's text); ``image`` uint8 [B, H, W, 3] and ``caption_ids``,
-    ``caption_masks`` [B, L] for "videoframe" sets, else None; ``clip_ids``; ``indices`` [B] long; ``num_skipped`` int; ``load_s`` float (as
-    :class:`~clipvip.data.retrieval_dataset.RetrievalCollator`).
+    ``caption_masks`` [B, L] for "videoframe" sets, else None; ``clip_ids``; ``indices`` [B] long;
+    ``num_skipped`` int; ``load_s`` float (as :class:`~clipvip.data.retrieval_dataset.RetrievalCollator`).
     """
 
     def __init__(self, tokenizer, max_txt_len: int = 50):

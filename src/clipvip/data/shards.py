@@ -656,7 +656,8 @@ class ShardStream:
         collator = (PretrainCollator if kind == "pretrain" else RetrievalCollator)(tokenizer, settings.max_txt_len)
         shards = ShardSet.from_entry(dataset_entry)
         if loader.workers_chosen:  # n_workers -1: no more readers than the shards can keep busy
-            loader = dataclasses.replace(loader, n_workers=max(min(loader.n_workers, len(shards.urls) // world_size), 1))
+            readers = max(min(loader.n_workers, len(shards.urls) // world_size), 1)
+            loader = dataclasses.replace(loader, n_workers=readers)
         dataset = ShardDataset(shards, SampleDecoder(dataset_entry, ClipReader.from_config(cfg, True), kind),
                                collator, batch_size=loader.train_batch_size, shuffle_buffer=dataset_entry.shuffle_buffer,
                                seed=loader.seed, rank=rank, world_size=world_size, n_workers=loader.n_workers)

@@ -13,8 +13,9 @@ instead: PIL's kernel (a = -0.5, support widened by the downscale factor), anoth
 when upscaling. docs/fidelity.md.
 
 Where it runs: a DataLoader worker only decodes; its frames leave it as uint8 RGB at their
-decoded size, ``[T, H, W, 3]`` per clip (channels last, as the decoders return them: no copy in the
-worker, and a quarter of the bytes of float32 to collate, pin and copy to the device). The
+decoded size, ``[T, H, W, 3]`` per clip (channels last, as the decoders return them: no permute
+or float copy in the worker, and a quarter of float32's bytes per pixel to collate, pin and copy
+to the device). The
 transform runs where the model is, on whatever device holds the frames: :class:`VideoTransform`
 (the training step, evaluation, the search encoder) and the HF processor (on the CPU, at once)
 all call the one :func:`frames_to_model_input`. The transform draws no random numbers: the random
@@ -80,15 +81,15 @@ def normalize(x: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
 # (x / 255 - mean) / std as one multiply-add: x * _SCALE + _SHIFT, per channel.
 _SCALE = tuple(1.0 / (255.0 * s) for s in CLIP_STD)
 _SHIFT = tuple(-m / s for m, s in zip(CLIP_MEAN, CLIP_STD))
-# (scale, shift) [1, 3, 1, 1] per device: made once, so that a step on a GPU copies nothing from
-# the host for them (a copy from pageable memory would wait for the host).
+# (scale, shift) [1, 3, 1, 1] float32 per device, made once and filled there from Python numbers:
+# a copy from the host's pageable memory would make a step on a GPU wait for the device.
 _AFFINE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if device not in _AFFINE:
-        _AFFINE[device] = (torch.tensor(_SCALE, device=device).view(1, 3, 1, 1),
-                           torch.tensor(_SHIFT, device=device).view(1, 3, 1, 1))
+        _AFFINE[device] = tuple(torch.stack([torch.full((), v, device=device) for v in values]).view(1, 3, 1, 1)
+                                for values in (_SCALE, _SHIFT))
     return _AFFINE[device]
 
 

@@ -2,11 +2,11 @@
 
 1. set the learning rate of the step (warmup + cosine/linear; ``lr_mul`` groups);
 2. run the micro-batches of the step: the frames of each made model input on the device
-   (:class:`~clipvip.data.transforms.VideoTransform`; they arrive as uint8), forward under autocast, the loss on features gathered from
-   every process, backward (DDP synchronises on the last micro-batch only). With
-   ``accum_feature_cache`` the micro-batches are first encoded without gradient and each is then
-   recomputed with gradient against the cached features of the others, so every loss sees the
-   whole accumulated batch of negatives (open_clip's scheme);
+   (:class:`~clipvip.data.transforms.VideoTransform`; they arrive as uint8), forward under
+   autocast, the loss on features gathered from every process, backward (DDP synchronises on
+   the last micro-batch only). With ``accum_feature_cache`` the micro-batches are first encoded
+   without gradient and each is then recomputed with gradient against the cached features of the
+   others, so every loss sees the whole accumulated batch of negatives (open_clip's scheme);
 3. average the gradients over processes where no DDP does it (horovod), unscale (fp16), clip at
    ``grad_norm``, and step the optimizer only if loss and gradient are finite
    (:mod:`clipvip.engine.guard`: decided on the host, or on the device and read later);
