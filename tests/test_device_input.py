@@ -351,6 +351,19 @@ def test_workers_default_to_the_cpus_per_local_process_and_an_explicit_value_win
         LoaderSettings.from_config(make_cfg(n_workers=-2))
 
 
+def test_chosen_workers_read_no_more_shards_than_there_are(synthetic_data, make_cfg, tokenizer, tmp_path, monkeypatch):
+    from clipvip.data.shards import ShardStream
+    from shard_helpers import synthetic_samples, write_shards
+
+    write_shards(str(tmp_path / "s"), synthetic_samples(synthetic_data)[:6], [3, 3])
+    entry = {"name": "sh", "vis_format": "webdataset", "shards": str(tmp_path / "s" / "*.tar")}
+    monkeypatch.setattr("clipvip.data.loader.default_workers", lambda: 8)  # a machine with 9 cores a GPU
+    stream = ShardStream.from_config(make_cfg(n_workers=-1, train_batch_size=1), entry, tokenizer, 0, 1)
+    assert stream.loader.num_workers == stream.dataset.readers_per_rank == 2  # a reader needs a shard of its own
+    with pytest.raises(ConfigError, match="2 shards for 3 readers"):  # an explicit value is taken as it is
+        ShardStream.from_config(make_cfg(n_workers=3, train_batch_size=1), entry, tokenizer, 0, 1)
+
+
 def test_throughput_says_whether_the_loader_or_the_step_is_the_wall(monkeypatch):
     clock = iter([110.0, 110.0])
     monkeypatch.setattr("clipvip.engine.logger.time.perf_counter", lambda: next(clock))
