@@ -99,7 +99,9 @@ def test_msrvtt_like_training(synthetic_data, make_cfg, tokenizer):
     records = read_records(synthetic_data["train"])
     assert len(ds) == len(records) == 6
     item = ds[0]
-    assert item["video"].shape == (4, 3, 32, 32) and item["video"].dtype == torch.float32
+    # Frames leave the dataset as decoded (uint8, 64x64 here); the reader's transform makes them input.
+    assert item["video"].shape == (4, 64, 64, 3) and item["video"].dtype == torch.uint8
+    assert ds.reader.transform(item["video"]).shape == (4, 3, 32, 32)
     assert item["text"] in records[0]["text"] and item["num_skipped"] == 0
     # One caption per draw, changing from draw to draw, reproducible for a seed.
     drawn = [ds._load(0)["text"] for _ in range(12)]
@@ -115,7 +117,8 @@ def test_msrvtt_like_training(synthetic_data, make_cfg, tokenizer):
     assert len({ds[(0, s)]["text"] for s in range(8)}) > 1
 
     batch = ds.collator([ds[0], ds[1], ds[2]])
-    assert batch["video"].shape == (3, 4, 3, 32, 32)
+    assert batch["video"].shape == (3, 4, 64, 64, 3) and ds.reader.transform(batch["video"]).shape == (3, 4, 3, 32, 32)
+    assert batch["load_s"] > 0  # the seconds the items took: the run's loader throughput
     assert batch["text_input_ids"].shape == batch["text_input_mask"].shape == (3, 16)
     assert batch["text_input_ids"][:, 0].eq(49406).all()  # <|startoftext|>, padded to max_txt_len
     assert batch["clip_ids"] == [r["clip_id"] for r in records[:3]]
@@ -137,7 +140,7 @@ def test_multi_caption_evaluation(synthetic_data, make_cfg, tokenizer, tmp_path)
     videos, texts = ds.video_view(), ds.text_view()
     assert len(videos) == 6 and len(texts) == 8
     vb = ds.collator([videos[i] for i in range(2)])
-    assert vb["video"].shape == (2, 4, 3, 32, 32) and "text_input_ids" not in vb
+    assert vb["video"].shape == (2, 4, 64, 64, 3) and "text_input_ids" not in vb
     tb = ds.collator([texts[i] for i in range(3)])
     assert tb["text_input_ids"].shape == (3, 16) and "video" not in tb
     assert tb["indices"].tolist() == [0, 1, 2] and tb["video_indices"].tolist() == [0, 0, 1]
@@ -167,7 +170,7 @@ def test_lsmdc_relative_avi(make_cfg, tmp_path):
     txt = _jsonl(tmp_path / "test_1k.jsonl", [{"clip_id": clip_id, "text": "someone opens a door"}])
     ds = VideoRetrievalDataset.from_config(make_cfg(), {"name": "lsmdc-1k", "txt": txt, "vis": str(vis)}, training=False)
     assert ds.records[0].path == os.path.join(str(vis), clip_id + ".avi")
-    assert ds.video_view()[0]["video"].shape == (4, 3, 32, 32)
+    assert ds.video_view()[0]["video"].shape == (4, 64, 64, 3)
     assert scan_readable(ds) == []
 
 
@@ -181,9 +184,9 @@ def test_activitynet_frame_folders(make_cfg, tmp_path):
     dcfg = {"name": "actnet-test", "vis_format": "frame", "txt": txt, "vis": str(vis)}
     ds = VideoRetrievalDataset.from_config(cfg, dcfg, training=False)
     assert ds.rule.name == "frame" and ds.records[0].num_frame == 32
-    assert ds.video_view()[1]["video"].shape == (32, 3, 32, 32)
+    assert ds.video_view()[1]["video"].shape == (32, 32, 32, 3)
     train = VideoRetrievalDataset.from_config(cfg, dcfg, training=True)
-    assert train[0]["video"].shape == (32, 3, 32, 32)
+    assert train[0]["video"].shape == (32, 32, 32, 3) and ds.load_video(0).shape == (32, 3, 32, 32)
     shutil.rmtree(vis / "v_clip1")
     assert scan_readable(ds) == ["v_clip1"] and ds.videos == ["v_clip0"] and ds.texts == [("clip 0", 0)]
 
@@ -216,7 +219,7 @@ def test_pretrain_vid_txt_modes(synthetic_data, make_cfg, pretrain_cfg, vid_txt)
     clip = ds.clip_ids[0]
     assert ds.video_path(0) == os.path.join(synthetic_data["pretrain_videos"], clip.split(".")[0], clip)
     item = ds[0]
-    assert item["video"].shape == (4, 3, 32, 32) and "image" not in item
+    assert item["video"].shape == (4, 64, 64, 3) and "image" not in item
     expected = {"subtitle": {subs[clip]}, "caption": {caps[clip]},
                 "caption_subtitle_concat": {caps[clip] + ". with subtitle: " + subs[clip]},
                 "caption_subtitle_random": {caps[clip], subs[clip]}}[vid_txt]
@@ -231,14 +234,15 @@ def test_pretrain_videoframe_and_collator(synthetic_data, make_cfg, pretrain_cfg
         ds = PretrainDataset.from_config(make_cfg(), pretrain_cfg(vis_format="videoframe", vid_cap_path=cap_path),
                              training=True, tokenizer=tokenizer)
         item = ds[1]
-        assert item["image"].shape == (3, 32, 32) and item["caption"] == caps[ds.clip_ids[1]]
+        assert item["image"].shape == (64, 64, 3) and item["caption"] == caps[ds.clip_ids[1]]
     batch = ds.collator([ds[0], ds[1], ds[2]])
-    assert batch["video"].shape == (3, 4, 3, 32, 32) and batch["image"].shape == (3, 3, 32, 32)
+    assert batch["video"].shape == (3, 4, 64, 64, 3) and batch["image"].shape == (3, 64, 64, 3)
+    assert ds.reader.transform(batch["image"]).shape == (3, 3, 32, 32) and batch["load_s"] > 0
     assert batch["text_input_ids"].shape == batch["caption_ids"].shape == batch["caption_masks"].shape == (3, 16)
     assert batch["indices"].tolist() == [0, 1, 2] and batch["num_skipped"] == 0
     plain = PretrainDataset.from_config(make_cfg(), pretrain_cfg(), training=True)
     b = PretrainCollator(tokenizer, 16)([plain[0], plain[1]])
-    assert b["image"] is None and b["caption_ids"] is None and b["video"].shape == (2, 4, 3, 32, 32)
+    assert b["image"] is None and b["caption_ids"] is None and b["video"].shape == (2, 4, 64, 64, 3)
     with pytest.raises(ConfigError, match="vid_txt"):
         PretrainDataset.from_config(make_cfg(), pretrain_cfg(vid_txt="captions"), training=True)
 
@@ -262,7 +266,7 @@ def test_training_replaces_unreadable_video(synthetic_data, make_cfg, tmp_path, 
     txt = _jsonl(tmp_path / "train.jsonl", [{"clip_id": "broken", "text": "nothing"}] + records[:3])
     ds = VideoRetrievalDataset.from_config(make_cfg(), {"name": "t", "txt": txt, "vis": str(vis)}, training=True)
     item = ds[0]
-    assert item["clip_id"] != "broken" and item["video"].shape == (4, 3, 32, 32)
+    assert item["clip_id"] != "broken" and item["video"].shape == (4, 64, 64, 3)
     # Each skip named in the item, for the training process to warn about once (data/bad_samples.py).
     assert item["num_skipped"] == ds.num_skipped == len(item["bad_samples"]) >= 1
     assert all(bad == ("t", bad_path, bad.reason) and bad.reason for bad in item["bad_samples"])
@@ -352,7 +356,7 @@ def test_two_workers_open_lmdb_per_worker(synthetic_data, make_cfg, pretrain_cfg
     stream = LoaderStream(ds, LoaderSettings.from_config(cfg), rank=0, world_size=1, batch_size=1)
     assert stream.loader.num_workers == 2 and stream.loader.persistent_workers
     batches = [next(stream) for _ in range(stream.sampler.batches_per_epoch)]
-    assert len(batches) == 5 and all(b["image"].shape == (1, 3, 32, 32) for b in batches)
+    assert len(batches) == 5 and all(b["image"].shape == (1, 64, 64, 3) for b in batches)
     # The missing key was drawn once in the epoch: replaced (in a worker) and counted in the batch.
     assert sum(b["num_skipped"] for b in batches) >= 1
     assert ds.num_skipped == 0  # counted by the worker copies, reported through the batches
@@ -392,7 +396,7 @@ def test_train_stream_shards_and_reshuffles(synthetic_data, make_cfg, tokenizer)
     streams[0].sampler.set_position(1, 0)
     assert [index for index, _ in streams[0].sampler] != orders[0]
     batch = next(streams[1])
-    assert batch["video"].shape == (3, 4, 3, 32, 32) and batch["indices"].tolist() == orders[1]
+    assert batch["video"].shape == (3, 4, 64, 64, 3) and batch["indices"].tolist() == orders[1]
 
 
 def test_resize_kernel_reaches_pretraining_and_search(synthetic_data, make_cfg, pretrain_cfg):
@@ -410,7 +414,8 @@ def test_resize_kernel_reaches_pretraining_and_search(synthetic_data, make_cfg, 
         ds = PretrainDataset.from_config(make_cfg(resize_antialias=antialias), pretrain_cfg(vis_format="videoframe"),
                              training=True)
         assert ds.reader.antialias == bool(antialias)
-        items[antialias] = ds[0]
+        item = ds[0]
+        items[antialias] = {"image": ds.reader.transform(item["image"])}  # made model input as the run makes it
     # The original's middle frame: frame int(F/2), /255, torchvision 0.9's bicubic (no antialias), normalised.
     frames, _ = load_sampled_frames(ds.video_path(0), lambda n: [middle_frame_index(n)])  # (1, 64, 64, 3)
     x = F.interpolate(frames.permute(0, 3, 1, 2).float() / 255.0, size=(32, 32), mode="bicubic", align_corners=False)

@@ -112,7 +112,7 @@ def test_half_file_passes_the_scan_and_fails_to_decode(bench):
     item = marked[0]
     assert "video" not in item and "cannot read video" in item["failed"] and "half4" in item["failed"]
     batch = marked.collator([marked[1], item])
-    assert batch["video"].shape == (1, 4, 3, 32, 32) and batch["indices"].tolist() == [1]
+    assert batch["video"].shape[:2] == (1, 4) and batch["indices"].tolist() == [1]
     assert batch["failed"] == [(0, item["failed"])]
     assert dataset.scan_readable(decode=True) == ["half4"]  # the decoding scan finds it up front
 

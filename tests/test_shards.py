@@ -143,7 +143,7 @@ def test_every_sample_once_per_epoch_across_ranks_and_workers(shard_dir, tokeniz
         assert stream.batches_per_epoch == per_rank
         for epoch in (0, 1):
             batches = take(stream, per_rank)
-            assert all(b["video"].shape == (batch, 2, 3, 32, 32) for b in batches)
+            assert all(b["video"].shape[:2] == (batch, 2) and b["video"].dtype == torch.uint8 for b in batches)
             seen[epoch] += [i for b in batches for i in b["indices"].tolist()]
             assert stream.epoch == epoch
     assert sorted(seen[0]) == list(range(N_SAMPLES)) == sorted(seen[1])
@@ -235,7 +235,7 @@ def test_text_from_a_member_and_a_pretraining_caption_field(shard_dir, tokenizer
              "caption_field": "captions", "vid_txt": "caption"}
     stream = S.ShardStream.from_config(cfg, entry, tokenizer, 0, 1, kind="pretrain")
     batch = next(stream)
-    assert batch["image"].shape == (2, 3, 32, 32) and batch["caption_ids"].shape == (2, 16)
+    assert batch["image"].shape[0] == 2 and batch["image"].shape[-1] == 3 and batch["caption_ids"].shape == (2, 16)
     assert batch["text_input_ids"].shape == (2, 16)
 
 

@@ -127,8 +127,10 @@ DEFAULTS: dict[str, Any] = {
     "max_txt_len": 50,  # text tokens per caption (padded/truncated); at most clip_config's text positions (77 for OpenAI CLIP)
     "video_backend": "decord",  # decord | pyav (used where decord is not installed) | torchcodec (only if named; CUDA torch)
     "max_n_example_per_group": 1,
-    "n_workers": 4,
-    "pin_mem": 1,
+    "n_workers": -1,  # DataLoader workers per process; -1: the CPUs this process may use / processes on the machine - 1 (at least 1)
+    "pin_mem": 1,  # pinned host memory for the batches (uint8 frames) on CUDA: the copy to the GPU does not block
+    "persistent_workers": 1,  # training loaders keep their workers (and what they cache) from epoch to epoch
+    "prefetch_factor": 2,  # batches each worker prepares ahead of the step
     "prefetch_to_device": 1,  # CUDA: copy the next batch to the GPU on a side stream during the step
     "dummy_data": 0,
     "cache_clips": 0,  # keep every decoded clip in memory (per process/worker): small sets decode once

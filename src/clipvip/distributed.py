@@ -96,6 +96,21 @@ def detect_launcher(environ: Mapping[str, str] | None = None) -> tuple[str, int,
     return "single", 0, 1, 0
 
 
+def local_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """Processes of this run on this machine, from the launcher's environment (1 without one).
+
+    ``LOCAL_WORLD_SIZE`` (torchrun), ``HOROVOD_LOCAL_SIZE`` / ``OMPI_COMM_WORLD_LOCAL_SIZE``
+    (horovodrun, mpirun), ``SLURM_NTASKS_PER_NODE`` (srun with ``--ntasks-per-node``; "4(x2)" reads
+    as 4). Pure, like :func:`detect_launcher`: the data loaders share the machine's CPUs by it.
+    """
+    env = os.environ if environ is None else environ
+    for key in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        digits = env.get(key, "").split("(")[0].split(",")[0].strip()
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits)
+    return 1
+
+
 def _default_device(local_rank: int) -> str:
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 

@@ -7,9 +7,14 @@ ranks like ``DistributedSampler`` (every rank runs the same number of full batch
 any batch without reading the ones before; every item comes with its own seed
 ``(seed, epoch, rank, position)`` from which the dataset draws its caption choice, frame jitter
 and replacement picks (``dataset[(index, seed)]``), not from a worker's RNG stream whose state a
-restart would lose. ``n_workers`` workers, persistent, prefetching; pinned memory when
-``pin_mem`` is set and CUDA is there. :class:`MixedStream` mixes several streams by ``ratio``, one
-source per optimizer step, the same on every process (pretraining, as the original's MetaLoader).
+restart would lose. ``n_workers`` workers (-1: from the CPUs per process on this machine,
+:func:`default_workers`), persistent (``persistent_workers``), each ``prefetch_factor`` batches
+ahead; pinned memory when ``pin_mem`` is set and CUDA is there. Batches hold uint8 frames
+(``video`` [B, T, H, W, 3]), made model input where the model is
+(:class:`clipvip.data.transforms.VideoTransform`), and ``load_s``: the seconds the worker spent
+producing the batch (the run's loader throughput, :class:`clipvip.engine.logger.Throughput`).
+:class:`MixedStream` mixes several streams by ``ratio``, one source per optimizer step, the same
+on every process (pretraining, as the original's MetaLoader).
 Every loader takes its batch sizes, workers and seed from :class:`LoaderSettings`
 (``LoaderSettings.from_config(cfg)``). On CUDA the trainer wraps the stream in
 :class:`DevicePrefetcher`, which copies the next batch to the GPU on a side stream while the
@@ -30,6 +35,7 @@ worker opens its own on first access.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
@@ -38,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from clipvip.distributed import local_world_size
 from clipvip.errors import ConfigError
 from clipvip.logging_utils import get_logger
 
@@ -45,6 +52,8 @@ LOGGER = get_logger(__name__)
 
 # The batch entries the model reads (retrieval and pretraining); the rest stays on the host.
 MODEL_INPUTS = ("video", "text_input_ids", "text_input_mask", "image", "caption_ids", "caption_masks")
+# Those of them that hold frames: uint8 until the model's side transforms them (VideoTransform).
+FRAME_INPUTS = ("video", "image")
 
 
 @dataclass(frozen=True)
@@ -56,16 +65,40 @@ class LoaderSettings:
 
     train_batch_size: int  # per process
     test_batch_size: int  # per process
-    n_workers: int
+    n_workers: int  # resolved: the config's, or default_workers() where it says -1
     pin_memory: bool  # asked for; used only where CUDA is there
     seed: int
     train_pair_field: str
+    persistent_workers: bool = True  # training loaders keep their workers from epoch to epoch
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    workers_chosen: bool = False  # n_workers came from default_workers(): a reader may lower it (shards)
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> "LoaderSettings":
+        asked = int(cfg.n_workers)
+        if asked < -1:
+            raise ConfigError(f"n_workers {asked}: give 0 or more workers, or -1 to choose from the CPUs")
         return cls(train_batch_size=int(cfg.train_batch_size), test_batch_size=int(cfg.test_batch_size),
-                   n_workers=int(cfg.n_workers), pin_memory=bool(cfg.pin_mem), seed=int(cfg.seed),
-                   train_pair_field=str(cfg.train_pair_field or ""))
+                   n_workers=default_workers() if asked == -1 else asked, pin_memory=bool(cfg.pin_mem),
+                   seed=int(cfg.seed), train_pair_field=str(cfg.train_pair_field or ""),
+                   persistent_workers=bool(cfg.persistent_workers), prefetch_factor=max(int(cfg.prefetch_factor), 1),
+                   workers_chosen=asked == -1)
+
+
+def default_workers(cpus: int | None = None, processes: int | None = None) -> int:
+    """DataLoader workers per process for ``n_workers: -1``: the CPUs this process may run on, shared
+    by the training processes of this machine (one per GPU), less one each for the process itself
+    (it runs the step, pins memory and feeds the GPU); at least 1.
+
+    ``cpus``: default ``os.sched_getaffinity`` (what a container or ``taskset`` allows, not the
+    machine's count); ``processes``: default the launcher's local world size
+    (:func:`clipvip.distributed.local_world_size`). 16 cores and one GPU: 15 workers; 96 cores and
+    8 GPUs: 11 per process.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(int(processes if processes is not None else local_world_size()), 1)
+    return max(int(cpus) // processes - 1, 1)
 
 
 def derived_seed(*parts: int) -> int:
@@ -124,11 +157,13 @@ def loader_kwargs(settings: LoaderSettings, n_workers: int | None, persistent: b
     workers = int(settings.n_workers if n_workers is None else n_workers)
     kwargs: dict[str, Any] = {
         "num_workers": workers,
-        # Pinned memory only helps host->GPU copies; without CUDA torch warns and ignores it.
+        # Pinned memory only helps host->GPU copies; without CUDA torch warns and ignores it. The
+        # frames are uint8 at their decoded size: the pinned copy is a quarter of float32's bytes.
         "pin_memory": settings.pin_memory and torch.cuda.is_available(),
     }
     if workers > 0:
-        kwargs.update(persistent_workers=persistent, prefetch_factor=2, worker_init_fn=WorkerInit())
+        kwargs.update(persistent_workers=persistent, prefetch_factor=settings.prefetch_factor,
+                      worker_init_fn=WorkerInit())
     return kwargs
 
 
@@ -238,13 +273,19 @@ class LoaderStream:
         self.sampler = ResumableSampler(len(dataset), self.batch_size, settings.seed if seed is None else int(seed),
                                         rank, world_size, partners=partners)
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
-                                 collate_fn=collate_fn_for(dataset, collate_fn), **loader_kwargs(settings, None, True))
+                                 collate_fn=collate_fn_for(dataset, collate_fn),
+                                 **loader_kwargs(settings, None, settings.persistent_workers))
         self.epoch, self.batch = 0, 0
         self._iterator = None
 
     @property
     def num_examples(self) -> int:
         return len(self.dataset)
+
+    @property
+    def workers(self) -> int:
+        """Processes loading batches (the main process itself without workers)."""
+        return max(self.loader.num_workers, 1)
 
     def __iter__(self) -> "LoaderStream":
         return self
@@ -299,6 +340,11 @@ class MixedStream:
     def num_examples(self) -> int:
         return sum(s.num_examples for s in self.streams.values())
 
+    @property
+    def workers(self) -> int:
+        """Every set's workers: each set's pool prepares its batches while another set is read."""
+        return sum(s.workers for s in self.streams.values())
+
     def __iter__(self) -> "MixedStream":
         return self
 
@@ -323,17 +369,36 @@ class MixedStream:
             self.streams[name].load_state_dict(stream_state)
 
 
+def to_device(value, device: torch.device):
+    """A tensor, or a list of tensors (frames of mixed sizes), on ``device`` (non-blocking: the
+    copy of pinned memory does not wait for the host)."""
+    if isinstance(value, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in value]
+    return value.to(device, non_blocking=True)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
 class DevicePrefetcher:
     """Copies the next batch to the GPU on a side stream while the current one is computed on.
 
     Wraps an iterator of batch dicts: a training stream (:class:`LoaderStream`,
     :class:`MixedStream`) or an evaluation loader. ``next()`` hands out a batch whose ``keys``
-    tensors are already on ``device`` and queues the copy of the following one on its own CUDA
-    stream: the host-to-device transfer (7 MB per 12-frame 224 px clip in fp32) runs on the copy
-    engine beside the compute instead of ahead of it on the compute stream. With pinned memory
-    (``pin_mem``) the copy does not block the host either; the price is one more batch on the
-    device (230 MB for 32 clips of 12 frames at 224 px). Other entries (``num_skipped``,
-    ``indices``, ids, ``source``) stay where they are: reading them must not wait for the device.
+    tensors (or lists of tensors: frames of mixed sizes) are already on ``device`` and queues the
+    copy of the following one on its own CUDA stream: the host-to-device transfer (uint8 frames at
+    their decoded size: 2.8 MB per 12-frame 240x320 clip, against 7.2 MB of float32 input at
+    224 px) runs on the copy engine beside the compute instead of ahead of it on the compute
+    stream. The frames stay uint8: the step transforms them on the compute stream
+    (:class:`clipvip.data.transforms.VideoTransform`), one micro-batch at a time. With pinned
+    memory (``pin_mem``) the copy does not block the host either; the price is one more batch on
+    the device (88 MB for 32 such clips). Other entries (``num_skipped``, ``indices``, ids,
+    ``source``, ``load_s``) stay where they are: reading them must not wait for the device.
 
     For a stream with a position, ``state_dict()`` is the position after the batches handed out;
     the batch in flight is not counted, so a saved state resumes exactly where the uninterrupted
@@ -357,12 +422,15 @@ class DevicePrefetcher:
     def num_examples(self) -> int:
         return self.stream.num_examples
 
+    @property
+    def workers(self) -> int:
+        return self.stream.workers
+
     def __iter__(self) -> "DevicePrefetcher":
         return self
 
     def _move(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if k in self.keys and isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
+        return {k: to_device(v, self.device) if k in self.keys and _tensors(v) else v for k, v in batch.items()}
 
     def _fetch(self) -> tuple[dict, Any] | None:
         """The next batch with its copy queued, or None at the end of the batches."""
@@ -386,9 +454,9 @@ class DevicePrefetcher:
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self.copy_stream)  # the compute stream waits for this batch's copy, the host does not
         for key in self.keys:
-            value = batch.get(key)
-            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                value.record_stream(compute)  # allocated on the copy stream, freed after the compute used it
+            for value in _tensors(batch.get(key)):
+                if value.device.type == "cuda":
+                    value.record_stream(compute)  # allocated on the copy stream, freed after the compute used it
         self._ahead = self._fetch()  # queued after the wait above: overlaps this batch's compute
         return batch
 

@@ -26,6 +26,7 @@ subtitle in the caption modes and paired the middle frame with the string "None"
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import torch
@@ -34,7 +35,8 @@ from clipvip.errors import ConfigError, DataError
 from clipvip.logging_utils import get_logger
 from clipvip.data.annotations import DatasetEntry, hdvila_video_path, iter_annotation_file
 from clipvip.data.bad_samples import carry_from_items
-from clipvip.data.retrieval_dataset import ClipReader, DatasetSettings, SubstitutingDataset, tokenize
+from clipvip.data.retrieval_dataset import (ClipReader, DatasetSettings, SubstitutingDataset, collate_frames,
+                                            loading_seconds, tokenize)
 
 LOGGER = get_logger(__name__)
 
@@ -161,8 +163,9 @@ def _load_caption_file(path: str) -> _DictTexts:
 class PretrainDataset(SubstitutingDataset):
     """One HD-VILA-style pretraining set: its ``entry`` (of ``train_datasets``) read by ``reader``.
 
-    Item: ``{"video": [T, 3, H, W], "text": str, "clip_id", "index", "num_skipped"}`` plus, for
-    ``vis_format == "videoframe"``, ``"image": [3, H, W]`` (the middle frame) and ``"caption"``.
+    Item: ``{"video": uint8 [T, H, W, 3], "text": str, "clip_id", "index", "num_skipped"}`` plus, for
+    ``vis_format == "videoframe"``, ``"image": uint8 [H, W, 3]`` (the middle frame) and ``"caption"``:
+    frames at the decoded size, made model input where the model is (``reader.transform``).
     :meth:`from_config` builds one from a run config.
     """
 
@@ -266,10 +269,10 @@ class PretrainDataset(SubstitutingDataset):
     def _load(self, index: int) -> dict:
         # Texts first: a missing key costs no decoding.
         text, caption = self._texts(index)
-        video, image = self.reader.read_video(self.video_path(index), self.rng, with_middle=self.with_frame)
+        video, image = self.reader.read_frames(self.video_path(index), self.rng, with_middle=self.with_frame)
         item = {"video": video, "text": text, "clip_id": self.clip_ids[index], "index": index}
         if self.with_frame:
-            item["image"] = image  # (3, H, W)
+            item["image"] = image  # (H, W, 3) uint8
             item["caption"] = caption
         return item
 
@@ -277,10 +280,11 @@ class PretrainDataset(SubstitutingDataset):
 class PretrainCollator:
     """Pretraining items -> one batch dict.
 
-    ``video`` [B, T, 3, H, W]; ``text_input_ids``, ``text_input_mask`` [B, L] (the video's text);
-    ``image`` [B, 3, H, W] and ``caption_ids``, ``caption_masks`` [B, L] for "videoframe" sets,
-    else None; ``clip_ids``; ``indices`` [B] long; ``num_skipped`` int; ``bad_samples`` when any
-    (:mod:`clipvip.data.bad_samples`).
+    ``video`` uint8 [B, T, H, W, 3] (a list where clips differ in size); ``text_input_ids``,
+    ``text_input_mask`` [B, L] (the video's text); ``image`` uint8 [B, H, W, 3] and ``caption_ids``,
+    ``caption_masks`` [B, L] for "videoframe" sets, else None; ``clip_ids``; ``indices`` [B] long;
+    ``num_skipped`` int; ``load_s`` float (as :class:`~clipvip.data.retrieval_dataset.RetrievalCollator`); ``bad_samples``
+    when any (:mod:`clipvip.data.bad_samples`).
     """
 
     def __init__(self, tokenizer, max_txt_len: int = 50):
@@ -288,11 +292,12 @@ class PretrainCollator:
         self.max_txt_len = int(max_txt_len)
 
     def __call__(self, items: list[dict]) -> dict:
-        batch: dict[str, Any] = {"video": torch.stack([it["video"] for it in items])}  # (B, T, 3, H, W)
+        started = time.perf_counter()
+        batch: dict[str, Any] = {"video": collate_frames([it["video"] for it in items])}  # (B, T, H, W, 3)
         batch["text_input_ids"], batch["text_input_mask"] = tokenize(
             self.tokenizer, [it["text"] for it in items], self.max_txt_len)  # (B, L) each
         if "image" in items[0]:
-            batch["image"] = torch.stack([it["image"] for it in items])  # (B, 3, H, W)
+            batch["image"] = collate_frames([it["image"] for it in items])  # (B, H, W, 3)
             batch["caption_ids"], batch["caption_masks"] = tokenize(
                 self.tokenizer, [it["caption"] for it in items], self.max_txt_len)  # (B, L) each
         else:
@@ -300,4 +305,5 @@ class PretrainCollator:
         batch["clip_ids"] = [it["clip_id"] for it in items]
         batch["indices"] = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (B,)
         batch["num_skipped"] = int(sum(it.get("num_skipped", 0) for it in items))
+        batch["load_s"] = loading_seconds(items, started)
         return carry_from_items(batch, items)

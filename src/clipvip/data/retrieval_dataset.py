@@ -27,6 +27,11 @@ header) comes out of ``video_view(mark_unreadable=True)`` as a marker item, not 
 and the evaluator drops it the same way. The same view over plain :class:`VideoFiles` is what
 ``clipvip encode`` and search indexing read (one encoder for all three: ``clipvip.engine.encode``).
 
+Items carry the clip's frames as the decoder gave them, uint8 ``[T, H, W, 3]`` at the decoded
+size; the collator stacks them (a list where sizes differ) and the model's side turns them into
+model input with ``reader.transform`` (:class:`clipvip.data.transforms.VideoTransform`). The
+float entry points (``ClipReader.read_video``, ``dataset.load_video``) apply it at once.
+
 A dataset is built from its config entry (:class:`~clipvip.data.annotations.DatasetEntry`), a
 :class:`ClipReader` and :class:`DatasetSettings`; ``from_config`` makes all three from a config.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -46,7 +52,7 @@ from clipvip.logging_utils import get_logger
 from clipvip.data.annotations import AnnotationRule, ClipRecord, DatasetEntry, load_annotations, select_rule
 from clipvip.data.bad_samples import BadSample, carry, carry_from_items
 from clipvip.data.sampling import middle_frame_index, sample_frame_indices
-from clipvip.data.transforms import frames_to_model_input
+from clipvip.data.transforms import VideoTransform
 from clipvip.data.video import (VideoBytes, count_folder_frames, count_frames, load_frame_folder,
                                 load_sampled_frames, probe_duration, resolve_backend)
 
@@ -72,7 +78,8 @@ def _resolution(value: Any) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ClipReader:
-    """Samples, decodes and transforms the frames of one clip (shared by every dataset here)."""
+    """Samples and decodes the frames of one clip (shared by every dataset here); ``transform``
+    makes them model input where the model is."""
 
     n_clips: int
     num_frms: int
@@ -107,14 +114,26 @@ class ClipReader:
     def num_frames(self) -> int:
         return self.n_clips * self.num_frms
 
+    @property
+    def transform(self) -> VideoTransform:
+        """uint8 frames -> model input, as this reader's settings say (run where the model is)."""
+        return VideoTransform(self.input_res, self.antialias)
+
     def indices(self, num_total: int, rng: random.Random) -> list[int]:
         return sample_frame_indices(num_total, self.n_clips, self.num_frms, self.sample_rate,
                                     training=self.training, jitter=self.jitter, rng=rng)
 
     def read_video(self, source: str | VideoBytes, rng: random.Random, with_middle: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(video [T, 3, H, W], middle frame [3, H, W] or None)`` of a video file or of encoded
-        bytes in memory (:class:`VideoBytes`, e.g. a shard member).
+        """``(video [T, 3, h, w], middle frame [3, h, w] or None)``: :meth:`read_frames` made model
+        input at once, on the CPU (``clipvip.load_clip``, the HF processor, one search query)."""
+        frames, middle = self.read_frames(source, rng, with_middle)
+        return self.transform(frames), (self.transform(middle) if middle is not None else None)
+
+    def read_frames(self, source: str | VideoBytes, rng: random.Random, with_middle: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(frames uint8 [T, H, W, 3], middle frame uint8 [H, W, 3] or None)`` of a video file or
+        of encoded bytes in memory (:class:`VideoBytes`, e.g. a shard member), at the decoded size.
 
         The middle frame is decoded in the same pass as the clip (one open of the file).
         """
@@ -131,14 +150,17 @@ class ClipReader:
                                                                  backend=self.backend)[0]
             frames = every[index_fn(every.shape[0])]
         else:
-            frames, _ = load_sampled_frames(source, index_fn, backend=self.backend)  # (T[+1], h, w, 3) uint8
-        x = frames_to_model_input(frames, self.input_res, self.antialias)  # (T[+1], 3, H, W)
+            frames, _ = load_sampled_frames(source, index_fn, backend=self.backend)  # (T[+1], H, W, 3) uint8
         if with_middle:
-            return x[:-1], x[-1]
-        return x, None
+            return frames[:-1], frames[-1]
+        return frames, None
 
     def read_folder(self, root: str, clip_id: str, num_frame: int, rng: random.Random) -> torch.Tensor:
-        """``video [T, 3, H, W]`` of a frame folder ``{root}/{clip_id}`` with ``num_frame`` frames."""
+        """``video [T, 3, h, w]``: :meth:`read_folder_frames` made model input at once."""
+        return self.transform(self.read_folder_frames(root, clip_id, num_frame, rng))
+
+    def read_folder_frames(self, root: str, clip_id: str, num_frame: int, rng: random.Random) -> torch.Tensor:
+        """uint8 ``[T, H, W, 3]`` of a frame folder ``{root}/{clip_id}`` with ``num_frame`` frames."""
         if self.cache is not None:
             key = os.path.join(root, clip_id)
             every = self.cache.get(key)
@@ -146,8 +168,8 @@ class ClipReader:
                 every = self.cache[key] = load_frame_folder(root, clip_id, range(num_frame))  # (F, h, w, 3)
             frames = every[self.indices(num_frame, rng)]
         else:
-            frames = load_frame_folder(root, clip_id, self.indices(num_frame, rng))  # (T, h, w, 3) uint8
-        return frames_to_model_input(frames, self.input_res, self.antialias)
+            frames = load_frame_folder(root, clip_id, self.indices(num_frame, rng))  # (T, H, W, 3) uint8
+        return frames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,12 +227,15 @@ class SubstitutingDataset(Dataset):
         and replacement picks of this item depend on that seed alone, not on the RNG stream of
         the worker that happens to load it, so a resumed run sees the same examples.
         """
+        started = time.perf_counter()
         if isinstance(key, tuple):
             index, seed = key
             self.reseed(int(seed))
         else:
             index = key
-        return self._fetch(int(index))
+        item = self._fetch(int(index))
+        item["load_s"] = time.perf_counter() - started  # summed per batch: the loader's throughput
+        return item
 
     def _fetch(self, index: int) -> dict:
         """The item at ``index``; in training, a random replacement when it cannot be read."""
@@ -250,7 +275,7 @@ class SubstitutingDataset(Dataset):
 class VideoRetrievalDataset(SubstitutingDataset):
     """One retrieval set: its ``entry`` (of ``train_datasets`` / ``val_datasets``) read by ``reader``.
 
-    Training (``reader.training``) item: ``{"video": [T, 3, H, W], "text": str, "clip_id", "index",
+    Training (``reader.training``) item: ``{"video": uint8 [T, H, W, 3], "text": str, "clip_id", "index",
     "num_skipped"}``. Evaluation item (videos): ``{"video", "clip_id", "index": video index,
     "num_skipped": 0}``. ``rule`` forces an annotation rule by name (see
     :mod:`clipvip.data.annotations`). :meth:`from_config` builds one from a run config.
@@ -336,7 +361,7 @@ class VideoRetrievalDataset(SubstitutingDataset):
                 else:
                     count_frames(record.path, backend=self.reader.backend)
                 if decode:
-                    self.load_video(i)
+                    self.load_frames(i)
             except BAD_SAMPLE_ERRORS as e:
                 bad[i] = unreadable_reason(e)
         return self.drop_videos(bad)
@@ -390,18 +415,22 @@ class VideoRetrievalDataset(SubstitutingDataset):
         return self.records[index].path
 
     def read_clip(self, index: int) -> dict:
-        """``{"video": [T, 3, H, W]}`` of video ``index`` (the item :class:`VideoOnlyView` completes)."""
-        return {"video": self.load_video(index)}
+        """``{"video": uint8 [T, H, W, 3]}`` of video ``index`` (the item :class:`VideoOnlyView` completes)."""
+        return {"video": self.load_frames(index)}
 
     def load_video(self, index: int) -> torch.Tensor:
-        """``[T, 3, H, W]`` frames of video ``index`` (raises on a clip that cannot be read)."""
+        """Model input ``[T, 3, h, w]`` of video ``index``: :meth:`load_frames`, transformed at once."""
+        return self.reader.transform(self.load_frames(index))
+
+    def load_frames(self, index: int) -> torch.Tensor:
+        """uint8 ``[T, H, W, 3]`` frames of video ``index`` (raises on a clip that cannot be read)."""
         record = self.records[index]
-        if self.dummy_data:
+        if self.dummy_data:  # random frames at the input size: the rest of the pipeline as for real ones
             h, w = self.reader.input_res
-            return torch.randn(self.reader.num_frames, 3, h, w)
+            return torch.randint(0, 256, (self.reader.num_frames, h, w, 3), dtype=torch.uint8)
         if record.is_frame_folder:
-            return self.reader.read_folder(self.vis, record.clip_id, record.num_frame, self.rng)
-        return self.reader.read_video(record.path, self.rng)[0]
+            return self.reader.read_folder_frames(self.vis, record.clip_id, record.num_frame, self.rng)
+        return self.reader.read_frames(record.path, self.rng)[0]
 
     def _load(self, index: int) -> dict:
         record = self.records[index]
@@ -411,7 +440,7 @@ class VideoRetrievalDataset(SubstitutingDataset):
                 raise DataError(f"{record.where}: no non-empty caption for {record.clip_id}")
             # One caption per example, drawn afresh each time the clip is drawn.
             item["text"] = record.texts[self.rng.randrange(len(record.texts))]
-        item["video"] = self.load_video(index)
+        item["video"] = self.load_frames(index)
         return item
 
     def partners(self, key: str) -> list[int]:
@@ -438,7 +467,7 @@ class VideoOnlyView(Dataset):
 
     The source is a :class:`VideoRetrievalDataset` (evaluation) or :class:`VideoFiles` (``clipvip
     encode``, search indexing); it has ``len()``, ``clip_id(index)``, ``clip_path(index)``,
-    ``read_clip(index) -> {"video": [T, 3, H, W], ...}`` and a ``collator`` (or None).
+    ``read_clip(index) -> {"video": uint8 [T, H, W, 3], ...}`` and a ``collator`` (or None).
 
     A clip that cannot be read raises a :class:`DataError` naming its path; with
     ``mark_unreadable=True`` (what the encoders use) its item is a marker instead,
@@ -507,14 +536,14 @@ class VideoFiles(Dataset):
 
     def read_clip(self, index: int) -> dict:
         path = self.paths[index]
-        video, _ = self.reader.read_video(path, self.rng)  # (T, 3, H, W)
-        return {"video": video, "duration": probe_duration(path)}
+        frames, _ = self.reader.read_frames(path, self.rng)  # (T, H, W, 3) uint8
+        return {"video": frames, "duration": probe_duration(path)}
 
 
 class MarkedVideoCollator:
     """Items of a marking :class:`VideoOnlyView` -> a batch of the readable ones plus ``failed``.
 
-    The readable items go through ``inner`` (``video`` [b, T, 3, H, W], ``indices`` [b], ...,
+    The readable items go through ``inner`` (``video`` [b, T, H, W, 3], ``indices`` [b], ...,
     b <= B); ``failed`` is ``[(index, reason), ...]`` of the others. A batch of markers only has
     no ``video`` and empty ``indices`` [0].
     """
@@ -591,6 +620,19 @@ def _preview(ids: Sequence[str], n: int = 10) -> str:
 # ----------------------------------------------------------------------------------------------
 # Collation
 # ----------------------------------------------------------------------------------------------
+def collate_frames(frames: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Per-clip frames -> one tensor ``[B, ...]`` where all have one size, else the list itself.
+
+    A batch of loose files can mix resolutions (preprocessed sets are all one size): such a
+    batch stays a list of uint8 tensors, which :class:`~clipvip.data.transforms.VideoTransform`
+    transforms size by size into one model input.
+    """
+    first = frames[0].shape
+    if all(f.shape == first for f in frames):
+        return torch.stack(list(frames))  # (B, ...)
+    return list(frames)
+
+
 def tokenize(tokenizer, texts: list[str], max_txt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids [B, L], attention_mask [B, L])``, padded to ``L = max_txt_len``, truncated."""
     enc = tokenizer(list(texts), max_length=max_txt_len, padding="max_length", truncation=True,
@@ -602,11 +644,13 @@ class RetrievalCollator:
     """Items of a retrieval dataset or its views -> one batch dict.
 
     Keys, each present when the items carry it:
-    ``video`` [B, T, 3, H, W] float; ``text_input_ids``, ``text_input_mask`` [B, L] long;
+    ``video`` uint8 [B, T, H, W, 3] (a list of [T, H, W, 3] where clips differ in size: :func:`collate_frames`);
+    ``text_input_ids``, ``text_input_mask`` [B, L] long;
     ``clip_ids`` list[str]; ``indices`` [B] long (dataset index of each item: clip, video or text);
     ``video_indices`` [B] long (text view: the target video); ``durations`` list[float | None]
     (:class:`VideoFiles`); ``num_skipped`` int (clips replaced
-    to build this batch; the training loop sums it over steps, and so over workers); ``bad_samples``
+    to build this batch; the training loop sums it over steps, and so over workers); ``load_s``
+    float (seconds spent loading the items, their ``load_s``, and collating them); ``bad_samples``
     (which, when any: :mod:`clipvip.data.bad_samples`).
     """
 
@@ -615,10 +659,11 @@ class RetrievalCollator:
         self.max_txt_len = int(max_txt_len)
 
     def __call__(self, items: list[dict]) -> dict:
+        started = time.perf_counter()
         batch: dict[str, Any] = {}
         first = items[0]
         if "video" in first:
-            batch["video"] = torch.stack([it["video"] for it in items])  # (B, T, 3, H, W)
+            batch["video"] = collate_frames([it["video"] for it in items])  # (B, T, H, W, 3) uint8
         if "text" in first:
             if self.tokenizer is None:
                 raise ValueError("RetrievalCollator needs a tokenizer for items with text")
@@ -632,4 +677,10 @@ class RetrievalCollator:
         if "duration" in first:  # VideoFiles: seconds, or None where the container does not say
             batch["durations"] = [it["duration"] for it in items]
         batch["num_skipped"] = int(sum(it.get("num_skipped", 0) for it in items))
+        batch["load_s"] = loading_seconds(items, started)
         return carry_from_items(batch, items)
+
+
+def loading_seconds(items: list[dict], collate_started: float) -> float:
+    """The seconds the items took to load (their ``load_s``) plus their collation so far."""
+    return sum(float(it.get("load_s", 0.0)) for it in items) + time.perf_counter() - collate_started

@@ -48,6 +48,7 @@ Epoch length: from the shard index (``shards.json`` beside the shards, written b
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import glob
 import hashlib
 import heapq
@@ -56,6 +57,7 @@ import json
 import os
 import random
 import subprocess
+import time
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -528,7 +530,7 @@ class SampleDecoder:
             text = self.make_text(caption, text, rng)
         with_middle = self.kind == "pretrain" and caption is not None
         source = VideoBytes(sample[ext], f"{sample['__url__']}:{sample['__key__']}.{ext}")
-        video, image = self.reader.read_video(source, rng, with_middle=with_middle)
+        video, image = self.reader.read_frames(source, rng, with_middle=with_middle)  # uint8 (T, H, W, 3), (H, W, 3)
         item = {"video": video, "text": text, "clip_id": clip_id, "index": index}
         if with_middle:
             item["image"], item["caption"] = image, caption
@@ -589,6 +591,7 @@ class ShardDataset(IterableDataset):
         plan_reader, pass_ = None, -1
         good_in_pass, whole_pass = 0, False
         while done < layout.batches_per_reader:
+            started = time.perf_counter()  # this reader's seconds for the batch: the loader's throughput
             items, bad = [], []
             while len(items) < self.batch_size:
                 if cursor // n != pass_:  # a new pass over the plan (the first, or a repeat of it)
@@ -618,7 +621,7 @@ class ShardDataset(IterableDataset):
                 items.append(item)
             batch = carry(self.collator(items), bad)
             done += 1
-            batch["num_skipped"] = len(bad)
+            batch["num_skipped"], batch["load_s"] = len(bad), time.perf_counter() - started
             batch["stream_reader"], batch["stream_cursor"] = local, cursor
             yield batch
 
@@ -657,7 +660,11 @@ class ShardStream:
         settings = DatasetSettings.from_config(cfg)
         loader = LoaderSettings.from_config(cfg)
         collator = (PretrainCollator if kind == "pretrain" else RetrievalCollator)(tokenizer, settings.max_txt_len)
-        dataset = ShardDataset(ShardSet.from_entry(dataset_entry), SampleDecoder(dataset_entry, ClipReader.from_config(cfg, True), kind),
+        shards = ShardSet.from_entry(dataset_entry)
+        if loader.workers_chosen:  # n_workers -1: no more readers than the shards can keep busy
+            readers = max(min(loader.n_workers, len(shards.urls) // world_size), 1)
+            loader = dataclasses.replace(loader, n_workers=readers)
+        dataset = ShardDataset(shards, SampleDecoder(dataset_entry, ClipReader.from_config(cfg, True), kind),
                                collator, batch_size=loader.train_batch_size, shuffle_buffer=dataset_entry.shuffle_buffer,
                                seed=loader.seed, rank=rank, world_size=world_size, n_workers=loader.n_workers)
         return cls(dataset, loader)
@@ -665,6 +672,11 @@ class ShardStream:
     @property
     def num_examples(self) -> int:
         return self.dataset.shards.total
+
+    @property
+    def workers(self) -> int:
+        """Processes reading shards (the main process itself without workers)."""
+        return max(self.loader.num_workers, 1)
 
     def __iter__(self) -> "ShardStream":
         return self

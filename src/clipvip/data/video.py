@@ -381,7 +381,50 @@ class _DecordReader:
         del self._vr
 
 
+def span_plan(pts: Sequence[int | None], keyframes: Sequence[bool], indices: Sequence[int]
+              ) -> tuple[int, list[int]] | None:
+    """Where to start decoding packets (in decode order, with their timestamps ``pts`` and key-frame
+    flags) to get frames ``indices`` (presentation order), and the timestamp of each of those
+    frames: ``(first packet, [timestamp per index])``; None where the timestamps cannot number the
+    frames (one missing, or two alike).
+
+    Frame ``i`` is the packet with the ``i``-th smallest timestamp; an index past the end is the
+    last frame. The start is the last key frame at or before every wanted frame in both decode
+    and presentation order: a frame shown before its key frame belongs to the group before and
+    may refer to it (open GOPs). Packet 0 where no key frame qualifies.
+    """
+    if not pts or None in pts or len(set(pts)) != len(pts):
+        return None
+    in_order = sorted(pts)  # frame i is shown at in_order[i]
+    shown = [in_order[min(int(i), len(in_order) - 1)] for i in indices]
+    wanted = set(shown)
+    first_packet = min(k for k, t in enumerate(pts) if t in wanted)
+    earliest = min(wanted)
+    start = max((k for k in range(first_packet + 1) if keyframes[k] and pts[k] <= earliest), default=0)
+    return start, shown
+
+
+# Codecs whose frames the PyAV reader decodes from the key frame before the first wanted one
+# (``_PyAVReader._read_span``), held equal to decoding from the start by tests/test_device_input.py
+# (B-frames, open groups, variable frame rate); other codecs are decoded from the start. MPEG-4
+# part 2 is left out: AVI files (LSMDC's) may pack two frames into one packet, which one timestamp
+# cannot name.
+_SPAN_CODECS = ("h264", "hevc")
+# Of those, the ones whose decoder's "NONREF" skips only frames no other frame refers to: H.264's
+# nal_ref_idc 0. Not HEVC: there it skips sub-layer non-reference pictures, which pictures of a
+# higher temporal sub-layer may still refer to.
+_SKIP_UNREFERENCED = ("h264",)
+
+
 class _PyAVReader:
+    """PyAV: the container's packets, read once, and the frames decoded from them.
+
+    Frame ``i`` is the ``i``-th frame in presentation order, as decoding from the start and
+    counting would number it. Where the packets allow it (:meth:`_read_span`) only what the
+    wanted frames need is decoded: from the key frame before the first of them to the last of
+    them, leaving out frames nothing refers to. Otherwise every frame up to the last wanted one.
+    """
+
     def __init__(self, source: str | VideoBytes):
         import av
 
@@ -391,34 +434,106 @@ class _PyAVReader:
         self._stream.thread_count = 1  # see _DecordReader: workers give the parallelism
         self._reformatter = av.video.reformatter.VideoReformatter()  # one YUV -> RGB set-up per file
         self._len: int | None = None
+        self._packets: list | None = None
+        self._demux_error: Exception | None = None  # what ended the demuxing early (a damaged file)
+
+    def _demuxed(self) -> list:
+        """The stream's packets holding data, in decode order (demuxing decodes nothing); where the
+        file is damaged, those before the damage (``_demux_error`` says why it ended)."""
+        if self._packets is None:
+            self._packets = []
+            try:
+                for packet in self._container.demux(self._stream):
+                    if packet.size > 0:
+                        self._packets.append(packet)
+            except Exception as e:  # noqa: BLE001 - raised where a read needs what lies behind it
+                self._demux_error = e
+        return self._packets
 
     def __len__(self) -> int:
         if self._len is None:
             n = int(self._stream.frames or 0)
             if n <= 0:
-                # Some containers (webm, raw streams) carry no frame count: count the packets
-                # instead, which needs no decoding, in a second handle so read() starts afresh.
-                import av
-
-                with av.open(_open_arg(self._source)) as counting:
-                    stream = counting.streams.video[0]
-                    n = sum(1 for p in counting.demux(stream) if p.size > 0)
+                # Some containers (webm, raw streams) carry no frame count: count the packets instead.
+                n = len(self._demuxed())
+                if self._demux_error is not None:
+                    raise self._demux_error
             self._len = n
         return self._len
 
     def read(self, unique_sorted: list[int]) -> list[np.ndarray]:
+        span = self._read_span(unique_sorted)
+        return span if span is not None else self._read_from_start(unique_sorted)
+
+    def _read_span(self, unique_sorted: list[int]) -> list[np.ndarray] | None:
+        """The frames decoded from the key frame before the first wanted one up to the last
+        (:func:`span_plan`), or None where the packets cannot say which frame each is: a codec not
+        in ``_SPAN_CODECS``, a damaged file, not as many packets as the frames the indices were
+        drawn from, timestamps missing or repeated (then :meth:`_read_from_start`).
+
+        Frames that nothing refers to are skipped unless wanted (``_SKIP_UNREFERENCED`` codecs;
+        ``skip_frame`` "NONREF", set packet by packet): skipping them changes no other frame. Each
+        frame is found by its timestamp; where a wanted one does not come out, the file is decoded
+        again from the start.
+        """
+        if self._stream.codec_context.name not in _SPAN_CODECS:
+            return None
+        packets = self._demuxed()
+        if self._demux_error is not None or len(packets) != len(self):
+            return None
+        plan = span_plan([p.pts for p in packets], [p.is_keyframe for p in packets], unique_sorted)
+        if plan is None:
+            return None
+        start, shown = plan
+        wanted = set(shown)
+        context = self._stream.codec_context
+        skip = context.name in _SKIP_UNREFERENCED
+        got: dict[int, np.ndarray] = {}  # timestamp -> (H, W, 3) uint8
+        try:
+            for packet in packets[start:]:
+                context.skip_frame = "NONREF" if skip and packet.pts not in wanted else "DEFAULT"
+                self._keep(context.decode(packet), wanted, got)
+                if len(got) == len(wanted):
+                    break
+            else:
+                context.skip_frame = "DEFAULT"
+                self._keep(context.decode(None), wanted, got)  # the frames the decoder still holds
+        finally:
+            context.skip_frame = "DEFAULT"
+        if len(got) < len(wanted):
+            logger.debug("%s: %d of %d wanted frames not found by timestamp; decoding from the start",
+                         _source_name(self._source), len(wanted) - len(got), len(wanted))
+            again = _PyAVReader(self._source)
+            try:
+                return again._read_from_start(unique_sorted)
+            finally:
+                again.close()
+        return [got[t] for t in shown]
+
+    def _keep(self, frames, wanted: set, got: dict) -> None:
+        for frame in frames:
+            if frame.pts in wanted and frame.pts not in got:
+                got[frame.pts] = _upright(frame, self._reformatter)  # (H, W, 3)
+
+    def _read_from_start(self, unique_sorted: list[int]) -> list[np.ndarray]:
+        """Every frame decoded from the first packet on, counted, up to the last wanted one; a damaged
+        file fails only where a wanted frame lies behind the damage."""
         wanted = set(unique_sorted)
         stop = unique_sorted[-1]
         got: dict[int, np.ndarray] = {}
         last_frame = None
         n_decoded = 0
-        # Sequential decoding from the start: for the short clips of retrieval datasets this is
-        # as fast as seeking and, unlike seeking, exact in every container.
-        for frame in self._container.decode(self._stream):
-            if n_decoded in wanted:
-                got[n_decoded] = _upright(frame, self._reformatter)  # (H, W, 3)
-            last_frame = frame
-            n_decoded += 1
+        context = self._stream.codec_context
+        for packet in self._demuxed() + [None]:  # None: the frames the decoder still holds
+            if packet is None and self._demux_error is not None:
+                raise self._demux_error
+            for frame in context.decode(packet):
+                if n_decoded in wanted:
+                    got[n_decoded] = _upright(frame, self._reformatter)  # (H, W, 3)
+                last_frame = frame
+                n_decoded += 1
+                if n_decoded > stop:
+                    break
             if n_decoded > stop:
                 break
         if n_decoded == 0:

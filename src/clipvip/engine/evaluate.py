@@ -60,9 +60,12 @@ def encode_retrieval_set(model, dataset, loader: LoaderSettings, precision: str,
     env = distributed.get_env()
     shard = {"rank": env.rank, "world_size": env.world_size}
 
-    def encode_videos(batch):  # inputs already on the device (clipvip.engine.encode)
+    transform = dataset.reader.transform
+
+    def encode_videos(batch):  # inputs already on the device (clipvip.engine.encode): uint8 frames made input there
+        video = transform(batch["video"])  # (B, T, 3, h, w), float32 outside autocast
         with autocast(precision, device_type):
-            return model.encode_video(batch["video"])
+            return model.encode_video(video)
 
     def encode_texts(batch):
         with autocast(precision, device_type):

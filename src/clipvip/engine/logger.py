@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,49 @@ class LogSettings:
     def from_config(cls, cfg) -> "LogSettings":
         return cls(output_dir=cfg.output_dir, log_to_file=bool(cfg.if_log2file), tensorboard=bool(cfg.if_tb_log),
                    wandb_project=cfg.wandb_project, run_config=cfg.to_dict())
+
+
+@dataclass
+class Throughput:
+    """Clips/s of the run, of the step and of the loader, between two log lines: which is the wall.
+
+    Per training step the loop adds its clips, the seconds it waited for their batches, and the
+    seconds the loader's workers spent producing them (the batches' ``load_s``). ``metrics()``:
+
+    * ``clips_per_s``: what the run did (every process together);
+    * ``step_clips_per_s``: what the steps alone would do: the clips over the time not spent waiting;
+    * ``loader_clips_per_s``: what the workers can deliver: ``workers`` loading in parallel, each at
+      the rate it showed (clips over its seconds per batch);
+    * ``data_wait_s``: seconds per step the loop waited for its batches.
+
+    The loader is the wall where ``loader_clips_per_s`` is below ``step_clips_per_s`` (and
+    ``data_wait_s`` is not near 0). On a GPU the host queues work ahead of the device, so a wait
+    there can overlap the device's compute of earlier steps; the two rates are the comparison.
+    """
+
+    workers: int  # processes loading batches (DataLoader workers, or 1: the loop itself)
+    world_size: int = 1  # processes that train: the rates are per process times this
+    steps: int = 0
+    clips: int = 0
+    wait_s: float = 0.0
+    load_s: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, clips: int, wait_s: float, load_s: float) -> None:
+        self.steps, self.clips = self.steps + 1, self.clips + clips
+        self.wait_s, self.load_s = self.wait_s + wait_s, self.load_s + load_s
+
+    def metrics(self) -> dict:
+        """The rates since the last call (or since this window began); starts the next window."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        clips = self.clips * self.world_size
+        out = {"clips_per_s": clips / elapsed,
+               "step_clips_per_s": clips / max(elapsed - self.wait_s, 1e-9),
+               "loader_clips_per_s": clips * self.workers / self.load_s if self.load_s > 0 else None,
+               "data_wait_s": self.wait_s / max(self.steps, 1)}
+        self.steps, self.clips, self.wait_s, self.load_s = 0, 0, 0.0, 0.0
+        self.start = time.perf_counter()
+        return out
 
 
 class RunLogger:

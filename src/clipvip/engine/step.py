@@ -1,11 +1,12 @@
 """One optimizer step, as training runs it and as ``clipvip bench`` times it (DESIGN §4).
 
 1. set the learning rate of the step (warmup + cosine/linear; ``lr_mul`` groups);
-2. run the micro-batches of the step: forward under autocast, the loss on features gathered from
-   every process, backward (DDP synchronises on the last micro-batch only). With
-   ``accum_feature_cache`` the micro-batches are first encoded without gradient and each is then
-   recomputed with gradient against the cached features of the others, so every loss sees the
-   whole accumulated batch of negatives (open_clip's scheme);
+2. run the micro-batches of the step: the frames of each made model input on the device
+   (:class:`~clipvip.data.transforms.VideoTransform`; they arrive as uint8), forward under
+   autocast, the loss on features gathered from every process, backward (DDP synchronises on
+   the last micro-batch only). With ``accum_feature_cache`` the micro-batches are first encoded
+   without gradient and each is then recomputed with gradient against the cached features of the
+   others, so every loss sees the whole accumulated batch of negatives (open_clip's scheme);
 3. average the gradients over processes where no DDP does it (horovod), unscale (fp16), clip at
    ``grad_norm``, and step the optimizer only if loss and gradient are finite
    (:mod:`clipvip.engine.guard`: decided on the host, or on the device and read later);
@@ -24,7 +25,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from clipvip.data.loader import MODEL_INPUTS
+from clipvip.data.loader import FRAME_INPUTS, MODEL_INPUTS, to_device
+from clipvip.data.transforms import VideoTransform
 from clipvip.engine.guard import GuardedUpdate, PendingUpdate, UpdateReport, resolve_nonfinite_check
 from clipvip.engine.optim import OptimizerSettings, build_optimizer, learning_rate_at, set_learning_rate
 from clipvip.loss import ContrastiveLoss, LossOutput
@@ -41,12 +43,14 @@ class StepSettings:
     freeze_text_proj: bool  # with freeze_text_encoder: text_projection too
     frozen_text_cache: int  # with freeze_text_encoder: remember the tower's output for this many captions
     nonfinite_check: str  # auto | step | deferred (clipvip.engine.guard)
+    transform: VideoTransform = VideoTransform()  # the batches' uint8 frames -> model input, on the device
 
     @classmethod
     def from_config(cls, cfg) -> "StepSettings":
         return cls(grad_norm=float(cfg.grad_norm or 0), accum_feature_cache=bool(cfg.accum_feature_cache),
                    freeze_text_encoder=bool(cfg.freeze_text_encoder), freeze_text_proj=bool(cfg.freeze_text_proj),
-                   frozen_text_cache=int(cfg.frozen_text_cache or 0), nonfinite_check=str(cfg.nonfinite_check))
+                   frozen_text_cache=int(cfg.frozen_text_cache or 0), nonfinite_check=str(cfg.nonfinite_check),
+                   transform=VideoTransform.from_config(cfg))
 
 
 def train_mode(model: nn.Module, settings: StepSettings) -> None:
@@ -61,9 +65,14 @@ def train_mode(model: nn.Module, settings: StepSettings) -> None:
         model.freeze_text_encoder(settings.freeze_text_proj, settings.frozen_text_cache)
 
 
-def model_inputs(batch: dict, device: torch.device) -> dict:
-    """The model's arguments out of a batch dict, on ``device``."""
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+def model_inputs(batch: dict, device: torch.device, transform: VideoTransform) -> dict:
+    """The model's arguments out of a batch dict, on ``device``: its frames (uint8 ``video``
+    [B, T, H, W, 3], ``image`` [B, H, W, 3]) made model input there by ``transform``."""
+    inputs = {k: to_device(batch[k], device) for k in MODEL_INPUTS if batch.get(k) is not None}
+    for key in FRAME_INPUTS:
+        if key in inputs:
+            inputs[key] = transform(inputs[key])  # (B, T, 3, h, w) / (B, 3, h, w) float
+    return inputs
 
 
 def float_features(outputs: dict) -> dict:
@@ -116,8 +125,13 @@ class OptimizerStep:
         return contextlib.nullcontext()
 
     def _features(self, batch: dict) -> dict:
+        # The transform is a function of the frames alone (no random draw): with the feature
+        # cache, the recomputation of a micro-batch transforms its frames again into the same
+        # input, and only one micro-batch's float input is on the device at a time. It runs
+        # before autocast, in float32, as the input was computed on the host before.
+        inputs = model_inputs(batch, self.device, self.settings.transform)
         with autocast(self.precision, self.device.type):
-            return float_features(self.forward_model(**model_inputs(batch, self.device)))
+            return float_features(self.forward_model(**inputs))
 
     def backward_plain(self, batches: list[dict]) -> LossOutput:
         """Each micro-batch its own contrastive batch; gradients averaged over micro-batches.
@@ -168,5 +182,5 @@ class OptimizerStep:
         update = self.update(loss.total, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.model.clamp_logit_scale()
-        clips = sum(int(b["video"].shape[0]) for b in batches if "video" in b)
+        clips = sum(len(b["video"]) for b in batches if "video" in b)  # a tensor [B, ...] or a list of B clips
         return StepResult(step, lr, clips, loss.total, grad_norm.detach(), loss.terms, update)

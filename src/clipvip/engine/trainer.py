@@ -34,7 +34,7 @@ from clipvip.data.loader import DevicePrefetcher
 from clipvip.engine.checkpoints import BEST_MODEL, step_checkpoint, write_checkpoint_info
 from clipvip.engine.evaluate import scored_by
 from clipvip.engine.guard import PendingUpdate, UpdateReport
-from clipvip.engine.logger import LogSettings, RunLogger
+from clipvip.engine.logger import LogSettings, RunLogger, Throughput
 from clipvip.engine.optim import OptimizerSettings
 from clipvip.engine.schedule import TrainPlan, actions_at, best_model_change, needs_final_validation
 from clipvip.engine.signals import StopRequest
@@ -120,6 +120,7 @@ class Trainer:
         self.optimizer, self.scaler, self.update = (self.optimizer_step.optimizer, self.optimizer_step.scaler,
                                                  self.optimizer_step.update)
         self.progress = Progress()
+        self.throughput = Throughput(getattr(self.stream, "workers", 1), env.world_size)
         self.nonfinite_in_a_row = 0
         self.longest_nonfinite_run = 0  # in the steps of the last report (deferred: since the last read)
         self.last_results: dict = {}  # the latest validation's blocks
@@ -169,10 +170,13 @@ class Trainer:
     def train_step(self) -> StepResult:
         """The next optimizer step; a host-checked step is accounted for at once, a deferred one
         when :meth:`settle` reads it."""
+        waiting = time.perf_counter()
         batches = [next(self.stream) for _ in range(self.plan.accumulation)]
+        waited = time.perf_counter() - waiting
         self.progress.skipped_samples += sum(int(b.get("num_skipped", 0)) for b in batches)
         self.bad_samples.add(bad for b in batches for bad in b.get(bad_samples.KEY, ()))
         result = self.optimizer_step(self.progress.step + 1, batches)
+        self.throughput.add(result.clips, waited, sum(float(b.get("load_s", 0.0)) for b in batches))
         self.progress.step = result.step
         if isinstance(result.update, UpdateReport):
             self._account(result.update)
@@ -281,12 +285,11 @@ class Trainer:
 
     def _run_steps(self, stop: StopRequest, bar, stop_everywhere: bool) -> None:
         plan, settings = self.plan, self.settings
-        window_clips, window_start = 0, time.perf_counter()
+        self.throughput.metrics()  # the first window starts here, after the zero-shot validation
         while self.progress.step < plan.total_steps:
             result = self.train_step()
             step = result.step
             actions = actions_at(plan, step, settings.log_interval)
-            window_clips += result.clips
             report = result.update
             if isinstance(report, PendingUpdate):
                 # Read at the loop's sync points only; in between, nothing waits for the device.
@@ -302,18 +305,16 @@ class Trainer:
                     f"(seen at step {step}); state saved in {self.ckpt_dir}. Lower the learning rate, "
                     "use --bf16 1 instead of fp16, or check the data")
             if actions.log:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
                 self.run_log.log(step, {
                     "loss": report.loss if report is not None else None, "lr": result.lr,
                     "grad_norm": report.grad_norm if report is not None else None,
                     "logit_scale": self.raw_model.logit_scale.item(), "epoch": round(plan.epochs_at(step), 4),
-                    "clips_per_s": window_clips * self.env.world_size / elapsed,
+                    **self.throughput.metrics(),  # clips/s of the run, the step and the loader
                     "skipped_samples": self.progress.skipped_samples,
                     "nonfinite_steps": self.progress.nonfinite_steps,
                     "scale_overflow_steps": self.progress.scale_overflow_steps,
                     **{f"loss/{k}": v for k, v in result.terms.items()},
                 })
-                window_clips, window_start = 0, time.perf_counter()
             if actions.validate:
                 self.validate(save_step_checkpoint=actions.step_checkpoint)
             if actions.save_state:

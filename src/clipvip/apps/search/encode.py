@@ -290,11 +290,13 @@ class Encoder:
 
     @torch.no_grad()
     def encode_video_tensor(self, video: torch.Tensor) -> np.ndarray:
-        """float32 [B, dim] for model input ``video`` (B, T, 3, H, W)."""
+        """float32 [B, dim] for ``video``: uint8 frames (B, T, H, W, 3) or model input (B, T, 3, h, w)."""
         return self._as_numpy(self._encode_videos(video.to(self.device)))
 
-    def _encode_videos(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, dim] features of ``video`` (B, T, 3, H, W), already on the device."""
+    def _encode_videos(self, video) -> torch.Tensor:
+        """[B, dim] features of ``video``, already on the device: uint8 frames (B, T, H, W, 3), or a list of
+        clips of mixed sizes, made model input there by the evaluation's transform; or model input."""
+        video = self.reader.transform(video)  # (B, T, 3, h, w) float32, outside autocast
         with autocast(self.precision, self.device.type):
             return self.model.encode_video(video)
 
@@ -304,8 +306,8 @@ class Encoder:
 
     def encode_video_file(self, path: str) -> np.ndarray:
         """float32 [dim] for one video file (raises :class:`clipvip.data.VideoDecodeError`)."""
-        video, _ = self.reader.read_video(path, random.Random(0))  # (T, 3, H, W)
-        return self.encode_video_tensor(video[None])[0]
+        frames, _ = self.reader.read_frames(path, random.Random(0))  # (T, H, W, 3) uint8
+        return self.encode_video_tensor(frames[None])[0]
 
     def iter_videos(self, items: Sequence[VideoItem], batch_size: int | None = None,
                     workers: int = 0) -> Iterator[EncodedVideos]:
