@@ -56,6 +56,7 @@ from clipvip import distributed
 from clipvip.apps import retrieval, runner
 from clipvip.apps.data_bench import link_clip_set, real_clip_paths, reencode_clips
 from clipvip.config import dataset_entry, load_config
+from clipvip.data.loader import LoaderSettings
 from clipvip.data.reencode import VIDEO_EXTS
 from clipvip.data.video import resolve_backend
 from clipvip.engine.schedule import TrainPlan
@@ -126,6 +127,11 @@ class TimedStream:
     @property
     def num_examples(self) -> int:
         return self.stream.num_examples
+
+    @property
+    def workers(self) -> int:
+        """The wrapped stream's loading processes (the Trainer's loader throughput counts them)."""
+        return getattr(self.stream, "workers", 1)
 
     @property
     def epoch(self) -> int:
@@ -241,7 +247,8 @@ def timed_fit(run: runner.Run, stream, name: str, steps: int, warmup: int) -> tu
     last = reads - 1
     first = last - steps * plan.accumulation
     loader = not isinstance(stream, HeldBatches)
-    timed.window(first, last, children_cpu_seconds if loader and cfg.n_workers > 0 else lambda: None)
+    workers = LoaderSettings.from_config(cfg).n_workers  # resolved: -1 means from the CPUs
+    timed.window(first, last, children_cpu_seconds if loader and workers > 0 else lambda: None)
     trainer.fit()
     del trainer
     clips = steps * plan.accumulation * cfg.train_batch_size
@@ -329,7 +336,7 @@ def run_e2e_bench(overrides: Sequence[str], steps: int, warmup: int, videos: Seq
         results["model_only"], _ = timed_fit(run, HeldBatches(held, num_examples), "model_only", steps, warmup)
 
         e2e, model_only = results["e2e"], results["model_only"]
-        workers = int(cfg.n_workers)
+        workers = LoaderSettings.from_config(cfg).n_workers  # resolved: -1 means from the CPUs
         if workers > 0:
             loader_ms, source = e2e["worker_cpu_ms_per_clip"], f"{workers} worker process{'es' if workers > 1 else ''}"
         else:

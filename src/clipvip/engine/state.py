@@ -146,6 +146,7 @@ RESUME_RULES: dict[str, str] = {
     # The same computation, done otherwise (equal results up to rounding) or read otherwise.
     "gradient_checkpointing": LOG, "compile": LOG, "frozen_text_cache": LOG, "cache_clips": LOG,
     "video_backend": LOG, "video_res": LOG, "n_workers": LOG, "pin_mem": LOG, "prefetch_to_device": LOG,
+    "persistent_workers": LOG, "prefetch_factor": LOG,
     "nonfinite_check": LOG, "max_nonfinite_steps": LOG,
     # Validation (which steps are scored, on what) and what the run writes: the weights' course stays.
     "val_datasets": LOG, "inference_datasets": LOG, "test_n_clips": LOG, "test_num_frms": LOG,
