@@ -20,7 +20,10 @@ load on the machine falls on all alike, and their ratios reported: ``--attn eage
 attention implementations (``eager``: the original formulation), and for ``sdpa``
 ``--fast-paths on off`` the fast paths of :mod:`clipvip.model.fast_paths` on (``sdpa``, as the
 switch decides on this machine) against the plain PyTorch of :mod:`clipvip.model.layers`
-(``sdpa_plain``): ``speedup_fast_vs_plain``.
+(``sdpa_plain``): ``speedup_fast_vs_plain``. A switch value among ``--fast-paths`` measures one
+fast path changed (``weight_copies=0``, ``patch_matmul=0``, ``proxy_attention=mask``, ...:
+variant ``sdpa[weight_copies=0]`` and ``speedup_sdpa[weight_copies=0]_vs_sdpa``); ``fastest``
+names the fastest variant of a mode.
 
     python -m clipvip bench --mode both --arch b32 --width 384 --heads 6 --batch 8 --frames 12 \\
         --precision fp32 --threads 2 --attn eager sdpa
@@ -60,7 +63,7 @@ from clipvip.engine.step import OptimizerStep, StepSettings
 from clipvip.errors import ConfigError
 from clipvip.loss import LossSettings, build_loss
 from clipvip.model import KNOWN_ARCHITECTURES, CLIPViPRetrieval, VideoSettings, compile_model, fast_paths
-from clipvip.precision import autocast
+from clipvip.precision import autocast, autocast_dtype
 
 ARCH_ALIASES = {"b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16"}
 
@@ -227,13 +230,15 @@ def _inputs(arch: dict, batch: int, frames: int, text_len: int, device: torch.de
 
 
 def build_train_step(model, precision: str, device: torch.device, nonfinite_check: str = "auto",
-                     lr: float = 1e-5) -> OptimizerStep:
+                     lr: float = 1e-5, compile_backend: Optional[str] = None) -> OptimizerStep:
     """The engine's optimizer step (:class:`clipvip.engine.step.OptimizerStep`, what the Trainer
     runs) on ``model``, with the config defaults, a constant learning rate ``lr`` and the
     retrieval loss on this process's batch; its ``nonfinite_check`` as
     :mod:`clipvip.engine.guard` resolves it: ``auto`` (deferred to the device on CUDA), ``step``
-    (the host reads loss and gradient norm every step) or ``deferred``."""
-    cfg = load_config(None, ["--learning_rate", str(lr), "--nonfinite_check", nonfinite_check])
+    (the host reads loss and gradient norm every step) or ``deferred``. ``compile_backend``:
+    the step compiled as ``compile: 1`` compiles it (forward + loss, one graph), with this backend."""
+    overrides = ["--compile", "1", "--compile_backend", compile_backend] if compile_backend else []
+    cfg = load_config(None, ["--learning_rate", str(lr), "--nonfinite_check", nonfinite_check, *overrides])
     optimizer = dataclasses.replace(OptimizerSettings.from_config(cfg), warmup_ratio=0.0, decay="constant")
     loss_fn = build_loss(LossSettings("NCELearnableTempLoss", gather=False))
     return OptimizerStep(model, loss_fn, StepSettings.from_config(cfg), optimizer, precision, device, total_steps=1)
@@ -324,17 +329,25 @@ def _chunks(values: list, size: int) -> list[list]:
 SPEEDUPS = (("sdpa_vs_eager", "eager", "sdpa"), ("fast_vs_plain", "sdpa_plain", "sdpa"))
 
 
-def bench_variants(attns: Sequence[str], fast_settings: Sequence[str]) -> list[tuple[str, str, bool]]:
-    """(name, attention implementation, fast paths on) of every variant to measure: ``eager`` once
-    (the original formulation never takes the fast paths), ``sdpa`` with the fast paths on
-    (named ``sdpa``) and off (``sdpa_plain``)."""
+def bench_variants(attns: Sequence[str], fast_settings: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(name, attention implementation, fast-path switch value) of every variant to measure:
+    ``eager`` once (the original formulation never takes the fast paths); for ``sdpa`` each of
+    ``fast_settings``: ``on`` (the defaults, named ``sdpa``), ``off`` (``sdpa_plain``) or a
+    switch value of :func:`clipvip.model.fast_paths.parse` such as ``weight_copies=0`` or
+    ``proxy_attention=mask`` (the defaults but that; named ``sdpa[weight_copies=0]``)."""
     variants = []
     for attn in attns:
         if attn == "eager":
-            variants.append(("eager", "eager", False))
+            variants.append(("eager", "eager", "0"))
             continue
         for setting in fast_settings:
-            variants.append((attn if setting == "on" else f"{attn}_plain", attn, setting == "on"))
+            if setting == "on":
+                variants.append((attn, attn, "1"))
+            elif setting == "off":
+                variants.append((f"{attn}_plain", attn, "0"))
+            else:
+                fast_paths.parse(setting)  # a clear error before anything runs
+                variants.append((f"{attn}[{setting}]", attn, setting))
     return variants
 
 
@@ -378,24 +391,28 @@ def run_model_bench(args) -> dict:
         peak, peak_source = measure_peak_tflops(args.precision, device), "measured matmul"
 
     modes = ["encode", "train"] if args.mode == "both" else [args.mode]
-    switch_at_start = fast_paths.ENABLED
+    switch_at_start = fast_paths.configure(fast_paths.current())
     results: dict = {}
     errors: dict = {}
     for mode in modes:
         variants: dict[str, Callable[[], None]] = {}
         memory: dict[str, dict] = {}
-        step = build_train_step(model, args.precision, device, args.nonfinite_check) if mode == "train" else None
+        step = None
+        if mode == "train":
+            step = build_train_step(model, args.precision, device, args.nonfinite_check,
+                                    compile_backend=args.compile_backend if args.compile else None)
         batch = {"video": video, "text_input_ids": ids, "text_input_mask": mask}
-        for name, attn, fast in bench_variants(args.attn, args.fast_paths):
-            def call(attn=attn, fast=fast):
+        for name, attn, switch in bench_variants(args.attn, args.fast_paths):
+            def call(attn=attn, switch=switch):
                 model.set_attention(attn)
-                fast_paths.set_enabled(fast)
+                fast_paths.configure(switch)
                 if mode == "train":
                     model.train()
                     step(1, [batch])  # a constant learning rate: any step number
-                else:
+                else:  # as evaluation encodes: the weights cast once (no-op after the first call)
                     model.eval()
-                    with torch.inference_mode(), autocast(args.precision, device.type):
+                    with (torch.inference_mode(), fast_paths.weight_copies(model, autocast_dtype(args.precision)),
+                          autocast(args.precision, device.type)):
                         model.encode_video(video)
 
             try:
@@ -429,12 +446,17 @@ def run_model_bench(args) -> dict:
         for label, baseline, variant in SPEEDUPS:
             if baseline in times and variant in times:
                 block.update(_speedups(label, times[baseline], times[variant], args.steps))
+        for name in variants:  # every fast-path variant against the defaults
+            if name.startswith("sdpa[") and "sdpa" in times:
+                block.update(_speedups(f"{name}_vs_sdpa", times["sdpa"], times[name], args.steps))
+        if len(variants) > 1:
+            block["fastest"] = min(variants, key=lambda n: statistics.median(times[n]))
         if step is not None:
             block["fused_optimizer"] = bool(step.optimizer.defaults.get("fused"))
             block["nonfinite_check"] = "deferred" if step.update.deferred else "step"
         results[mode] = block
         del step
-    fast_paths.set_enabled(switch_at_start)
+    fast_paths.restore(switch_at_start)
     report = {
         "machine": machine_info(device),
         "settings": {
@@ -503,10 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     m.add_argument("--attn", nargs="+", choices=("eager", "sdpa"), default=["eager", "sdpa"],
                    help="attention implementations, measured side by side")
-    m.add_argument("--fast-paths", nargs="+", choices=("on", "off"), default=["on", "off"],
-                   help="sdpa with the fast paths of clipvip.model.fast_paths on (as this machine decides; "
-                        "variant sdpa) and off (plain PyTorch; variant sdpa_plain), measured side by side")
-    m.add_argument("--compile", action="store_true", help="torch.compile the encoder layers")
+    m.add_argument("--fast-paths", nargs="+", default=["on", "off"], metavar="SWITCH",
+                   help="sdpa variants measured side by side: on (the fast paths of clipvip.model.fast_paths as "
+                        "this machine decides; variant sdpa), off (plain PyTorch; sdpa_plain), or a switch value "
+                        "such as weight_copies=0, patch_matmul=0, proxy_attention=views (the defaults but that; "
+                        "variant sdpa[...], with its speedup against sdpa); the report names the fastest")
+    m.add_argument("--compile", action="store_true",
+                   help="as compile: 1: torch.compile the encoder layers, and train: the step's forward + loss "
+                        "as one graph (fullgraph)")
     m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     m.add_argument("--nonfinite-check", choices=("auto", "step", "deferred"), default="auto",
