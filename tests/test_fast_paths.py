@@ -413,3 +413,77 @@ def test_the_compiled_step_is_one_graph_and_trains_as_the_eager_one(clip_folder,
     assert torch.allclose(torch.cat([first, rest]), eager_losses, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------------
+# clipvip bench: what gpu_check selects the fast paths with
+# ---------------------------------------------------------------------------------------------
+def test_bench_times_each_fast_path_by_name_and_names_the_fastest():
+    """One process, the variants alternating: the defaults (sdpa) against one fast path changed each."""
+    from test_bench import TINY, run_bench
+
+    report = run_bench("--mode", "both", *TINY, "--precision", "bf16", "--attn", "sdpa", "--fast-paths", "on",
+                       "weight_copies=0", "proxy_attention=views")
+    assert "errors" not in report, report.get("errors")
+    assert report["settings"]["fast_paths"]["measured"] == ["on", "weight_copies=0", "proxy_attention=views"]
+    for mode in ("encode", "train"):
+        block = report["results"][mode]
+        names = {"sdpa", "sdpa[weight_copies=0]", "sdpa[proxy_attention=views]"}
+        assert names <= set(block) and block["fastest"] in names
+        for name in names - {"sdpa"}:
+            assert block[f"speedup_{name}_vs_sdpa_paired"] > 0
+    assert fast_paths.current() == "1"  # this process: untouched by the subprocess
+
+
+def test_bench_refuses_an_unknown_switch_value_before_running():
+    from clipvip.apps import bench
+
+    with pytest.raises(ValueError, match="proxy_attention takes one of"):
+        bench.bench_variants(["sdpa"], ["on", "proxy_attention=dense"])
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: the copies' gradients reach the fp32 masters, which DDP all-reduces
+# ---------------------------------------------------------------------------------------------
+def _ddp_worker(rank, port, folder, out_dir):
+    from clipvip import distributed as D
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    D.init_distributed(backend="gloo", device="cpu")
+    try:
+        batches = some_batches(4)[2 * rank:2 * rank + 2]  # each rank its own micro-batches
+        for copies in (False, True):
+            fast_paths.configure("1" if copies else "weight_copies=0")
+            model = build(folder)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            cfg = clipvip.load_config(None, ["--learning_rate", "1e-3"])
+            settings = StepSettings.from_config(cfg)
+            train_mode(model, settings)
+            optimizer = dataclasses.replace(OptimizerSettings.from_config(cfg), warmup_ratio=0.0, decay="constant")
+            step = OptimizerStep(model, build_loss(LossSettings("NCELearnableTempLoss", gather=True), D.get_env()),
+                                 settings, optimizer, "bf16", "cpu", total_steps=10, forward_model=ddp)
+            for i, batch in enumerate(batches):
+                step(i + 1, [batch])
+            torch.save({n: p.detach() for n, p in model.named_parameters()},
+                       os.path.join(out_dir, f"rank{rank}_copies{int(copies)}.pt"))
+            del ddp, step
+    finally:
+        D.cleanup()
+    sys.stdout.flush()
+    os._exit(0)  # as tests/test_distributed.py: only the checks decide
+
+
+def test_ddp_with_weight_copies_trains_as_without(clip_folder, tmp_path):
+    """Two gloo processes, bf16, two optimizer steps: with the copies the ranks stay identical (DDP
+    saw every master's gradient) and equal to the run without them."""
+    from test_distributed import _free_port, run_spawned
+
+    run_spawned(_ddp_worker, (_free_port(), clip_folder, str(tmp_path)), timeout=300)
+    runs = {(r, c): torch.load(tmp_path / f"rank{r}_copies{c}.pt", weights_only=True) for r in (0, 1) for c in (0, 1)}
+    for name, value in runs[(0, 1)].items():
+        assert torch.equal(value, runs[(1, 1)][name]), name  # DDP: the same update on both ranks
+        assert torch.allclose(value, runs[(0, 0)][name], rtol=1e-5, atol=1e-6), name
+    start = build(clip_folder)
+    assert not torch.equal(runs[(0, 1)]["clipmodel.visual_projection.weight"], start.clipmodel.visual_projection.weight)

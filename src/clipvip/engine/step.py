@@ -39,9 +39,12 @@ from torch import nn
 from clipvip.data.loader import MODEL_INPUTS
 from clipvip.engine.guard import GuardedUpdate, PendingUpdate, UpdateReport, resolve_nonfinite_check
 from clipvip.engine.optim import OptimizerSettings, build_optimizer, learning_rate_at, set_learning_rate
+from clipvip.logging_utils import get_logger
 from clipvip.loss import ContrastiveLoss, LossOutput
 from clipvip.model import fast_paths
 from clipvip.precision import autocast, autocast_dtype, grad_scaler
+
+LOGGER = get_logger("train")
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,19 @@ def float_features(outputs: dict) -> dict:
     return {k: v.float() for k, v in outputs.items()}
 
 
-def compile_step_function(fn: Callable, settings: StepSettings) -> Callable:
-    """``torch.compile(fn)`` as the training step compiles: one graph (``fullgraph=True``: a graph
+def compile_options(settings: StepSettings) -> dict:
+    """What the training step passes to torch.compile: one graph (``fullgraph=True``: a graph
     break is an error, not a silent split), the settings' backend and, for inductor, its mode
     (``reduce-overhead``: CUDA graphs, for static shapes)."""
-    kwargs = {"fullgraph": True, "backend": settings.compile_backend}
+    options = {"fullgraph": True, "backend": settings.compile_backend}
     if settings.compile_backend == "inductor" and settings.compile_mode != "default":
-        kwargs["mode"] = settings.compile_mode
-    return torch.compile(fn, **kwargs)
+        options["mode"] = settings.compile_mode
+    return options
+
+
+def compile_step_function(fn: Callable, settings: StepSettings) -> Callable:
+    """``torch.compile(fn)`` as the training step compiles it (:func:`compile_options`)."""
+    return torch.compile(fn, **compile_options(settings))
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,10 @@ class OptimizerStep:
                 self.features = compile_step_function(self._features_eager, settings)
                 self.forward_loss = compile_step_function(self._forward_loss_eager, settings)
             else:  # DDP / horovod: their hooks and collectives outside the graph (module docstring)
-                kwargs = {"mode": settings.compile_mode} if settings.compile_mode != "default" else {}
-                model.compile(fullgraph=True, backend=settings.compile_backend, **kwargs)
+                model.compile(**compile_options(settings))
+            if settings.freeze_text_encoder and settings.frozen_text_cache:
+                LOGGER.info("compile: the frozen text tower runs inside the compiled step every step "
+                            "(frozen_text_cache is for eager steps: it reads the captions on the host)")
 
     def _sync_context(self, last: bool):
         if not last and isinstance(self.forward_model, nn.parallel.DistributedDataParallel):

@@ -382,7 +382,7 @@ def self_attention(attn, x: torch.Tensor, attn_mask: Optional[torch.Tensor], lay
     proxies = layout is not None and layout.num_frames > 1
     variant = proxy_attention_variant(x.device) if proxies else None
     chosen = SETTINGS.proxy_attention != "auto"  # a variant asked for by name runs wherever it is asked
-    if variant == "views" and (chosen or not prefers_bmm_attention(x)):
+    if variant == "views":
         M, T, L = layout.num_proxies, layout.num_frames, layout.patches_per_frame
         qkv = fused_qkv(attention.frame_major_tokens(x, layout), weights["qkv_weight"], weights["qkv_bias"], H)
         out = attention.frame_major_attention(qkv.view(B, T, M + L, 3, H, D // H), layout, dropout_p)
@@ -400,7 +400,7 @@ def self_attention(attn, x: torch.Tensor, attn_mask: Optional[torch.Tensor], lay
             out = attention.masked_proxy_attention(q, k, v, layout, dropout_p)
         elif variant == "flex":
             out = attention.flex_proxy_attention(q, k, v, layout, dropout_p)
-        else:  # cat, and views where bmm attention is preferred
+        else:  # cat
             out = attention.proxy_guided_attention(q, k, v, layout, dropout_p)
     out = out.transpose(1, 2).reshape(B, S, D)  # free: out is laid out as (B, S, H, hd)
     return linear(out, weights["out_weight"], weights["out_bias"])

@@ -188,6 +188,8 @@ class WeightCopies:
                 entry.derived = derived
                 return entry
         copy = torch.empty(derived.shape(), dtype=self.dtype, device=device)
+        if device.type == "cuda":  # written in place every step: CUDA graphs may read it where it is
+            torch._dynamo.mark_static_address(copy)
         targets, row = [], 0
         for master in derived.masters:  # row slices of a contiguous tensor: contiguous views
             targets.append(copy[row:row + master.shape[0]].view(master.shape))

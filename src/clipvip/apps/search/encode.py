@@ -35,9 +35,9 @@ from clipvip.data.retrieval_dataset import ClipReader, RetrievalCollator, Senten
 from clipvip.engine.encode import iter_encoded
 from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
-from clipvip.model import build_model
+from clipvip.model import build_model, fast_paths
 from clipvip.tokenizer import build_tokenizer
-from clipvip.precision import autocast, precision_from_config
+from clipvip.precision import autocast, autocast_dtype, precision_from_config
 from clipvip.apps.search.errors import IndexMismatchError
 from clipvip.apps.search.storage import atomic_save_npy, writer_lock
 from clipvip.files import atomic_write_text
@@ -226,8 +226,13 @@ class Encoder:
 
     def _encode_texts(self, batch: dict) -> torch.Tensor:
         """[B, dim] features of a batch's ``text_input_ids`` / ``text_input_mask`` (B, L), on the device."""
-        with autocast(self.precision, self.device.type):
+        with self._weights(), autocast(self.precision, self.device.type):
             return self.model.encode_text(batch["text_input_ids"], batch["text_input_mask"])
+
+    def _weights(self):
+        """bf16/fp16: the low-precision weight copies, cast at the first batch only (their masters
+        do not change here; clipvip.model.low_precision)."""
+        return fast_paths.weight_copies(self.model, autocast_dtype(self.precision))
 
     @torch.no_grad()
     def encode_video_tensor(self, video: torch.Tensor) -> np.ndarray:
@@ -236,7 +241,7 @@ class Encoder:
 
     def _encode_videos(self, video: torch.Tensor) -> torch.Tensor:
         """[B, dim] features of ``video`` (B, T, 3, H, W), already on the device."""
-        with autocast(self.precision, self.device.type):
+        with self._weights(), autocast(self.precision, self.device.type):
             return self.model.encode_video(video)
 
     @staticmethod
