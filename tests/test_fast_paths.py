@@ -410,9 +410,12 @@ def test_the_compiled_step_is_one_graph_and_trains_as_the_eager_one(clip_folder,
     finally:
         torch._dynamo.reset()
     assert model.text_cache is not None and len(model.text_cache) == 0  # bypassed inside the graph
-    assert torch.allclose(torch.cat([first, rest]), eager_losses, rtol=1e-5, atol=1e-6)
+    # Capture-only backends run the same kernels; inductor fuses the bf16 elementwise work in fp32
+    # (another rounding, as any change of kernels): bf16's tolerance there.
+    close = {"rtol": 1e-5, "atol": 1e-6} if backend != "inductor" else {"rtol": 5e-2, "atol": 1e-2}
+    assert torch.allclose(torch.cat([first, rest]), eager_losses, **close)
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(p, q, **close), name
 
 
 # ---------------------------------------------------------------------------------------------

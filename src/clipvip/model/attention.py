@@ -149,7 +149,19 @@ def frame_major_tokens(x: torch.Tensor, layout: ProxyLayout) -> torch.Tensor:
     return torch.cat([x[:, None, :M].expand(B, T, M, D), x[:, M:].reshape(B, T, L, D)], dim=2)
 
 
-@functools.lru_cache(maxsize=16)
+def _cached(build):
+    """``build`` remembered by its arguments in eager code; inside compiled code dynamo traces
+    ``build`` itself (it does not keep Python caches of tensors), so there it is called directly."""
+    cached = functools.lru_cache(maxsize=16)(build)
+
+    @functools.wraps(build)
+    def get(*args):
+        return build(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return get
+
+
+@_cached
 def _frame_major_proxy_keys(T: int, M: int, L: int, device: torch.device) -> torch.Tensor:
     """bool (1, T*(M+L)): the keys a proxy query sees in the frame-major layout: every patch and
     the proxies of frame 0 only (frames 1.. hold copies of the same proxies)."""
@@ -197,7 +209,7 @@ def buffer_proxy_attention(qkv: torch.Tensor, layout: ProxyLayout, dropout_p: fl
     return _join(out_proxy, out_patch, B, T, L)
 
 
-@functools.lru_cache(maxsize=16)
+@_cached
 def proxy_mask(M: int, T: int, L: int, device: torch.device) -> torch.Tensor:
     """bool (S, S), True = may attend: proxy-guided attention as one mask over the whole sequence."""
     S = M + T * L
@@ -215,7 +227,7 @@ def masked_proxy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-@functools.lru_cache(maxsize=16)
+@_cached
 def _flex_block_mask(M: int, T: int, L: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
