@@ -162,6 +162,10 @@ class OptimizerStep:
             return self.forward_model.no_sync()
         return contextlib.nullcontext()
 
+    def _inputs(self, batch: dict) -> dict:
+        """A micro-batch's model arguments on the device: made outside the compiled function."""
+        return model_inputs(batch, self.device)
+
     def _features_eager(self, inputs: dict) -> dict:
         with autocast(self.precision, self.device.type):
             return float_features(self.forward_model(**inputs))
@@ -179,7 +183,7 @@ class OptimizerStep:
         terms: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             with self._sync_context(last=i == len(batches) - 1):
-                out = self.forward_loss(model_inputs(batch, self.device), self.model.logit_scale)
+                out = self.forward_loss(self._inputs(batch), self.model.logit_scale)
                 loss = out.total / len(batches)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -189,12 +193,12 @@ class OptimizerStep:
     def backward_feature_cache(self, batches: list[dict]) -> LossOutput:
         """The loss of the whole accumulated batch, its gradient computed micro-batch by micro-batch."""
         with torch.no_grad():
-            cached = [self.features(model_inputs(b, self.device)) for b in batches]
+            cached = [self.features(self._inputs(b)) for b in batches]
         first: Optional[LossOutput] = None
         for j, batch in enumerate(batches):
             last = j == len(batches) - 1
             with self._sync_context(last):
-                fresh = self.features(model_inputs(batch, self.device))
+                fresh = self.features(self._inputs(batch))
                 merged = {k: torch.cat([fresh[k] if i == j else cached[i][k] for i in range(len(batches))])
                           for k in fresh}
                 # logit_scale's gradient must be counted once, not once per recomputation, and in
