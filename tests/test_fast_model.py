@@ -158,7 +158,8 @@ def test_patch_embedding_is_the_convolution(size, patch, bias):
 def test_eager_embeds_patches_with_the_convolution(clip_folder, monkeypatch):
     model = build(clip_folder)
     calls = []
-    monkeypatch.setattr(fast_paths, "patch_embedding", lambda f, c: calls.append(1) or c(f).flatten(2).transpose(1, 2))
+    monkeypatch.setattr(fast_paths, "patch_embedding",
+                        lambda f, c, w=None: calls.append(1) or c(f).flatten(2).transpose(1, 2))
     video = torch.randn(1, 4, 3, 32, 32)
     model.encode_video(video)
     assert calls == [1]
@@ -326,7 +327,8 @@ def test_one_switch_turns_every_fast_path_off(clip_folder, monkeypatch):
         fast = (model.encode_video(video), model.encode_text(ids, mask))
         previous = fast_paths.set_enabled(False)
         try:
-            for name in ("fused_qkv", "quick_gelu_mlp", "linear", "prefers_bmm_attention"):
+            for name in ("self_attention", "mlp", "embed_patches", "fused_qkv", "quick_gelu_mlp",
+                         "linear", "prefers_bmm_attention"):
                 monkeypatch.setattr(fast_paths, name, lambda *a, name=name: 1 / 0)
             plain = (model.encode_video(video), model.encode_text(ids, mask))
         finally:

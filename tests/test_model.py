@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 import clipvip
-from clipvip.model import layers
+from clipvip.model import attention, layers
 from clipvip.model.layers import ProxyLayout, proxy_guided_attention
 from tiny_models import hf_features, random_text, tiny_cfg, write_hf_clip
 
@@ -68,7 +68,7 @@ def test_whole_video_tower_matches_eager(clip_folder, monkeypatch):
     video = torch.randn(2, 4, 3, 32, 32)
     with torch.no_grad():
         fast = model.encode_video(video)
-        monkeypatch.setattr(layers, "proxy_guided_attention", eager_proxy_attention)
+        monkeypatch.setattr(attention, "proxy_guided_attention", eager_proxy_attention)
         slow = model.encode_video(video)
     assert torch.allclose(fast, slow, atol=ATOL)
 

@@ -141,7 +141,10 @@ DEFAULTS: dict[str, Any] = {
     "clip_vision_additional_config": VISION_ADDITIONAL_DEFAULTS,
     "gradient_checkpointing": 0,  # recompute activations in backward to save memory
     "attn_implementation": "sdpa",  # sdpa (fast) or eager (the original formulation, the benchmark baseline; same results)
-    "compile": 0,  # torch.compile the encoder layers (first steps slower while compiling; needs a C++ compiler on CPU)
+    "compile": 0,  # torch.compile: a training step's forward + loss as one graph (fullgraph), each encoder layer in evaluation; first steps slower while compiling; for GPUs (a C++ compiler on CPU)
+    "compile_mode": "default",  # with compile: torch.compile mode: default | reduce-overhead (CUDA graphs: static shapes) | max-autotune | max-autotune-no-cudagraphs
+    "compile_backend": "inductor",  # with compile: inductor (code generation) | aot_eager | eager (capture only: checks that the step traces)
+    "fast_paths": "",  # "" = as CLIPVIP_FAST_PATHS says (default: all on); "0" = off (the plain layers); or e.g. "weight_copies=0,patch_matmul=0,proxy_attention=cat" (auto|cat|views|buffer|mask|flex); docs/performance.md
     "freeze_text_encoder": 0,  # keep the text tower fixed during training
     "freeze_text_proj": 0,  # with freeze_text_encoder: also keep text_projection fixed
     "frozen_text_cache": 0,  # with freeze_text_encoder: run the frozen tower once per caption, remember up to this many (0: off; entries x text width x 4 bytes)

@@ -1,7 +1,10 @@
 """One precision helper: an autocast context and a GradScaler only where fp16 needs one.
 
 ``fp16: 1`` replaces the original's apex O2: fp16 autocast with dynamic loss scaling, the master
-weights staying fp32. ``bf16: 1`` is bf16 autocast (no scaler: bf16 has fp32's range).
+weights staying fp32. ``bf16: 1`` is bf16 autocast (no scaler: bf16 has fp32's range). What
+remains of O2's speed, a half-precision model, comes from the fast paths: the weights of their
+matmuls cast once per optimizer step (:func:`clipvip.model.fast_paths.weight_copies`, opened by
+the training step and by evaluation with :func:`autocast_dtype`), not at every use.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from clipvip.logging_utils import get_logger
 
 LOGGER = get_logger("precision")
 PRECISIONS = ("fp32", "fp16", "bf16")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def precision_from_config(cfg: Config, device_type: str, purpose: str = "inference") -> str:
@@ -44,12 +48,16 @@ def resolve_precision(fp16: bool, bf16: bool, device_type: str, purpose: str = "
     return "fp32"
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``precision``; None for fp32 (no autocast)."""
+    return AUTOCAST_DTYPES.get(precision)
+
+
 def autocast(precision: str, device_type: str):
     """The context under which forward passes (and the loss) run."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.autocast(device_type=device_type, dtype=dtype)
+    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def grad_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:

@@ -26,9 +26,12 @@ load on the machine falls on all alike, and their ratios reported: ``--attn eage
 attention implementations (``eager``: the original formulation), and for ``sdpa``
 ``--fast-paths on off`` the fast paths of :mod:`clipvip.model.fast_paths` on (``sdpa``, as the
 switch decides on this machine) against the plain PyTorch of :mod:`clipvip.model.layers`
-(``sdpa_plain``): ``speedup_fast_vs_plain``. ``--variants`` names any others by their switches
-(precision, attention, fast paths, the non-finite check, checkpointing: :data:`VARIANT_TOKENS`),
-all timed on the one built model. ``--batch 32 64 128`` measures each batch size in turn.
+(``sdpa_plain``): ``speedup_fast_vs_plain``. A switch value among ``--fast-paths`` measures one
+fast path changed (``weight_copies=0``, ``patch_matmul=0``, ``proxy_attention=mask``, ...: variant
+``sdpa[weight_copies=0]`` and ``speedup_sdpa[weight_copies=0]_vs_sdpa``); ``fastest`` names the
+fastest variant of a block. ``--variants`` names any others by their switches (precision,
+attention, fast paths — ``paths:SWITCH`` for a switch value —, the non-finite check,
+checkpointing, compile: :data:`VARIANT_TOKENS`), all timed on the one built model. ``--batch 32 64 128`` measures each batch size in turn.
 
 The report: ``results[mode][batch][variant]``, each with clips/s, milliseconds per step, model
 TFLOP/s and MFU, peak memory, and where the host stands in the step: ``host_ms`` (until the call
@@ -83,7 +86,7 @@ from clipvip.errors import ConfigError
 from clipvip.files import atomic_write_json, atomic_write_text
 from clipvip.loss import LossSettings, build_loss
 from clipvip.model import KNOWN_ARCHITECTURES, CLIPViPRetrieval, VideoSettings, compile_model, fast_paths
-from clipvip.precision import autocast
+from clipvip.precision import autocast, autocast_dtype
 
 ARCH_ALIASES = {"b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16"}
 
@@ -253,13 +256,15 @@ def _inputs(arch: dict, batch: int, frames: int, text_len: int, device: torch.de
 
 
 def build_train_step(model, precision: str, device: torch.device, nonfinite_check: str = "auto",
-                     lr: float = 1e-5) -> OptimizerStep:
+                     lr: float = 1e-5, compile_backend: Optional[str] = None) -> OptimizerStep:
     """The engine's optimizer step (:class:`clipvip.engine.step.OptimizerStep`, what the Trainer
     runs) on ``model``, with the config defaults, a constant learning rate ``lr`` and the
     retrieval loss on this process's batch; its ``nonfinite_check`` as
     :mod:`clipvip.engine.guard` resolves it: ``auto`` (deferred to the device on CUDA), ``step``
-    (the host reads loss and gradient norm every step) or ``deferred``."""
-    cfg = load_config(None, ["--learning_rate", str(lr), "--nonfinite_check", nonfinite_check])
+    (the host reads loss and gradient norm every step) or ``deferred``. ``compile_backend``:
+    the step compiled as ``compile: 1`` compiles it (forward + loss, one graph), with this backend."""
+    overrides = ["--compile", "1", "--compile_backend", compile_backend] if compile_backend else []
+    cfg = load_config(None, ["--learning_rate", str(lr), "--nonfinite_check", nonfinite_check, *overrides])
     optimizer = dataclasses.replace(OptimizerSettings.from_config(cfg), warmup_ratio=0.0, decay="constant")
     loss_fn = build_loss(LossSettings("NCELearnableTempLoss", gather=False))
     return OptimizerStep(model, loss_fn, StepSettings.from_config(cfg), optimizer, precision, device, total_steps=1)
@@ -310,12 +315,13 @@ def default_peak_tflops(device: torch.device, precision: str) -> Optional[float]
 VARIANT_TOKENS: dict[str, dict] = {
     "fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"}, "fp16": {"precision": "fp16"},
     "sdpa": {"attn": "sdpa"},
-    "eager": {"attn": "eager", "fast_paths": False},  # the original formulation takes no fast path
-    "fast": {"fast_paths": True}, "plain": {"fast_paths": False},
+    "eager": {"attn": "eager", "fast_paths": "0"},  # the original formulation takes no fast path
+    "fast": {"fast_paths": "1"}, "plain": {"fast_paths": "0"},
     "hostcheck": {"nonfinite_check": "step"}, "deferred": {"nonfinite_check": "deferred"},
     "ckpt": {"grad_checkpointing": True}, "nockpt": {"grad_checkpointing": False},
     "compile": {"compile": True},
 }
+PATHS_TOKEN = "paths:"  # paths:SWITCH, a fast-path switch value (clipvip.model.fast_paths.parse): paths:weight_copies=0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,12 +341,12 @@ class Variant:
     grad_checkpointing: bool
     compile: bool = False
     attn: str = "sdpa"
-    fast_paths: bool = True
+    fast_paths: str = "1"  # a switch value of clipvip.model.fast_paths: "1" (the defaults), "0", "weight_copies=0"...
     batches: Optional[tuple[int, ...]] = None
 
     def apply(self, model) -> None:
         model.set_attention(self.attn)
-        fast_paths.set_enabled(self.fast_paths)
+        fast_paths.configure(self.fast_paths)
         model.set_grad_checkpointing(self.grad_checkpointing)
 
     def describe(self) -> dict:
@@ -353,6 +359,12 @@ def parse_variant(text: str, defaults: dict, batches: Sequence[int]) -> Variant:
     spec, at, sizes = text.partition("@")
     values: dict = {}
     for token in spec.split("+"):
+        if token.startswith(PATHS_TOKEN):
+            switch = token[len(PATHS_TOKEN):]
+            fast_paths.parse(switch)  # a clear error before anything runs
+            if values.setdefault("fast_paths", switch) != switch:
+                raise ConfigError(f"--variants {text}: '{token}' contradicts an earlier token (fast_paths)")
+            continue
         if token not in VARIANT_TOKENS:
             near = difflib.get_close_matches(token, list(VARIANT_TOKENS), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
@@ -374,8 +386,10 @@ def parse_variant(text: str, defaults: dict, batches: Sequence[int]) -> Variant:
 
 def bench_variants(args) -> list[Variant]:
     """The variants to measure: ``--variants``, or else ``--attn`` x ``--fast-paths``: ``eager``
-    once (the original formulation), ``sdpa`` with the fast paths on (named ``sdpa``) and off
-    (``sdpa_plain``)."""
+    once (the original formulation); for ``sdpa`` each of ``--fast-paths``: ``on`` (the defaults,
+    named ``sdpa``), ``off`` (``sdpa_plain``) or a switch value of
+    :func:`clipvip.model.fast_paths.parse` such as ``weight_copies=0`` (the defaults but that;
+    named ``sdpa[weight_copies=0]``)."""
     defaults = {"precision": args.precision, "nonfinite_check": args.nonfinite_check,
                 "grad_checkpointing": bool(args.grad_checkpointing), "compile": bool(args.compile)}
     if args.variants:
@@ -384,11 +398,15 @@ def bench_variants(args) -> list[Variant]:
         variants = []
         for attn in args.attn:
             if attn == "eager":
-                variants.append(Variant("eager", attn="eager", fast_paths=False, **defaults))
+                variants.append(Variant("eager", attn="eager", fast_paths="0", **defaults))
                 continue
             for setting in args.fast_paths:
-                variants.append(Variant(attn if setting == "on" else f"{attn}_plain", attn=attn,
-                                        fast_paths=setting == "on", **defaults))
+                if setting in ("on", "off"):
+                    name, switch = (attn, "1") if setting == "on" else (f"{attn}_plain", "0")
+                else:
+                    fast_paths.parse(setting)  # a clear error before anything runs
+                    name, switch = f"{attn}[{setting}]", setting
+                variants.append(Variant(name, attn=attn, fast_paths=switch, **defaults))
     for batch in args.batch:
         names = [v.name for v in variants if v.batches is None or batch in v.batches]
         twice = {n for n in names if names.count(n) > 1}
@@ -528,7 +546,7 @@ class ModelBench:
     def __init__(self, args, arch: dict, device: torch.device):
         self.args, self.arch, self.device = args, arch, device
         self.model = build_bench_model(arch).to(device)
-        self.steps: dict[tuple[str, str], OptimizerStep] = {}  # (precision, nonfinite_check) -> step
+        self.steps: dict[tuple[str, str, bool], OptimizerStep] = {}  # (precision, nonfinite_check, compile) -> step
         self.peaks: dict[str, tuple[Optional[float], Optional[str]]] = {}  # precision -> (TFLOP/s, source)
         self.compiled = False
 
@@ -554,9 +572,11 @@ class ModelBench:
             errors["compile"] = f"{type(e).__name__}: {e}"
 
     def step(self, variant: Variant) -> OptimizerStep:
-        key = (variant.precision, variant.nonfinite_check)
+        key = (variant.precision, variant.nonfinite_check, variant.compile)
         if key not in self.steps:
-            self.steps[key] = build_train_step(self.model, variant.precision, self.device, variant.nonfinite_check)
+            # A compiled variant's step: forward + loss as one graph, as compile: 1 trains.
+            self.steps[key] = build_train_step(self.model, variant.precision, self.device, variant.nonfinite_check,
+                                               compile_backend=self.args.compile_backend if variant.compile else None)
         return self.steps[key]
 
     def _call(self, mode: str, variant: Variant, batch: dict) -> Callable[[], None]:
@@ -567,8 +587,9 @@ class ModelBench:
             def call():
                 step(1, [batch])  # a constant learning rate: any step number
         else:
-            def call():
-                with torch.inference_mode(), autocast(variant.precision, device.type):
+            def call():  # as evaluation encodes: the weights cast once (a no-op after the first call)
+                with (torch.inference_mode(), fast_paths.weight_copies(model, autocast_dtype(variant.precision)),
+                      autocast(variant.precision, device.type)):
                     model.encode_video(batch["video"])
         return call
 
@@ -639,6 +660,11 @@ class ModelBench:
         for label, baseline, faster in SPEEDUPS:
             if baseline in times and faster in times:
                 block.update(_speedups(label, times[baseline]["wall"], times[faster]["wall"], args.steps))
+        for name in times:  # every fast path changed against the defaults
+            if name.startswith("sdpa[") and "sdpa" in times:
+                block.update(_speedups(f"{name}_vs_sdpa", times["sdpa"]["wall"], times[name]["wall"], args.steps))
+        if len(times) > 1:
+            block["fastest"] = min(times, key=lambda n: statistics.median(times[n]["wall"]))
         return block
 
 
@@ -652,7 +678,7 @@ def run_model_bench(args, progress: Optional[Callable[[dict], None]] = None) -> 
     arch = bench_clip_config(args)
     bench = ModelBench(args, arch, device)
     modes = ["encode", "train"] if args.mode == "both" else [args.mode]
-    switch_at_start = fast_paths.ENABLED
+    switch_at_start = fast_paths.configure(fast_paths.current())  # restored at the end
     results: dict = {mode: {} for mode in modes}
     errors: dict = {}
     peak, peak_source = bench.peak(args.precision)
@@ -693,7 +719,7 @@ def run_model_bench(args, progress: Optional[Callable[[dict], None]] = None) -> 
                     if progress is not None:
                         progress(report)
     finally:
-        fast_paths.set_enabled(switch_at_start)
+        fast_paths.restore(switch_at_start)
     return report
 
 
@@ -763,17 +789,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     m.add_argument("--attn", nargs="+", choices=("eager", "sdpa"), default=["eager", "sdpa"],
                    help="attention implementations, measured side by side")
-    m.add_argument("--fast-paths", nargs="+", choices=("on", "off"), default=["on", "off"],
-                   help="sdpa with the fast paths of clipvip.model.fast_paths on (as this machine decides; "
-                        "variant sdpa) and off (plain PyTorch; variant sdpa_plain), measured side by side")
+    m.add_argument("--fast-paths", nargs="+", default=["on", "off"], metavar="SWITCH",
+                   help="sdpa variants measured side by side: on (the fast paths of clipvip.model.fast_paths as "
+                        "this machine decides; variant sdpa), off (plain PyTorch; sdpa_plain), or a switch value "
+                        "such as weight_copies=0, patch_matmul=0, proxy_attention=views (the defaults but that; "
+                        "variant sdpa[...], with its speedup against sdpa); each block names the fastest")
     m.add_argument("--variants", nargs="+", metavar="NAME",
                    help="instead of --attn x --fast-paths: variants named by +-joined tokens (" +
-                        ", ".join(VARIANT_TOKENS) + "), e.g. bf16+sdpa bf16+sdpa+plain fp16+eager@32; axes a "
+                        ", ".join(VARIANT_TOKENS) + f", {PATHS_TOKEN}SWITCH), e.g. bf16+sdpa bf16+sdpa+plain "
+                        "sdpa+paths:weight_copies=0 fp16+eager@32; axes a "
                         "name leaves out take --precision, --nonfinite-check, --grad-checkpointing, sdpa with the "
                         "fast paths on; @B[,B] runs it at those --batch sizes only")
     m.add_argument("--compile", action="store_true",
-                   help="torch.compile the encoder layers for every variant (the token 'compile': for some; "
-                        "--mode e2e: the config key compile)")
+                   help="as compile: 1 for every variant (the token 'compile': for some): torch.compile the "
+                        "encoder layers, and for train the step's forward + loss as one graph (fullgraph); "
+                        "--mode e2e: the config key compile")
     m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: capture only)")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     m.add_argument("--nonfinite-check", choices=("auto", "step", "deferred"), default="auto",

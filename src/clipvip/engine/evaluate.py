@@ -29,7 +29,8 @@ from clipvip.data.loader import LoaderSettings, build_eval_loader
 from clipvip.engine.encode import encode_in_order, encode_readable_in_order
 from clipvip.logging_utils import get_logger
 from clipvip.metrics import evaluate_retrieval
-from clipvip.precision import autocast
+from clipvip.model import fast_paths
+from clipvip.precision import autocast, autocast_dtype
 from clipvip.files import atomic_write_json
 
 LOGGER = get_logger("evaluate")
@@ -74,12 +75,14 @@ def encode_retrieval_set(model, dataset, loader: LoaderSettings, precision: str,
     # Marker items instead of exceptions: a DataLoader worker that raised would end the evaluation.
     video_loader = build_eval_loader(dataset.video_view(mark_unreadable=True), loader, **shard,
                                      n_workers=video_workers, persistent_workers=False)
-    videos, failed = encode_readable_in_order(encode_videos, video_loader, len(dataset.videos), device,
-                                              f"{dataset.name} videos")
-    if failed:  # every rank holds the same list: every rank's copy of the dataset shrinks alike
-        dataset.drop_videos(dict(failed), log=env.is_main)
-    texts = encode_in_order(encode_texts, build_eval_loader(dataset.text_view(), loader, **shard, n_workers=0),
-                            len(dataset.texts), device, f"{dataset.name} texts")
+    # bf16/fp16: the weights cast once for the whole set, not per batch (clipvip.model.low_precision).
+    with fast_paths.weight_copies(model, autocast_dtype(precision)):
+        videos, failed = encode_readable_in_order(encode_videos, video_loader, len(dataset.videos), device,
+                                                  f"{dataset.name} videos")
+        if failed:  # every rank holds the same list: every rank's copy of the dataset shrinks alike
+            dataset.drop_videos(dict(failed), log=env.is_main)
+        texts = encode_in_order(encode_texts, build_eval_loader(dataset.text_view(), loader, **shard, n_workers=0),
+                                len(dataset.texts), device, f"{dataset.name} texts")
     return videos, texts
 
 

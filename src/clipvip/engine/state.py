@@ -144,7 +144,8 @@ RESUME_RULES: dict[str, str] = {
     "e2e_weights_path": LOG, "clip_weights": LOG, "clip_vision_additional_config.logit_scale_init_value": LOG,
     "clip_vision_additional_config.temporal_init_std": LOG,
     # The same computation, done otherwise (equal results up to rounding) or read otherwise.
-    "gradient_checkpointing": LOG, "compile": LOG, "frozen_text_cache": LOG, "cache_clips": LOG,
+    "gradient_checkpointing": LOG, "compile": LOG, "compile_mode": LOG, "compile_backend": LOG, "fast_paths": LOG,
+    "frozen_text_cache": LOG, "cache_clips": LOG,
     "video_backend": LOG, "video_res": LOG, "n_workers": LOG, "pin_mem": LOG, "prefetch_to_device": LOG,
     "persistent_workers": LOG, "prefetch_factor": LOG,
     "nonfinite_check": LOG, "max_nonfinite_steps": LOG,

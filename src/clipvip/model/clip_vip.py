@@ -76,7 +76,7 @@ class VideoEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.num_patches + 1, D)
         # Not saved: HF and the released checkpoints may or may not carry it; it is always arange.
         self.register_buffer("position_ids", torch.arange(self.num_patches + 1)[None], persistent=False)
-        # The patch embedding's fast path (fast_paths.patch_embedding); set_attention("eager"),
+        # The patch embedding's fast path (fast_paths.embed_patches); set_attention("eager"),
         # the original formulation, turns it off with the layers' fast paths.
         self.fast_paths = True
         self.add_cls_num = video.add_cls_num
@@ -87,6 +87,9 @@ class VideoEmbeddings(nn.Module):
         if video.use_temporal_embed:
             self.temporal_embedding = nn.Parameter(torch.zeros(1, video.temporal_size, D))
             init_temporal_embedding(self.temporal_embedding, video.temporal_init_std)
+
+    # The weight its fast path uses (the convolution's as a matrix): what low-precision copies are made of.
+    fast_weights = fast_paths.patch_weights
 
     def temporal_embed_for(self, num_frames: int) -> torch.Tensor:
         """(1, T, D): the temporal embedding, linearly interpolated along time when T differs."""
@@ -104,7 +107,7 @@ class VideoEmbeddings(nn.Module):
             )
         frames = video.reshape(B * T, C, H, W).to(self.patch_embedding.weight.dtype)
         if self.fast_paths and fast_paths.ENABLED:
-            patches = fast_paths.patch_embedding(frames, self.patch_embedding)  # (B*T, L, D)
+            patches = fast_paths.embed_patches(self, frames)  # (B*T, L, D)
         else:
             patches = self.patch_embedding(frames).flatten(2).transpose(1, 2)  # (B*T, L, D)
         L, D = patches.shape[1], patches.shape[2]
@@ -184,6 +187,9 @@ class CLIPViPTowers(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(video.logit_scale_init_value)))
         self.init_weights()
 
+    # The projections' weights, for low-precision copies (clipvip.model.low_precision).
+    fast_weights = fast_paths.projection_weights
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Random init (used when no CLIP weights are loaded: tests, benchmarks, from-scratch runs)."""
@@ -227,11 +233,11 @@ class CLIPViPTowers(nn.Module):
 
     def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, S) token ids -> (B, P) projected, not normalised."""
-        return self.text_projection(self.text_model(input_ids, attention_mask))
+        return fast_paths.project(self, "text_projection", self.text_model(input_ids, attention_mask))
 
     def get_video_features(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> (B, P) projected, not normalised (ViP: the CLS of the whole clip)."""
-        return self.visual_projection(self.vision_model(video))
+        return fast_paths.project(self, "visual_projection", self.vision_model(video))
 
     def get_frame_features(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> (B, T, P): every frame encoded alone as an image, not normalised."""

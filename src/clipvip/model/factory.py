@@ -15,6 +15,7 @@ from transformers import CLIPConfig
 from clipvip.config import Config
 from clipvip.errors import CheckpointError, ConfigError
 from clipvip.logging_utils import get_logger
+from clipvip.model import fast_paths as fast_path_switch
 from clipvip.model.clip_vip import VideoSettings
 from clipvip.model.layers import ATTENTION_IMPLEMENTATIONS, CLIPEncoderLayer
 from clipvip.model.retrieval_model import CLIPViPRetrieval
@@ -84,11 +85,16 @@ class ModelSettings:
     gradient_checkpointing: bool
     attn_implementation: str  # "sdpa" or "eager"
     compile: bool  # torch.compile the encoder layers
+    fast_paths: str = ""  # the fast paths' switch value (fast_paths.parse); "": leave the process's as it is
 
     def __post_init__(self):
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"attn_implementation: unknown '{self.attn_implementation}'; "
                               f"known: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        try:
+            fast_path_switch.parse(self.fast_paths)
+        except ValueError as e:
+            raise ConfigError(f"fast_paths: {e}") from None
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelSettings":
@@ -102,6 +108,7 @@ class ModelSettings:
             gradient_checkpointing=bool(cfg.gradient_checkpointing),
             attn_implementation=cfg.attn_implementation,
             compile=bool(cfg.compile),
+            fast_paths=str(cfg.fast_paths or ""),
         )
 
 
@@ -178,6 +185,8 @@ def build_model(settings: Union[ModelSettings, Config], load_weights: bool = Tru
             load_clip_weights(model, settings.clip_weights)
         else:
             LOGGER.info("no clip_weights or e2e_weights_path: the model is randomly initialised")
+    if settings.fast_paths:  # process-wide, as CLIPVIP_FAST_PATHS
+        fast_path_switch.configure(settings.fast_paths)
     if settings.gradient_checkpointing:
         model.set_grad_checkpointing(True)
     model.set_attention(settings.attn_implementation)

@@ -1,29 +1,50 @@
 """Faster ways to compute what the encoder layer of :mod:`clipvip.model.layers` computes.
 
 Every fast path here computes the same function as the plain PyTorch it replaces (up to float
-summation order; tests/test_fast_model.py holds them together) and is taken only where it is
-faster on the machine running it:
+summation order; tests/test_fast_model.py and tests/test_fast_paths.py hold them together) and is
+taken only where it is faster on the machine running it:
 
-- ``fused_qkv``: one (D, 3D) projection instead of three (D, D) ones, one pass over x; and
-- ``quick_gelu_mlp``: quick_gelu's two scalings folded into the MLP's matmuls, one elementwise
-  pass (silu) left of the three (mul, sigmoid, mul). Both are PyTorch and do less work than what
-  they replace on any device, so they need no measurement;
-- ``linear``: fp32 CPU matmuls through oneDNN instead of MKL, on CPUs with AVX-512 and only
-  where a one-time measurement at the first matmul finds it faster (:func:`onednn_linear_speedup`);
-- ``patch_embedding``: on a CPU, the patchifying convolution as one matmul over the frames
-  cut into patches (faster forward and weight gradient, measured on AVX-512 and AVX2 kernels);
-- ``prefers_bmm_attention``: in bf16/fp16 on a CPU, attention as bmm + softmax, because torch's
-  CPU SDPA kernel is 2.5-3x slower there for these short sequences (docs/performance.md).
+- **fused QKV**: one (D, 3D) projection instead of three (D, D) ones, one pass over x; and the
+  **quick_gelu fold**: quick_gelu's two scalings folded into the MLP's matmuls, one elementwise
+  pass (silu) left of the three (mul, sigmoid, mul). Both are PyTorch doing less work than what
+  they replace on any device, so they need no measurement and have no switch of their own;
+- **oneDNN** fp32 CPU matmuls instead of MKL's, on CPUs with AVX-512 and only where a one-time
+  measurement at the first matmul finds it faster (:func:`onednn_linear_speedup`);
+- **bmm attention** in bf16/fp16 on a CPU, because torch's CPU SDPA kernel is 2.5-3x slower there
+  for these short sequences (docs/performance.md);
+- ``patch_matmul``: the patchifying convolution as one matmul over the frames cut into patches:
+  faster forward and weight gradient on CPUs (measured, AVX-512 and AVX2 kernels) and on GPUs
+  (issue 23's H200 profile: cuDNN's convolution 3.3 ms forward + 3.7 ms weight gradient for B/32
+  at batch 32, the same product as one matmul ~0.3 ms);
+- ``weight_copies``: under bf16/fp16 autocast, the low-precision weights of these matmuls made
+  once per optimizer step instead of cast at every use (:mod:`clipvip.model.low_precision`; the
+  training step and evaluation open :func:`weight_copies` around their batches);
+- ``proxy_attention``: how proxy-guided attention avoids (or not) the per-frame copies of keys
+  and values: ``cat``, ``views``, ``buffer``, ``mask``, ``flex`` (:mod:`clipvip.model.attention`
+  describes each); ``auto`` takes ``cat`` on CPUs (the fastest measured there; in bf16/fp16 the
+  bmm attention above) and ``views`` on GPUs (the profile's per-frame ``cat`` avoided without
+  leaving SDPA's flash kernel; ``scripts/gpu_check.sh`` times all of them).
 
-All of them sit behind ONE switch, :data:`ENABLED` (``CLIPVIP_FAST_PATHS=0`` in the environment
-or :func:`set_enabled` turns them off: then the ``sdpa`` layers run the plain PyTorch of
-layers.py). The ``eager`` implementation (the original formulation) never takes them.
+One master switch, :data:`ENABLED`, turns all of them off (the ``sdpa`` layers then run the plain
+PyTorch of layers.py); the last three can also be chosen one by one. Both come from the
+environment variable ``CLIPVIP_FAST_PATHS`` (read at import), the config key ``fast_paths``
+(applied when a model is built) or :func:`configure` (process-wide, like torch's backend flags):
+
+    CLIPVIP_FAST_PATHS=0                                  # every fast path off
+    CLIPVIP_FAST_PATHS=weight_copies=0,proxy_attention=cat  # the defaults but these
+    fast_paths.configure("patch_matmul=0")                # returns the previous state ...
+    fast_paths.restore(previous)                          # ... to put back
+
+The ``eager`` implementation (the original formulation) never takes any of them.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -31,13 +52,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipvip.logging_utils import get_logger
+from clipvip.model import attention
+from clipvip.model.low_precision import Derived, WeightCopies, active
 
 LOGGER = get_logger("fast_paths")
 
 SWITCH_ENV = "CLIPVIP_FAST_PATHS"
-ENABLED = os.environ.get(SWITCH_ENV, "1") != "0"
-
 QUICK_GELU_ALPHA = 1.702  # quick_gelu(h) = h * sigmoid(1.702 * h)
+PROXY_ATTENTIONS = ("auto", "cat", "views", "buffer", "mask", "flex")
 
 # The oneDNN decision: a matmul of a mid-sized layer of the model (rows x in -> out), timed
 # forward and as the two backward products, against MKL; oneDNN is taken only when it is at
@@ -50,11 +72,80 @@ ONEDNN_MIN_SPEEDUP = 1.5
 ONEDNN_PROBE_ROUNDS = 5
 
 
+@dataclass(frozen=True)
+class FastPathSettings:
+    """The fast paths that can be chosen one by one (all of them need :data:`ENABLED`)."""
+
+    patch_matmul: bool = True  # the patch embedding as one matmul (CPUs and GPUs)
+    weight_copies: bool = True  # bf16/fp16: weights cast once per optimizer step, not per use
+    proxy_attention: str = "auto"  # auto | cat | views | buffer | mask | flex
+
+    def spec(self) -> str:
+        """The settings as :func:`parse` reads them back (only what differs from the defaults)."""
+        default = FastPathSettings()
+        changed = [f"{f.name}={_format(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != getattr(default, f.name)]
+        return ",".join(changed) or "1"
+
+
+def _format(value) -> str:
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def parse(spec: str) -> tuple[bool, FastPathSettings]:
+    """``(enabled, settings)`` of a switch value: ``0``/``off`` (all off), ``1``/``on``/empty (the
+    defaults) or ``name=value,...`` (the defaults but these; booleans as 0/1). Raises ValueError
+    naming what it does not know."""
+    text = (spec or "").strip()
+    if text.lower() in ("0", "off", "false"):
+        return False, FastPathSettings()
+    if text.lower() in ("", "1", "on", "true"):
+        return True, FastPathSettings()
+    fields = {f.name: f for f in dataclasses.fields(FastPathSettings)}
+    changes = {}
+    for item in text.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if name not in fields or not sep:
+            raise ValueError(f"fast paths '{spec}': expected 0, 1 or name=value,... with names "
+                             f"{', '.join(fields)}; got '{item.strip()}'")
+        if fields[name].type in (bool, "bool"):
+            if value not in ("0", "1"):
+                raise ValueError(f"fast paths '{spec}': {name} takes 0 or 1, got '{value}'")
+            changes[name] = value == "1"
+        else:
+            if value not in PROXY_ATTENTIONS:
+                raise ValueError(f"fast paths '{spec}': {name} takes one of {', '.join(PROXY_ATTENTIONS)}, got '{value}'")
+            changes[name] = value
+    return True, FastPathSettings(**changes)
+
+
+ENABLED, SETTINGS = parse(os.environ.get(SWITCH_ENV, "1"))
+
+
 def set_enabled(enabled: bool) -> bool:
     """Turn every fast path on or off (process-wide); returns the previous setting."""
     global ENABLED
     previous, ENABLED = ENABLED, bool(enabled)
     return previous
+
+
+def configure(spec: str) -> tuple[bool, FastPathSettings]:
+    """Apply a switch value (see :func:`parse`) process-wide; returns the previous state for
+    :func:`restore`."""
+    global ENABLED, SETTINGS
+    previous = (ENABLED, SETTINGS)
+    ENABLED, SETTINGS = parse(spec)
+    return previous
+
+
+def restore(state: tuple[bool, FastPathSettings]) -> None:
+    global ENABLED, SETTINGS
+    ENABLED, SETTINGS = state
+
+
+def current() -> str:
+    """The state as a switch value: ``0``, ``1`` (the defaults) or ``name=value,...``."""
+    return SETTINGS.spec() if ENABLED else "0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,18 +262,165 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 
 # ---------------------------------------------------------------------------------------------
+# The weights the fast paths compute from parameters. Each module that runs a fast path declares
+# them (``fast_weights = fast_paths.xxx_weights`` in its class, called as a method): they are what
+# the low-precision copies are made of (clipvip.model.low_precision).
+# ---------------------------------------------------------------------------------------------
+def _declared(module: nn.Module, key: tuple, build: Callable[[], dict]) -> dict[str, Derived]:
+    """``build()``, remembered on ``module`` while ``key`` (what it depends on) stays the same: the
+    same dict, so that the copies' bookkeeping compares by identity (low_precision.WeightCopies)."""
+    memo = module.__dict__.get("_fast_weight_decl")
+    if memo is None or memo[0] != key:
+        memo = module.__dict__["_fast_weight_decl"] = (key, build())
+    return memo[1]
+
+
+def _ids(*modules: nn.Module) -> tuple:
+    """Which parameter objects the modules hold (a declaration names them; ``_parameters``: the
+    cheap way to list a module's own, this runs once per module per optimizer step)."""
+    return tuple(id(p) for m in modules for p in m._parameters.values())
+
+
+def attention_weights(attn) -> dict[str, Derived]:
+    """The fused QKV weight and bias (q, k, v stacked) and the output projection's."""
+    q, k, v, out = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+
+    def build():
+        if attn.attn_implementation != "sdpa":
+            return {}
+        return {"qkv_weight": Derived((q.weight, k.weight, v.weight)), "qkv_bias": Derived((q.bias, k.bias, v.bias)),
+                "out_weight": Derived((out.weight,)), "out_bias": Derived((out.bias,))}
+
+    return _declared(attn, (attn.attn_implementation, _ids(q, k, v, out)), build)
+
+
+def mlp_weights(mlp) -> dict[str, Derived]:
+    """fc1 and fc2, with quick_gelu's scalings in them where it is folded (see :func:`mlp`)."""
+    def build():
+        if not mlp.fold_activation:
+            return {}
+        a = QUICK_GELU_ALPHA if mlp.activation_name == "quick_gelu" else 1.0
+        return {"fc1_weight": Derived((mlp.fc1.weight,), a), "fc1_bias": Derived((mlp.fc1.bias,), a),
+                "fc2_weight": Derived((mlp.fc2.weight,), 1.0 / a), "fc2_bias": Derived((mlp.fc2.bias,))}
+
+    return _declared(mlp, (mlp.fold_activation, mlp.activation_name, _ids(mlp.fc1, mlp.fc2)), build)
+
+
+def patch_weights(embeddings) -> dict[str, Derived]:
+    """The patchifying convolution's weight as the (D, C*p*p) matrix of its matmul."""
+    conv = embeddings.patch_embedding
+
+    def build():
+        if not (embeddings.fast_paths and SETTINGS.patch_matmul and _patchifies(conv)):
+            return {}
+        return {"patch_weight": Derived((conv.weight,)),
+                **({"patch_bias": Derived((conv.bias,))} if conv.bias is not None else {})}
+
+    return _declared(embeddings, (embeddings.fast_paths, SETTINGS.patch_matmul, _ids(conv)), build)
+
+
+def projection_weights(towers) -> dict[str, Derived]:
+    """The two towers' output projections (no bias in CLIP)."""
+    eager = not towers.vision_model.embeddings.fast_paths  # the original formulation takes no fast path
+
+    def build():
+        if eager:
+            return {}
+        return {"visual_projection": Derived((towers.visual_projection.weight,)),
+                "text_projection": Derived((towers.text_projection.weight,))}
+
+    return _declared(towers, (eager, _ids(towers.visual_projection, towers.text_projection)), build)
+
+
+@contextlib.contextmanager
+def weight_copies(model: nn.Module, dtype: Optional[torch.dtype]):
+    """Inside: the fast paths of ``model`` read the low-precision copies of their weights (made
+    here where the parameters changed since the last time: once per optimizer step) wherever they
+    run under an autocast of ``dtype``. A no-op for ``dtype`` None (fp32) or with the switch off.
+    Open it around a whole optimizer step's micro-batches, or a whole evaluation."""
+    if dtype is None or not (ENABLED and SETTINGS.weight_copies):
+        yield None
+        return
+    copies = WeightCopies(model, dtype)
+    copies.refresh()
+    try:
+        yield copies
+    finally:
+        copies.release()
+
+
+# ---------------------------------------------------------------------------------------------
 # The layer's pieces
 # ---------------------------------------------------------------------------------------------
-def fused_qkv(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
-              num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three projections as one (B*S, D) x (D, 3D) matmul. The weights are concatenated per
-    call (3*D*D elements, small next to the activations) so that they stay HF's three parameters.
-    x: (B, S, D) -> q, k, v: 3 x (B, H, S, hd) views of one (B, S, 3, H, hd) buffer."""
+def fused_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The three projections as one (B*S, D) x (D, 3D) matmul: x (..., D) -> (..., 3, H, hd)."""
+    out = linear(x, weight, bias)
+    return out.view(*x.shape[:-1], 3, num_heads, x.shape[-1] // num_heads)
+
+
+def proxy_attention_variant(device: torch.device) -> str:
+    """The proxy-guided attention to run on ``device``: the setting, or for ``auto`` ``views``
+    on GPUs and ``cat`` elsewhere (module docstring)."""
+    variant = SETTINGS.proxy_attention
+    if variant != "auto":
+        return variant
+    return "views" if device.type == "cuda" else "cat"
+
+
+def self_attention(attn, x: torch.Tensor, attn_mask: Optional[torch.Tensor], layout, dropout_p: float) -> torch.Tensor:
+    """``attn(x)`` of a :class:`~clipvip.model.layers.CLIPAttention` through the fast paths: the
+    fused QKV projection (with this step's low-precision weights where there are some), the
+    attention the settings choose, the output projection. x (B, S, D) -> (B, S, D)."""
     B, S, D = x.shape
-    weight = torch.cat([q_proj.weight, k_proj.weight, v_proj.weight])  # (3D, D)
-    bias = torch.cat([q_proj.bias, k_proj.bias, v_proj.bias])  # (3D,)
-    qkv = linear(x, weight, bias).view(B, S, 3, num_heads, D // num_heads)
-    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    H = attn.num_heads
+    weights = active(attn, x)
+    if weights is None:  # the weights are concatenated per call (3*D*D elements, small next to x)
+        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+        weights = {"qkv_weight": torch.cat([q.weight, k.weight, v.weight]),
+                   "qkv_bias": torch.cat([q.bias, k.bias, v.bias]),
+                   "out_weight": attn.out_proj.weight, "out_bias": attn.out_proj.bias}
+    proxies = layout is not None and layout.num_frames > 1
+    variant = proxy_attention_variant(x.device) if proxies else None
+    chosen = SETTINGS.proxy_attention != "auto"  # a variant asked for by name runs wherever it is asked
+    if variant == "views":
+        M, T, L = layout.num_proxies, layout.num_frames, layout.patches_per_frame
+        qkv = fused_qkv(attention.frame_major_tokens(x, layout), weights["qkv_weight"], weights["qkv_bias"], H)
+        out = attention.frame_major_attention(qkv.view(B, T, M + L, 3, H, D // H), layout, dropout_p)
+    else:
+        qkv = fused_qkv(x, weights["qkv_weight"], weights["qkv_bias"], H)  # (B, S, 3, H, hd)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, hd) views
+        if not chosen and prefers_bmm_attention(q):
+            out = (attention.eager_proxy_guided_attention(q, k, v, layout, dropout_p) if proxies
+                   else attention.eager_attention(q, k, v, attn_mask, dropout_p))
+        elif not proxies:  # one frame (or text): every token may attend to every other, up to attn_mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        elif variant == "buffer":
+            out = attention.buffer_proxy_attention(qkv, layout, dropout_p)
+        elif variant == "mask":
+            out = attention.masked_proxy_attention(q, k, v, layout, dropout_p)
+        elif variant == "flex":
+            out = attention.flex_proxy_attention(q, k, v, layout, dropout_p)
+        else:  # cat
+            out = attention.proxy_guided_attention(q, k, v, layout, dropout_p)
+    out = out.transpose(1, 2).reshape(B, S, D)  # free: out is laid out as (B, S, H, hd)
+    return linear(out, weights["out_weight"], weights["out_bias"])
+
+
+def mlp(module, x: torch.Tensor) -> torch.Tensor:
+    """``fc2(act(fc1(x)))`` of a :class:`~clipvip.model.layers.CLIPMLP`: with this step's
+    low-precision weights where there are some (quick_gelu's scalings already in them), else
+    :func:`quick_gelu_mlp` for quick_gelu and the written formula for other activations."""
+    weights = active(module, x)
+    if weights is None:
+        if module.activation_name == "quick_gelu":
+            return quick_gelu_mlp(x, module.fc1, module.fc2)
+        return module.fc2(module.activation(module.fc1(x)))
+    z = F.linear(x, weights["fc1_weight"], weights["fc1_bias"])
+    if module.activation_name == "quick_gelu":  # z = a*h: quick_gelu(h) * a = silu(z); 1/a is in fc2
+        z = F.silu(z, inplace=not (torch.is_grad_enabled() and z.requires_grad))
+    else:
+        z = module.activation(z)
+    return F.linear(z, weights["fc2_weight"], weights["fc2_bias"])
 
 
 def quick_gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
@@ -210,33 +448,79 @@ def quick_gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Ten
     return out.view(*shape[:-1], out.shape[-1])
 
 
-def patch_embedding(frames: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def _patchifies(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` cuts its input into non-overlapping square patches (kernel = stride)."""
+    p = conv.kernel_size[0]
+    return (conv.kernel_size == conv.stride and conv.kernel_size[1] == p and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def patch_embedding(frames: torch.Tensor, conv: nn.Conv2d, weights: Optional[dict] = None) -> torch.Tensor:
     """``conv(frames).flatten(2).transpose(1, 2)`` for the patchifying convolution (kernel =
-    stride = p) as one matmul over the frames cut into patches; on a CPU, where it is faster
-    (fwd + weight gradient, one thread: 0.62-0.81x the convolution's time for the demo's 64x64
-    frames, 0.76-0.93x for 224x224 at patch 32 and 16, AVX-512 and AVX2 kernels alike;
-    docs/performance.md). Elsewhere, or for a shape it does not cover, the convolution.
+    stride = p) as one matmul over the frames cut into patches (faster forward and weight
+    gradient: one thread on a CPU, 0.62-0.81x the convolution's time for the demo's 64x64 frames,
+    0.76-0.93x for 224x224 at patch 32 and 16, AVX-512 and AVX2 kernels alike, docs/performance.md;
+    on an H200 ~0.3 ms where cuDNN's convolution took 7 ms forward + weight gradient, issue 23).
+    ``weights``: this step's low-precision ``patch_weight`` (and ``patch_bias``), if any. For a
+    shape the patches do not tile, the convolution.
     frames (N, C, H, W) -> (N, L, D), L = (H/p)*(W/p) in the convolution's row-major order.
     """
     p = conv.kernel_size[0]
     N, C, H, W = frames.shape
-    if (frames.device.type != "cpu" or conv.kernel_size != conv.stride or conv.kernel_size[1] != p
-            or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1 or H % p or W % p):
+    if not _patchifies(conv) or H % p or W % p:
         return conv(frames).flatten(2).transpose(1, 2)
+    if weights is not None:
+        weight, bias = weights["patch_weight"], weights.get("patch_bias")
+    else:
+        weight, bias = conv.weight.reshape(conv.out_channels, -1), conv.bias
+    low = _autocast_dtype(frames.device.type)
+    if low is not None:  # cast before the copy below, as the matmul would after it: half its bytes
+        frames = frames.to(low)
     # (N, C, H/p, p, W/p, p) -> (N, H/p, W/p, C, p, p): each patch's pixels in the weight's order
     patches = frames.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, C * p * p)
-    out = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (N*L, D)
+    out = F.linear(patches, weight, bias)  # (N*L, D)
     return out.view(N, (H // p) * (W // p), conv.out_channels)
 
 
-def prefers_bmm_attention(q: torch.Tensor) -> bool:
+def embed_patches(embeddings, frames: torch.Tensor) -> torch.Tensor:
+    """The patch embedding of :class:`~clipvip.model.clip_vip.VideoEmbeddings` through the fast
+    paths: :func:`patch_embedding` where ``patch_matmul`` is on, else the convolution.
+    frames (N, C, H, W) -> (N, L, D)."""
+    conv = embeddings.patch_embedding
+    if not SETTINGS.patch_matmul:
+        return conv(frames).flatten(2).transpose(1, 2)
+    return patch_embedding(frames, conv, active(embeddings, frames))
+
+
+def project(towers, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``getattr(towers, name)(x)`` for the output projections, with this step's low-precision
+    weight where there is one."""
+    weights = active(towers, x)
+    if weights is None:
+        return getattr(towers, name)(x)
+    return F.linear(x, weights[name])
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device_type``; None where it is off (or has no mode
+    for the device, e.g. ``meta``)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def prefers_bmm_attention(x: torch.Tensor) -> bool:
     """bf16/fp16 on a CPU: bmm + softmax beats torch's CPU SDPA kernel for these short sequences."""
-    return q.device.type == "cpu" and q.dtype != torch.float32
+    return x.device.type == "cpu" and (x.dtype != torch.float32 or _autocast_dtype("cpu") not in (None, torch.float32))
 
 
 def describe(device: torch.device) -> dict:
     """What the fast paths do on ``device`` (for benchmark reports); measures oneDNN if not yet done."""
-    return {"enabled": ENABLED, "switch": f"{SWITCH_ENV}={int(ENABLED)}",
+    return {"enabled": ENABLED, "switch": f"{SWITCH_ENV}={current()}",
+            "settings": dataclasses.asdict(SETTINGS),
+            "proxy_attention": proxy_attention_variant(device),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "onednn_fp32_linear": device.type == "cpu" and onednn_linear_faster(),
             "onednn_speedup_measured": round(onednn_linear_speedup(), 2) if device.type == "cpu" else None}

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipvip.model import fast_paths
 from clipvip.model.clip_vip import CLIPViPTowers, VideoSettings
 from clipvip.model.text_cache import FrozenTextCache
 
@@ -44,7 +45,7 @@ class CLIPViPRetrieval(nn.Module):
         if self.text_cache is None:
             return F.normalize(self.clipmodel.get_text_features(input_ids, attention_mask), dim=-1)
         pooled = self.text_cache(self.clipmodel.text_model, input_ids, attention_mask)  # (B, D)
-        return F.normalize(self.clipmodel.text_projection(pooled), dim=-1)
+        return F.normalize(fast_paths.project(self.clipmodel, "text_projection", pooled), dim=-1)
 
     def forward(self, video, text_input_ids, text_input_mask, image=None, caption_ids=None, caption_masks=None):
         """Features for a training or evaluation batch.

@@ -17,7 +17,10 @@ What a cached state stands for, exactly:
   ``load_state_dict``, ``copy_``, an optimizer step) and the autocast dtype, and starts afresh when
   any of them differ;
 - it is only consulted when nothing could need a gradient through the tower (no text parameter
-  requires one) and the tower is in eval mode; otherwise the tower runs as always.
+  requires one) and the tower is in eval mode; otherwise the tower runs as always;
+- not inside compiled code (``compile: 1``): finding the captions reads the token ids on the host,
+  which a compiled training step cannot do without a graph break, so there the frozen tower runs
+  every step, as without the cache.
 
 A hit returns the state computed the first time, which may differ from a recomputation in the last
 float bits (another batch, another summation order): the same tolerance as any change of batch.
@@ -63,7 +66,8 @@ class FrozenTextCache:
     def __call__(self, text_model: nn.Module, input_ids: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``text_model(input_ids, attention_mask)``, (B, S) -> (B, D), from the cache where it can."""
-        if not self.applies(text_model):
+        # Compiled code: no host reads inside a graph (see the module docstring).
+        if torch.compiler.is_compiling() or not self.applies(text_model):
             return text_model(input_ids, attention_mask)
         weights = self._weights_key(text_model, input_ids.device)
         if weights != self._weights:

@@ -36,9 +36,9 @@ from clipvip.data.video import VideoDecodeError, probe_video
 from clipvip.engine.encode import iter_encoded
 from clipvip.errors import DataError
 from clipvip.logging_utils import get_logger
-from clipvip.model import build_model
+from clipvip.model import build_model, fast_paths
 from clipvip.tokenizer import build_tokenizer
-from clipvip.precision import autocast, precision_from_config
+from clipvip.precision import autocast, autocast_dtype, precision_from_config
 from clipvip.apps.search.errors import IndexMismatchError
 from clipvip.apps.search.storage import atomic_save_npy, writer_lock
 from clipvip.files import atomic_write_text
@@ -285,8 +285,13 @@ class Encoder:
 
     def _encode_texts(self, batch: dict) -> torch.Tensor:
         """[B, dim] features of a batch's ``text_input_ids`` / ``text_input_mask`` (B, L), on the device."""
-        with autocast(self.precision, self.device.type):
+        with self._weights(), autocast(self.precision, self.device.type):
             return self.model.encode_text(batch["text_input_ids"], batch["text_input_mask"])
+
+    def _weights(self):
+        """bf16/fp16: the low-precision weight copies, cast at the first batch only (their masters
+        do not change here; clipvip.model.low_precision)."""
+        return fast_paths.weight_copies(self.model, autocast_dtype(self.precision))
 
     @torch.no_grad()
     def encode_video_tensor(self, video: torch.Tensor) -> np.ndarray:
@@ -297,7 +302,7 @@ class Encoder:
         """[B, dim] features of ``video``, already on the device: uint8 frames (B, T, H, W, 3), or a list of
         clips of mixed sizes, made model input there by the evaluation's transform; or model input."""
         video = self.reader.transform(video)  # (B, T, 3, h, w) float32, outside autocast
-        with autocast(self.precision, self.device.type):
+        with self._weights(), autocast(self.precision, self.device.type):
             return self.model.encode_video(video)
 
     @staticmethod
