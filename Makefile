@@ -27,7 +27,7 @@ test: $(STAMP)
 # subprocesses, torchrun/horovod launches, the web server and browser test, the benchmark
 # subprocesses (test_cuda.py stays: its CPU runs take seconds). `make test` runs them all.
 SLOW_TESTS := test_demo.py test_retrieval_app.py test_pretrain_app.py test_search_trained.py \
-	test_search_server.py test_distributed.py test_horovod.py test_bench.py test_e2e_bench.py
+	test_search_server.py test_distributed.py test_horovod.py test_bench.py test_e2e_bench.py test_bad_samples.py
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -x $(addprefix --ignore=tests/,$(SLOW_TESTS)) tests
 

@@ -475,3 +475,59 @@ def test_search_json_is_utf8_and_says_when_a_query_is_cut(bench, capsys):
     assert f'the model reads 24 (max_txt_len): "{cut["read"]}"' in out.stderr
     table = clipvip("search", bench["idx"], long_query, "-k", "1")
     assert "warning: the query is" in table.stderr and table.stdout.startswith("# query: ")
+
+
+def test_a_writer_that_waited_on_a_removed_lock_takes_it_again(tmp_path, monkeypatch):
+    """A failed first build removes its folder, .lock included: a writer that was waiting on that
+    file must not go on holding a lock that the next writer cannot see."""
+    import fcntl
+    import threading
+
+    from clipvip.apps.search.storage import writer_lock
+
+    folder = str(tmp_path / "idx")
+    first_holds, second_holds, release_first = threading.Event(), threading.Event(), threading.Event()
+    second_opened = threading.Event()  # the second writer has the first's .lock open and asks for it
+    real_flock = fcntl.flock
+
+    def flock(fd, operation):
+        if threading.current_thread().name == "second" and operation == fcntl.LOCK_EX:
+            second_opened.set()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    seen = {}
+
+    def first():
+        with writer_lock(folder):
+            first_holds.set()
+            release_first.wait(10)
+            shutil.rmtree(folder)  # what a failed build of a new index does
+
+    def second():
+        first_holds.wait(10)
+        with writer_lock(folder):
+            seen["lock"] = os.path.isfile(os.path.join(folder, ".lock"))
+            second_holds.set()
+            release_second.wait(10)
+
+    release_second = threading.Event()
+    threads = [threading.Thread(target=first), threading.Thread(target=second, name="second")]
+    for t in threads:
+        t.start()
+    assert first_holds.wait(10) and second_opened.wait(10)
+    release_first.set()
+    assert second_holds.wait(10) and seen["lock"]  # the second writer holds the lock file that is there
+    third_holds = threading.Event()
+
+    def third_writer():
+        with writer_lock(folder):
+            third_holds.set()
+
+    third = threading.Thread(target=third_writer)
+    third.start()
+    assert not third_holds.wait(0.5)  # a third writer waits for the second
+    release_second.set()
+    assert third_holds.wait(10)
+    for t in [*threads, third]:
+        t.join(10)

@@ -34,8 +34,10 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # of a HF CLIP fol
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def download_command(repo_id: str) -> str:
-    return f"hf download {repo_id}"
+def download_command(repo_id: str, local_dir: str | None = None) -> str:
+    """How to download a Hub repo where there is network, for error messages (both CLIs' names)."""
+    to = f" --local-dir {local_dir}" if local_dir else ""
+    return f"`hf download {repo_id}{to}` (older huggingface_hub: `huggingface-cli download {repo_id}{to}`)"
 
 
 def is_hub_id(name: str) -> bool:
@@ -75,8 +77,7 @@ def resolve_folder(name_or_path: str, cache_dir: str | None = None, revision: st
         raise ClipvipError(
             f"'{name_or_path}' is not a local file or folder, and as a Hub id it cannot be had from the Hugging "
             f"Face Hub or its local cache ({type(e).__name__}: {reason}); download it where there is network with "
-            f"`{download_command(name_or_path)}` (older huggingface_hub: `huggingface-cli download "
-            f"{name_or_path}`) and run again, or pass the downloaded folder") from None
+            f"{download_command(name_or_path)} and run again, or pass the downloaded folder") from None
 
 
 def checkpoint_file(path: str) -> str:
@@ -124,6 +125,6 @@ def resolve_pretrained_path(name_or_path: str, kind: str) -> str:
             return folder
     raise CheckpointError(
         f"{kind} '{name_or_path}' is not a local folder or file and is not in the Hugging Face cache; "
-        f"download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "
+        f"download it where there is network ({download_command(name_or_path, 'DIR')}) "
         f"and pass --{kind} DIR, or pass --{kind} none for random weights (docs/first-run.md)"
     )

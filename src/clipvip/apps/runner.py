@@ -35,7 +35,7 @@ from clipvip.logging_utils import get_logger, log_file, write_to_log_file
 from clipvip.loss import LossSettings, build_loss
 from clipvip.model import ModelSettings, build_model
 from clipvip.tokenizer import build_tokenizer
-from clipvip.engine.checkpoints import checkpoint_step
+from clipvip.engine.checkpoints import BEST_MODEL, checkpoint_step
 from clipvip.engine.evaluate import evaluate_all, format_results_table, scored_by, scored_label, write_results
 from clipvip.engine.schedule import TrainPlan
 from clipvip.engine.trainer import Trainer, TrainerSettings
@@ -159,9 +159,11 @@ def build_trainer(run: Run, stream, evaluate: Callable, plan: TrainPlan | None =
 
 def selection_sets(cfg, eval_sets: list) -> list[str]:
     """The evaluation sets whose scores are not held out: the first set validated chooses
-    ``model_best.pt`` (``Trainer``), and so does any set with the same videos and captions.
-    None where no checkpoint was chosen (a zero-shot evaluation: no ``e2e_weights_path``): ``[]``."""
-    if not eval_sets or not (cfg.is_train or cfg.e2e_weights_path):
+    ``model_best.pt`` (``Trainer``), and so does any set with the same videos and captions. That
+    holds for a training run and for an evaluation of a ``model_best.pt``; other weights (a step's
+    checkpoint, post-pretrained or others' weights, none at all) were not chosen here: ``[]``."""
+    chosen_here = cfg.is_train or os.path.basename(cfg.e2e_weights_path or "") == BEST_MODEL
+    if not eval_sets or not chosen_here:
         return []
     first = eval_sets[0]
     return [d.name for d in eval_sets if d.videos == first.videos and d.texts == first.texts]

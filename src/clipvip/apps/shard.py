@@ -487,7 +487,7 @@ examples:
   {prog} --out shards/msrvtt --txt data/msrvtt/train.jsonl --vis data/msrvtt/videos --workers 8
   {prog} --out shards/hdvila --kind pretrain --txt data/hdvila/subtitles --vis data/hdvila/videos \\
       --vid_cap_path data/hdvila/captions --reencode --fps 3 --size 240x320
-  {prog} --out shards/msrvtt_val --config configs/msrvtt_retrieval.json --dataset msrvtt_val
+  {prog} --out shards/msrvtt_train --config configs/msrvtt_retrieval/msrvtt_retrieval_vip_base_32.json --dataset msrvtt-9k
 """
 
 

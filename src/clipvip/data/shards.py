@@ -709,7 +709,8 @@ class ShardStream:
     def load_state_dict(self, state: Mapping) -> None:
         if int(state.get("readers", -1)) != len(self.cursors):
             raise ConfigError(f"the training state was saved with {state.get('readers')} shard readers per process "
-                              f"(n_workers), this run has {len(self.cursors)}: resume with the same n_workers")
+                              f"(n_workers), this run has {len(self.cursors)}: resume with --n_workers "
+                              f"{state.get('readers')} (n_workers -1 takes the count from this machine's CPUs)")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.cursors = [ReaderStart(int(c), int(b)) for c, b in state["cursors"]]
         self._iterator = None

@@ -147,7 +147,7 @@ out = model(**inputs)
 similarity = out.logits_per_text  # [texts, videos]; out.text_embeds, out.video_embeds: unit vectors
 ```
 
-Offline, a Hub copy loads from the Hugging Face cache once downloaded: `{download_command("OWNER/NAME")}`.
+Offline, a Hub copy loads from the Hugging Face cache once downloaded: {download_command("OWNER/NAME")}.
 `model.safetensors` holds the released CLIP-ViP layout (`clipmodel.*`); the folder or its Hub id
 is a checkpoint for clipvip itself too (`python -m clipvip retrieval --e2e_weights_path OWNER/NAME ...`,
 `clipvip encode|index --weights OWNER/NAME`).

@@ -22,10 +22,21 @@ def writer_lock(folder: str) -> Iterator[None]:
     Two ``clipvip index --add`` runs on one index then take turns instead of one losing the
     other's videos. Readers take no lock: they only ever see complete, renamed files.
     """
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".lock"), "a+b") as f:
+    path = os.path.join(folder, ".lock")
+    while True:
+        os.makedirs(folder, exist_ok=True)
+        f = open(path, "a+b")
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        # A writer whose build failed removes what it made, its .lock (and folder) too: a process
+        # that waited on that file holds a lock nobody else sees, so it takes the lock again.
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
