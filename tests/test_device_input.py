@@ -351,6 +351,15 @@ def test_workers_default_to_the_cpus_per_local_process_and_an_explicit_value_win
         LoaderSettings.from_config(make_cfg(n_workers=-2))
 
 
+def test_mixed_sets_divide_the_chosen_workers_among_them(make_cfg, monkeypatch):
+    """Pretraining's sets keep their loaders side by side: -1's workers are split among them."""
+    monkeypatch.setattr("clipvip.data.loader.default_workers", lambda: 15)
+    chosen = LoaderSettings.from_config(make_cfg(n_workers=-1))
+    assert [chosen.shared_by(k).n_workers for k in (1, 2, 3, 20)] == [15, 7, 5, 1]
+    given = LoaderSettings.from_config(make_cfg(n_workers=6))
+    assert given.shared_by(3).n_workers == 6  # a count the config gives is each set's
+
+
 def test_chosen_workers_read_no_more_shards_than_there_are(synthetic_data, make_cfg, tokenizer, tmp_path, monkeypatch):
     from clipvip.data.shards import ShardStream
     from shard_helpers import synthetic_samples, write_shards

@@ -78,11 +78,12 @@ def run(cfg) -> dict:
 
     def make_stream():
         streams, ratios = {}, {}
-        loader = LoaderSettings.from_config(cfg)
+        # Every set's loader keeps its workers: the CPUs' share (n_workers -1) is split among them.
+        loader = LoaderSettings.from_config(cfg).shared_by(len(cfg.train_datasets))
         for entry in cfg.train_datasets:
             if is_sharded(entry):  # WebDataset tar shards, streamed (clipvip.data.shards)
                 streams[entry.name] = ShardStream.from_config(cfg, entry, run_.tokenizer, run_.env.rank,
-                                                              run_.env.world_size, kind="pretrain")
+                                                              run_.env.world_size, kind="pretrain", loader=loader)
             else:
                 dataset = PretrainDataset.from_config(cfg, entry, training=True, tokenizer=run_.tokenizer)
                 streams[entry.name] = LoaderStream(dataset, loader, run_.env.rank, run_.env.world_size)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -72,6 +72,13 @@ class LoaderSettings:
     persistent_workers: bool = True  # training loaders keep their workers from epoch to epoch
     prefetch_factor: int = 2  # batches each worker prepares ahead
     workers_chosen: bool = False  # n_workers came from default_workers(): a reader may lower it (shards)
+
+    def shared_by(self, loaders: int) -> "LoaderSettings":
+        """The settings of one of ``loaders`` loaders that run side by side (pretraining's mixed
+        sets): workers chosen from the CPUs (-1) are divided among them; a given count stays each's."""
+        if not self.workers_chosen or loaders <= 1:
+            return self
+        return replace(self, n_workers=max(self.n_workers // loaders, 1))
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> "LoaderSettings":

@@ -155,10 +155,6 @@ class ClipReader:
             return frames[:-1], frames[-1]
         return frames, None
 
-    def read_folder(self, root: str, clip_id: str, num_frame: int, rng: random.Random) -> torch.Tensor:
-        """``video [T, 3, h, w]``: :meth:`read_folder_frames` made model input at once."""
-        return self.transform(self.read_folder_frames(root, clip_id, num_frame, rng))
-
     def read_folder_frames(self, root: str, clip_id: str, num_frame: int, rng: random.Random) -> torch.Tensor:
         """uint8 ``[T, H, W, 3]`` of a frame folder ``{root}/{clip_id}`` with ``num_frame`` frames."""
         if self.cache is not None:

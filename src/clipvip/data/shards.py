@@ -654,11 +654,12 @@ class ShardStream:
 
     @classmethod
     def from_config(cls, cfg: Mapping, entry: Mapping, tokenizer, rank: int, world_size: int,
-                    kind: str = "retrieval") -> "ShardStream":
-        """The stream of config ``entry`` (``vis_format`` "webdataset") for a retrieval or pretraining run."""
+                    kind: str = "retrieval", loader: LoaderSettings | None = None) -> "ShardStream":
+        """The stream of config ``entry`` (``vis_format`` "webdataset") for a retrieval or pretraining
+        run; ``loader``: the loader settings (default: the config's)."""
         dataset_entry = DatasetEntry.from_config(entry)
         settings = DatasetSettings.from_config(cfg)
-        loader = LoaderSettings.from_config(cfg)
+        loader = loader or LoaderSettings.from_config(cfg)
         collator = (PretrainCollator if kind == "pretrain" else RetrievalCollator)(tokenizer, settings.max_txt_len)
         shards = ShardSet.from_entry(dataset_entry)
         if loader.workers_chosen:  # n_workers -1: no more readers than the shards can keep busy

@@ -450,6 +450,20 @@ class _PyAVReader:
                 self._demux_error = e
         return self._packets
 
+    def _packets_from_start(self) -> Iterator:
+        """The stream's packets in decode order, then None (the frames the decoder still holds): the
+        list :meth:`_demuxed` kept where it ran, else demuxed as they are read, so that a read that
+        stops early reads no more of the file. Raises the demuxing error where a read reaches it."""
+        if self._packets is not None:
+            yield from self._packets
+            if self._demux_error is not None:
+                raise self._demux_error
+        else:
+            for packet in self._container.demux(self._stream):
+                if packet.size > 0:
+                    yield packet
+        yield None
+
     def __len__(self) -> int:
         if self._len is None:
             n = int(self._stream.frames or 0)
@@ -524,9 +538,7 @@ class _PyAVReader:
         last_frame = None
         n_decoded = 0
         context = self._stream.codec_context
-        for packet in self._demuxed() + [None]:  # None: the frames the decoder still holds
-            if packet is None and self._demux_error is not None:
-                raise self._demux_error
+        for packet in self._packets_from_start():
             for frame in context.decode(packet):
                 if n_decoded in wanted:
                     got[n_decoded] = _upright(frame, self._reformatter)  # (H, W, 3)

@@ -206,7 +206,9 @@ class OptimizerStep:
     def backward_feature_cache(self, batches: list[dict]) -> LossOutput:
         """The loss of the whole accumulated batch, its gradient computed micro-batch by micro-batch."""
         with torch.no_grad():
-            cached = [self.features(self._inputs(b)) for b in batches]
+            # Copies ([B, P] each, small): under compile_mode "reduce-overhead" the compiled
+            # function's outputs live in CUDA-graph memory that its next call overwrites.
+            cached = [{k: v.clone() for k, v in self.features(self._inputs(b)).items()} for b in batches]
         first: Optional[LossOutput] = None
         for j, batch in enumerate(batches):
             last = j == len(batches) - 1

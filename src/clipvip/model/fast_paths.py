@@ -22,8 +22,9 @@ taken only where it is faster on the machine running it:
 - ``proxy_attention``: how proxy-guided attention avoids (or not) the per-frame copies of keys
   and values: ``cat``, ``views``, ``buffer``, ``mask``, ``flex`` (:mod:`clipvip.model.attention`
   describes each); ``auto`` takes ``cat`` on CPUs (the fastest measured there; in bf16/fp16 the
-  bmm attention above) and ``views`` on GPUs (the profile's per-frame ``cat`` avoided without
-  leaving SDPA's flash kernel; ``scripts/gpu_check.sh`` times all of them).
+  bmm attention above) and ``views`` on GPUs (the profile's per-frame ``cat`` avoided; its patch
+  queries keep SDPA's flash kernel, its proxy queries take a boolean mask and the
+  memory-efficient kernel; not yet measured on a GPU: ``scripts/gpu_check.sh`` times the forms).
 
 One master switch, :data:`ENABLED`, turns all of them off (the ``sdpa`` layers then run the plain
 PyTorch of layers.py); the last three can also be chosen one by one. Both come from the

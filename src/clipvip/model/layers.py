@@ -4,8 +4,8 @@ This is the model as the paper describes it, in plain PyTorch; the attention its
 proxy-guided, is written in :mod:`clipvip.model.attention`. Faster ways to compute the same
 function on particular machines (fused projections, a folded activation, oneDNN matmuls, CPU
 bf16 attention kernels, low-precision weight copies, other layouts of proxy-guided attention)
-live in :mod:`clipvip.model.fast_paths`, behind one switch: the layers below hand their whole
-forward to it where it is on.
+live in :mod:`clipvip.model.fast_paths`, behind its switches (one master switch and named ones):
+the layers below hand their whole forward to it where it is on.
 
 Parameter names follow HF ``transformers`` CLIP (``self_attn.q_proj``, ``layer_norm1``,
 ``mlp.fc1``, ...) so released checkpoints and HF CLIP weights load by name.
