@@ -24,10 +24,12 @@ test: $(STAMP)
 
 # The unit tests, stopping at the first failure. tests/ has no "slow" marker, so the end-to-end
 # files are left out by name: the demo, training/pretraining/search runs through the apps in
-# subprocesses, torchrun/horovod launches, the web server and browser test, the benchmark
-# subprocesses (test_cuda.py stays: its CPU runs take seconds). `make test` runs them all.
+# subprocesses, torchrun/horovod launches (test_shards_training.py: four of them, 1.5 minutes),
+# the web server and browser test, the benchmark subprocesses (test_cuda.py stays: its CPU runs
+# take seconds). `make test` runs them all.
 SLOW_TESTS := test_demo.py test_retrieval_app.py test_pretrain_app.py test_search_trained.py \
-	test_search_server.py test_distributed.py test_horovod.py test_bench.py test_e2e_bench.py test_bad_samples.py
+	test_search_server.py test_distributed.py test_horovod.py test_bench.py test_e2e_bench.py test_bad_samples.py \
+	test_shards_training.py
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -x $(addprefix --ignore=tests/,$(SLOW_TESTS)) tests
 
